@@ -1,0 +1,278 @@
+"""Execute a MIL program on numpy inputs, emulating the device's fp16 storage.
+
+Core ML cannot run on Linux, so every numeric claim milpasses makes comes from
+here. Each op computes in float32 (or its integer/bool dtype) and its result is
+rounded to the op's declared output dtype, so an fp16 program stores fp16 values
+between ops, overflows to inf past 65504 and propagates NaN as the device would,
+while the arithmetic runs at float32 speed.
+"""
+
+from __future__ import annotations
+
+import math
+from os import PathLike
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+from coremltools.converters.mil.mil import Program, types
+
+from milpasses.simulator.ops import OP_IMPLEMENTATIONS
+
+
+class SimulationError(RuntimeError):
+    """The simulator cannot run this program or these inputs."""
+
+
+class UnsupportedOpError(SimulationError):
+    def __init__(self, op):
+        self.op_type = op.op_type
+        self.op_name = op.name
+        super().__init__(
+            f"the simulator has no implementation of MIL op '{op.op_type}' (op '{op.name}'); "
+            f"add one to milpasses/simulator/ops.py"
+        )
+
+
+class InputMismatchError(SimulationError, ValueError):
+    pass
+
+
+Observer = Callable[[object, list], None]
+"""Called as ``observer(op, outputs)`` after each non-const op, outputs as numpy arrays."""
+
+
+def _storage_dtype(builtin) -> np.dtype:
+    """float16 values live in float32 arrays (already rounded); everything else as declared."""
+    if types.is_float(builtin):
+        return np.dtype(np.float32)
+    return np.dtype(types.nptype_from_builtin(builtin))
+
+
+def _declared_dtype(builtin) -> np.dtype:
+    return np.dtype(types.nptype_from_builtin(builtin))
+
+
+def _to_storage(value, builtin) -> np.ndarray:
+    value = np.asarray(value)
+    if builtin == types.fp16:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return value.astype(np.float16).astype(np.float32)
+    dtype = _storage_dtype(builtin)
+    if value.dtype == dtype:
+        return value
+    with np.errstate(over="ignore", invalid="ignore"):
+        return value.astype(dtype)
+
+
+def _static_shape(var) -> tuple | None:
+    shape = var.shape
+    if any(not isinstance(d, (int, np.integer)) for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def load_program(model) -> Program:
+    """A MIL ``Program`` from a Program, an ``MLModel`` or a saved ``.mlpackage`` path."""
+    if isinstance(model, Program):
+        return model
+    if isinstance(model, (str, PathLike)):
+        return _program_from_package(Path(model))
+    program = getattr(model, "_mil_program", None)
+    if program is not None:
+        return program
+    if hasattr(model, "get_spec"):
+        return _program_from_spec(model.get_spec(), getattr(model, "weights_dir", None))
+    raise TypeError(
+        f"cannot simulate a {type(model).__name__}: pass a coremltools Program, an MLModel "
+        f"or the path of a saved .mlpackage"
+    )
+
+
+def _program_from_package(path: Path) -> Program:
+    import coremltools as ct
+
+    if not path.exists():
+        raise FileNotFoundError(f"no Core ML package at {path}")
+    if path.suffix != ".mlpackage" or not path.is_dir():
+        raise ValueError(f"{path} is not an .mlpackage directory")
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    return _program_from_spec(model.get_spec(), model.weights_dir)
+
+
+def _program_from_spec(spec, weights_dir) -> Program:
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise ValueError(
+            "only ML Program models can be simulated; this one is a "
+            f"'{spec.WhichOneof('Type')}' model (convert with convert_to='mlprogram')"
+        )
+    return load(spec, spec.specificationVersion, file_weights_dir=weights_dir or "")
+
+
+class Simulator:
+    """Runs one function of a MIL program. Constants are prepared once, at construction."""
+
+    def __init__(self, model, function_name: str = "main"):
+        program = load_program(model)
+        if function_name not in program.functions:
+            raise SimulationError(
+                f"the program has no function '{function_name}'; it has {sorted(program.functions)}"
+            )
+        self.function = program.functions[function_name]
+        self._constants = {}
+        for op in self.function.operations:
+            if op.op_type == "const":
+                var = op.outputs[0]
+                self._constants[var.name] = _to_storage(var.val, var.dtype)
+
+    @property
+    def expected_inputs(self) -> dict[str, tuple]:
+        return {
+            name: (var.shape, types.builtin_to_string(var.dtype))
+            for name, var in self.function.inputs.items()
+        }
+
+    def _expectations(self) -> str:
+        return ", ".join(
+            f"{name}: shape {tuple(shape)} {dtype}" for name, (shape, dtype) in self.expected_inputs.items()
+        )
+
+    def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        expected = self.function.inputs
+        missing = [n for n in expected if n not in inputs]
+        unknown = [n for n in inputs if n not in expected]
+        if missing or unknown:
+            raise InputMismatchError(
+                f"input names do not match: missing {missing}, unexpected {unknown}; "
+                f"the program expects {self._expectations()}"
+            )
+        checked = {}
+        for name, var in expected.items():
+            value = np.asarray(inputs[name])
+            want = _declared_dtype(var.dtype)
+            same_kind = (np.issubdtype(value.dtype, np.floating) and np.issubdtype(want, np.floating)) or (
+                np.issubdtype(value.dtype, np.integer) and np.issubdtype(want, np.integer)
+            ) or (value.dtype == want)
+            if not same_kind:
+                raise InputMismatchError(
+                    f"input '{name}' has dtype {value.dtype}, the program expects "
+                    f"{types.builtin_to_string(var.dtype)}; expected inputs: {self._expectations()}"
+                )
+            shape = var.shape
+            fits = len(shape) == value.ndim and all(
+                not isinstance(d, (int, np.integer)) or d == s for d, s in zip(shape, value.shape)
+            )
+            if not fits:
+                raise InputMismatchError(
+                    f"input '{name}' has shape {value.shape}, the program expects {tuple(shape)}; "
+                    f"expected inputs: {self._expectations()}"
+                )
+            checked[name] = _to_storage(value, var.dtype)
+        return checked
+
+    def run(self, inputs: Mapping[str, np.ndarray], observer: Observer | None = None) -> dict[str, np.ndarray]:
+        env = dict(self._constants)
+        env.update(self._check_inputs(inputs))
+        for op in self.function.operations:
+            if op.op_type == "const":
+                continue
+            outputs = self._execute(op, env)
+            if observer is not None:
+                observer(op, outputs)
+        return {
+            var.name: env[var.name].astype(_declared_dtype(var.dtype), copy=False)
+            for var in self.function.outputs
+        }
+
+    def _execute(self, op, env) -> list[np.ndarray]:
+        implementation = OP_IMPLEMENTATIONS.get(op.op_type)
+        if implementation is None:
+            raise UnsupportedOpError(op)
+        args = {name: value for name, value in op.default_inputs().items()}
+        for name, var in op.inputs.items():
+            args[name] = [self._value(v, env) for v in var] if isinstance(var, (list, tuple)) else self._value(var, env)
+        with np.errstate(all="ignore"):
+            results = implementation(**args)
+        if not isinstance(results, (list, tuple)):
+            results = [results]
+        stored = []
+        for var, value in zip(op.outputs, results):
+            value = _to_storage(value, var.dtype)
+            shape = _static_shape(var)
+            if shape is not None and value.shape != shape:
+                raise SimulationError(
+                    f"op '{op.name}' ({op.op_type}) produced shape {value.shape}, its declared output "
+                    f"shape is {shape}: the simulator's implementation of '{op.op_type}' is wrong here"
+                )
+            env[var.name] = value
+            stored.append(value)
+        return stored
+
+    @staticmethod
+    def _value(var, env):
+        value = env.get(var.name)
+        if value is None:
+            if var.val is None:
+                raise SimulationError(f"variable '{var.name}' is used before it is computed")
+            value = _to_storage(var.val, var.dtype)
+        return value
+
+
+def simulate(model, inputs: Mapping[str, np.ndarray], observer: Observer | None = None,
+             function_name: str = "main") -> dict[str, np.ndarray]:
+    """Run ``model`` (a Program, MLModel or .mlpackage path) on numpy ``inputs``.
+
+    Returns the program's outputs by name, in their declared dtypes.
+    """
+    return Simulator(model, function_name).run(inputs, observer)
+
+
+def psnr(reference: np.ndarray, actual: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB: ``20 * log10(max|reference| / RMSE)``.
+
+    Infinite when the two are equal. Any inf or NaN in ``actual`` gives ``-inf``, so a
+    broken output can never pass a threshold.
+    """
+    reference = np.asarray(reference, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    if reference.shape != actual.shape:
+        raise ValueError(f"psnr needs equal shapes, got {reference.shape} and {actual.shape}")
+    if not np.all(np.isfinite(actual)):
+        return -math.inf
+    rmse = float(np.sqrt(np.mean((reference - actual) ** 2)))
+    peak = float(np.max(np.abs(reference)))
+    if rmse == 0.0:
+        return math.inf
+    return 20.0 * math.log10(peak / rmse) if peak > 0 else -math.inf
+
+
+class RangeObserver:
+    """Records each op's output range and the first op whose output holds inf or NaN."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self.first_nonfinite: dict | None = None
+
+    def __call__(self, op, outputs: Iterable[np.ndarray]) -> None:
+        for var, value in zip(op.outputs, outputs):
+            if not np.issubdtype(value.dtype, np.floating) or value.size == 0:
+                continue
+            finite = np.isfinite(value)
+            all_finite = bool(finite.all())
+            magnitudes = np.abs(value if all_finite else value[finite])
+            record = {
+                "op": op.name,
+                "op_type": op.op_type,
+                "output": var.name,
+                "dtype": types.builtin_to_string(var.dtype),
+                "max_abs": float(magnitudes.max()) if magnitudes.size else math.nan,
+                "min": float(value[finite].min()) if magnitudes.size else math.nan,
+                "max": float(value[finite].max()) if magnitudes.size else math.nan,
+                "inf_count": int(np.isinf(value).sum()),
+                "nan_count": int(np.isnan(value).sum()),
+            }
+            self.records.append(record)
+            if self.first_nonfinite is None and not all_finite:
+                self.first_nonfinite = record

@@ -1,0 +1,475 @@
+"""numpy implementations of MIL ops, keyed by op type.
+
+Each implementation takes the op's inputs as keyword arguments, named as in the op's
+coremltools definition, with the op's declared defaults already filled in by the
+simulator, and returns one array or a list of arrays (one per output). Floating point
+inputs arrive as float32; the simulator rounds results to each output's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+OP_IMPLEMENTATIONS: dict = {}
+
+
+def implements(*op_types):
+    def register(function):
+        for op_type in op_types:
+            OP_IMPLEMENTATIONS[op_type] = function
+        return function
+
+    return register
+
+
+def _axes(value, rank):
+    if value is None:
+        return tuple(range(rank))
+    return tuple(int(a) % rank for a in np.atleast_1d(value))
+
+
+def _torch_unary(function):
+    return lambda x: function(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
+def _mil_dtype_to_numpy(name: str):
+    return {"fp16": np.float32, "fp32": np.float32, "fp64": np.float32, "int8": np.int8, "uint8": np.uint8,
+            "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "int64": np.int32,
+            "bool": np.bool_}[str(name)]
+
+
+# ----------------------------------------------------------------------------- elementwise
+
+_BINARY = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "pow": np.power,
+    "maximum": np.maximum, "minimum": np.minimum, "floor_div": np.floor_divide, "mod": np.mod,
+    "equal": np.equal, "not_equal": np.not_equal, "less": np.less, "less_equal": np.less_equal,
+    "greater": np.greater, "greater_equal": np.greater_equal,
+    "logical_and": np.logical_and, "logical_or": np.logical_or, "logical_xor": np.logical_xor,
+}
+for _name, _function in _BINARY.items():
+    implements(_name)(lambda x, y, _f=_function: _f(x, y))
+
+
+@implements("real_div")
+def real_div(x, y):
+    return np.true_divide(x, y)
+
+
+_UNARY = {
+    "abs": np.abs, "acos": np.arccos, "asin": np.arcsin, "atan": np.arctan, "atanh": np.arctanh,
+    "ceil": np.ceil, "cos": np.cos, "cosh": np.cosh, "exp": np.exp, "exp2": np.exp2, "floor": np.floor,
+    "round": np.round, "sign": np.sign, "sin": np.sin, "sinh": np.sinh, "sqrt": np.sqrt,
+    "square": np.square, "tan": np.tan, "tanh": np.tanh, "logical_not": np.logical_not,
+    "identity": lambda x: x, "erf": _torch_unary(torch.special.erf),
+    "relu": lambda x: np.maximum(x, 0), "sigmoid": _torch_unary(torch.sigmoid),
+    "silu": _torch_unary(torch.nn.functional.silu), "softsign": lambda x: x / (1 + np.abs(x)),
+}
+for _name, _function in _UNARY.items():
+    implements(_name)(lambda x, _f=_function: _f(x))
+
+
+@implements("rsqrt")
+def rsqrt(x, epsilon):
+    return 1.0 / np.sqrt(x + np.float32(epsilon))
+
+
+@implements("inverse")
+def inverse(x, epsilon):
+    return 1.0 / (x + np.float32(epsilon))
+
+
+@implements("log")
+def log(x, epsilon):
+    return np.log(x + np.float32(epsilon))
+
+
+@implements("clip")
+def clip(x, alpha, beta):
+    return np.minimum(np.maximum(x, alpha), beta)
+
+
+@implements("threshold")
+def threshold(x, alpha):
+    return np.maximum(x, alpha)
+
+
+@implements("cast")
+def cast(x, dtype):
+    return np.asarray(x).astype(_mil_dtype_to_numpy(dtype))
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+@implements("gelu")
+def gelu(x, mode="EXACT"):
+    approximate = {"EXACT": "none", "TANH_APPROXIMATION": "tanh"}.get(str(mode))
+    tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if approximate is not None:
+        return torch.nn.functional.gelu(tensor, approximate=approximate).numpy()
+    if str(mode) == "SIGMOID_APPROXIMATION":
+        return (tensor * torch.sigmoid(1.702 * tensor)).numpy()
+    raise ValueError(f"unknown gelu mode {mode!r}")
+
+
+@implements("relu6")
+def relu6(x):
+    return np.clip(x, 0, 6)
+
+
+@implements("leaky_relu")
+def leaky_relu(x, alpha):
+    return np.where(x >= 0, x, x * alpha)
+
+
+@implements("elu")
+def elu(x, alpha):
+    return np.where(x > 0, x, alpha * np.expm1(x))
+
+
+@implements("softplus")
+def softplus(x):
+    return _torch_unary(torch.nn.functional.softplus)(x)
+
+
+@implements("sigmoid_hard")
+def sigmoid_hard(x, alpha, beta):
+    return np.clip(alpha * x + beta, 0, 1)
+
+
+@implements("clamped_relu")
+def clamped_relu(x, alpha, beta):
+    return np.minimum(np.where(x >= 0, x, alpha * x), beta)
+
+
+@implements("linear_activation")
+def linear_activation(x, alpha, beta):
+    return alpha * x + beta
+
+
+@implements("softmax")
+def softmax(x, axis):
+    shifted = x - np.max(x, axis=int(axis), keepdims=True)
+    exponent = np.exp(shifted)
+    return exponent / np.sum(exponent, axis=int(axis), keepdims=True)
+
+
+# ----------------------------------------------------------------------------- linear algebra
+
+
+@implements("linear")
+def linear(x, weight, bias=None):
+    out = np.matmul(x, weight.T)
+    return out if bias is None else out + bias
+
+
+@implements("matmul")
+def matmul(x, y, transpose_x=False, transpose_y=False):
+    if transpose_x:
+        x = np.swapaxes(x, -1, -2)
+    if transpose_y:
+        y = np.swapaxes(y, -1, -2)
+    return np.matmul(x, y)
+
+
+@implements("einsum")
+def einsum(values, equation):
+    return np.einsum(str(equation), *values, optimize=True)
+
+
+def _conv_padding(spatial, kernel, strides, dilations, pad_type, pad):
+    """Per spatial axis (begin, end) padding, as MIL's conv defines each pad_type."""
+    pad_type = str(pad_type)
+    if pad_type == "valid":
+        return [(0, 0)] * len(spatial)
+    if pad_type == "custom":
+        pad = [int(p) for p in pad]
+        return list(zip(pad[0::2], pad[1::2]))
+    pads = []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        pads.append((small, large) if pad_type == "same" else (large, small))
+    return pads
+
+
+@implements("conv")
+def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1):
+    spatial = x.shape[2:]
+    rank = len(spatial)
+    strides = [int(s) for s in (strides if strides is not None else [1] * rank)]
+    dilations = [int(d) for d in (dilations if dilations is not None else [1] * rank)]
+    padding = _conv_padding(spatial, weight.shape[2:], strides, dilations, pad_type, pad)
+    tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    torch_pad = [p for begin_end in reversed(padding) for p in begin_end]
+    if any(torch_pad):
+        tensor = torch.nn.functional.pad(tensor, torch_pad)
+    function = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[rank]
+    out = function(
+        tensor,
+        torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)),
+        None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)),
+        stride=strides, dilation=dilations, groups=int(groups),
+    )
+    return out.numpy()
+
+
+@implements("scaled_dot_product_attention")
+def scaled_dot_product_attention(query, key, value, attn_mask=None):
+    scores = np.matmul(query, np.swapaxes(key, -1, -2)) / np.float32(math.sqrt(query.shape[-1]))
+    if attn_mask is not None:
+        if attn_mask.dtype == np.bool_:
+            scores = np.where(attn_mask, scores, -np.inf)
+        else:
+            scores = scores + attn_mask
+    return np.matmul(softmax(scores, -1), value)
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+@implements("layer_norm")
+def layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-5):
+    axes = _axes(list(axes), x.ndim)
+    mean = np.mean(x, axis=axes, keepdims=True)
+    centred = x - mean
+    variance = np.mean(np.square(centred), axis=axes, keepdims=True)
+    out = centred / np.sqrt(variance + np.float32(epsilon))
+    # gamma and beta have the shape of the normalised axes: broadcast them over the others.
+    affine_shape = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+    if gamma is not None:
+        out = out * np.reshape(gamma, affine_shape)
+    if beta is not None:
+        out = out + np.reshape(beta, affine_shape)
+    return out
+
+
+@implements("batch_norm")
+def batch_norm(x, mean, variance, gamma=None, beta=None, epsilon=1e-5):
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    out = (x - mean.reshape(shape)) / np.sqrt(variance.reshape(shape) + np.float32(epsilon))
+    if gamma is not None:
+        out = out * gamma.reshape(shape)
+    if beta is not None:
+        out = out + beta.reshape(shape)
+    return out
+
+
+@implements("instance_norm")
+def instance_norm(x, gamma=None, beta=None, epsilon=1e-5):
+    axes = tuple(range(2, x.ndim))
+    mean = np.mean(x, axis=axes, keepdims=True)
+    variance = np.var(x, axis=axes, keepdims=True)
+    out = (x - mean) / np.sqrt(variance + np.float32(epsilon))
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    if gamma is not None:
+        out = out * gamma.reshape(shape)
+    if beta is not None:
+        out = out + beta.reshape(shape)
+    return out
+
+
+# ----------------------------------------------------------------------------- reductions
+
+_REDUCTIONS = {
+    "reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": np.max, "reduce_min": np.min,
+    "reduce_prod": np.prod,
+    "reduce_sum_square": lambda x, axis, keepdims: np.sum(np.square(x), axis=axis, keepdims=keepdims),
+    "reduce_l1_norm": lambda x, axis, keepdims: np.sum(np.abs(x), axis=axis, keepdims=keepdims),
+    "reduce_l2_norm": lambda x, axis, keepdims: np.sqrt(np.sum(np.square(x), axis=axis, keepdims=keepdims)),
+    "reduce_log_sum": lambda x, axis, keepdims: np.log(np.sum(x, axis=axis, keepdims=keepdims)),
+    "reduce_log_sum_exp": lambda x, axis, keepdims: np.log(np.sum(np.exp(x), axis=axis, keepdims=keepdims)),
+}
+for _name, _function in _REDUCTIONS.items():
+    implements(_name)(
+        lambda x, axes=None, keep_dims=False, _f=_function: _f(x, axis=_axes(axes, x.ndim), keepdims=bool(keep_dims))
+    )
+
+
+def _arg_reduction(function):
+    def reduce(x, axis=-1, keep_dims=False, output_dtype="int32"):
+        out = function(x, axis=int(axis))
+        return np.expand_dims(out, int(axis)) if keep_dims else out
+
+    return reduce
+
+
+OP_IMPLEMENTATIONS["reduce_argmax"] = _arg_reduction(np.argmax)
+OP_IMPLEMENTATIONS["reduce_argmin"] = _arg_reduction(np.argmin)
+
+
+# ----------------------------------------------------------------------------- tensor layout
+
+
+@implements("reshape")
+def reshape(x, shape):
+    shape = [int(s) for s in np.atleast_1d(shape)]
+    if len(shape) == x.ndim:
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return np.reshape(x, shape)
+
+
+@implements("transpose")
+def transpose(x, perm):
+    return np.transpose(x, [int(p) for p in perm])
+
+
+@implements("expand_dims")
+def expand_dims(x, axes):
+    return np.expand_dims(x, tuple(int(a) for a in np.atleast_1d(axes)))
+
+
+@implements("squeeze")
+def squeeze(x, axes=None):
+    if axes is None:
+        return np.squeeze(x)
+    return np.squeeze(x, axis=_axes(axes, x.ndim))
+
+
+@implements("tile")
+def tile(x, reps):
+    return np.tile(x, [int(r) for r in reps])
+
+
+@implements("fill")
+def fill(shape, value=0.0):
+    return np.full([int(s) for s in np.atleast_1d(shape)], value)
+
+
+@implements("concat")
+def concat(values, axis, interleave=False):
+    axis = int(axis) % values[0].ndim
+    if not interleave:
+        return np.concatenate(values, axis=axis)
+    stacked = np.stack(values, axis=axis + 1)
+    shape = list(values[0].shape)
+    shape[axis] = shape[axis] * len(values)
+    return stacked.reshape(shape)
+
+
+@implements("stack")
+def stack(values, axis):
+    return np.stack(values, axis=int(axis))
+
+
+@implements("split")
+def split(x, axis, num_splits=None, split_sizes=None):
+    axis = int(axis)
+    if split_sizes is not None:
+        boundaries = np.cumsum([int(s) for s in split_sizes])[:-1]
+    else:
+        boundaries = int(num_splits)
+    return np.split(x, boundaries, axis=axis)
+
+
+@implements("slice_by_index")
+def slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    rank = x.ndim
+    stride = stride if stride is not None else [1] * rank
+    begin_mask = begin_mask if begin_mask is not None else [False] * rank
+    end_mask = end_mask if end_mask is not None else [False] * rank
+    squeeze_mask = squeeze_mask if squeeze_mask is not None else [False] * rank
+    index = []
+    for axis in range(rank):
+        step = int(stride[axis])
+        start = None if begin_mask[axis] else int(begin[axis])
+        stop = None if end_mask[axis] else int(end[axis])
+        if squeeze_mask[axis]:
+            index.append(int(begin[axis]))
+        else:
+            index.append(slice(start, stop, step))
+    return x[tuple(index)]
+
+
+@implements("slice_by_size")
+def slice_by_size(x, begin, size):
+    index = tuple(
+        slice(int(b), None if int(s) == -1 else int(b) + int(s)) for b, s in zip(begin, size)
+    )
+    return x[index]
+
+
+@implements("pad")
+def pad(x, pad, mode="constant", constant_val=0.0):
+    pad = [int(p) for p in pad]
+    pairs = [(0, 0)] * (x.ndim - len(pad) // 2) + list(zip(pad[0::2], pad[1::2]))
+    mode = str(mode)
+    if mode == "constant":
+        return np.pad(x, pairs, mode="constant", constant_values=constant_val)
+    return np.pad(x, pairs, mode={"reflect": "reflect", "replicate": "edge"}[mode])
+
+
+@implements("band_part")
+def band_part(x, lower=-1, upper=-1):
+    rows, cols = x.shape[-2], x.shape[-1]
+    offset = np.arange(rows)[:, None] - np.arange(cols)[None, :]
+    keep = np.ones((rows, cols), dtype=bool)
+    if int(lower) >= 0:
+        keep &= offset <= int(lower)
+    if int(upper) >= 0:
+        keep &= -offset <= int(upper)
+    return np.where(keep, x, np.zeros((), dtype=x.dtype))
+
+
+@implements("cumsum")
+def cumsum(x, axis=0, exclusive=False, reverse=False):
+    axis = int(axis)
+    data = np.flip(x, axis) if reverse else x
+    out = np.cumsum(data, axis=axis, dtype=data.dtype)
+    if exclusive:
+        out = out - data
+    return np.flip(out, axis) if reverse else out
+
+
+@implements("range_1d")
+def range_1d(start, end, step):
+    return np.arange(start, end, step)
+
+
+@implements("shape")
+def shape(x):
+    return np.array(x.shape, dtype=np.int32)
+
+
+@implements("select")
+def select(cond, a, b):
+    return np.where(cond, a, b)
+
+
+# ----------------------------------------------------------------------------- gathers
+
+
+def _per_batch(function, x, indices, batch_dims):
+    """Apply ``function(x_b, indices_b)`` for each index over the leading ``batch_dims`` axes."""
+    if batch_dims == 0:
+        return function(x, indices)
+    batch_shape = x.shape[:batch_dims]
+    flat_x = x.reshape((-1,) + x.shape[batch_dims:])
+    flat_indices = indices.reshape((-1,) + indices.shape[batch_dims:])
+    out = np.stack([function(xb, ib) for xb, ib in zip(flat_x, flat_indices)])
+    return out.reshape(batch_shape + out.shape[1:])
+
+
+@implements("gather")
+def gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
+    axis = int(axis) % x.ndim
+    batch_dims = int(batch_dims)
+    return _per_batch(lambda xb, ib: np.take(xb, ib, axis=axis - batch_dims), x, indices, batch_dims)
+
+
+@implements("gather_nd")
+def gather_nd(x, indices, batch_dims=0, validate_indices=False):
+    def take(xb, ib):
+        return xb[tuple(np.moveaxis(ib, -1, 0))]
+
+    return _per_batch(take, x, indices.astype(np.int64), int(batch_dims))
+
+
+@implements("gather_along_axis")
+def gather_along_axis(x, indices, axis=0, validate_indices=False):
+    axis = int(axis) % x.ndim
+    return np.take_along_axis(x, np.where(indices < 0, indices + x.shape[axis], indices), axis=axis)
