@@ -78,11 +78,11 @@ def load_program(model) -> Program:
         return model
     if isinstance(model, (str, PathLike)):
         return _program_from_package(Path(model))
-    program = getattr(model, "_mil_program", None)
-    if program is not None:
-        return program
     if hasattr(model, "get_spec"):
-        return _program_from_spec(model.get_spec(), getattr(model, "weights_dir", None))
+        spec = model.get_spec()
+        _require_ml_program(spec)
+        program = getattr(model, "_mil_program", None)
+        return program if program is not None else _program_from_spec(spec, model.weights_dir)
     raise TypeError(
         f"cannot simulate a {type(model).__name__}: pass a coremltools Program, an MLModel "
         f"or the path of a saved .mlpackage"
@@ -100,14 +100,19 @@ def _program_from_package(path: Path) -> Program:
     return _program_from_spec(model.get_spec(), model.weights_dir)
 
 
+def _require_ml_program(spec) -> None:
+    kind = spec.WhichOneof("Type")
+    if kind != "mlProgram":
+        raise ValueError(
+            f"only ML Program models can be simulated; this one is a '{kind}' model "
+            f"(convert with convert_to='mlprogram')"
+        )
+
+
 def _program_from_spec(spec, weights_dir) -> Program:
     from coremltools.converters.mil.frontend.milproto.load import load
 
-    if spec.WhichOneof("Type") != "mlProgram":
-        raise ValueError(
-            "only ML Program models can be simulated; this one is a "
-            f"'{spec.WhichOneof('Type')}' model (convert with convert_to='mlprogram')"
-        )
+    _require_ml_program(spec)
     return load(spec, spec.specificationVersion, file_weights_dir=weights_dir or "")
 
 
