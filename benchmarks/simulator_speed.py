@@ -17,18 +17,10 @@ import transformers as hf
 
 import milpasses  # noqa: F401  (frontend converters)
 from milpasses.simulator import Simulator, psnr
+from milpasses.tracing import LastHiddenState
 
 SEQ_LEN = 128
 BAR = 3.0
-
-
-class LastHiddenState(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def distilbert_base() -> torch.nn.Module:
@@ -61,7 +53,7 @@ def main() -> None:
     }
     tensors = {k: torch.from_numpy(v.astype(np.int64)) for k, v in inputs.items()}
     with torch.no_grad():
-        traced = torch.jit.trace(LastHiddenState(model).eval(), tuple(tensors.values()))
+        traced = torch.jit.trace(LastHiddenState(model, tuple(inputs)).eval(), tuple(tensors.values()))
     mlmodel = ct.convert(
         traced,
         inputs=[ct.TensorType(name=k, shape=v.shape, dtype=np.int32) for k, v in inputs.items()],

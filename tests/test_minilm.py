@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.families import LastHiddenState
 from milpasses.bundled import SAMPLE_SENTENCES, load_bundled
 from milpasses.simulator import psnr, simulate
+from milpasses.tracing import LastHiddenState
 
 
 @pytest.fixture(scope="module")
