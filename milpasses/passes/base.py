@@ -1,0 +1,69 @@
+"""What every milpasses pass shares: registration in the ``ane`` namespace, the program
+preconditions, the report, and debug logging of every site left alone."""
+
+from __future__ import annotations
+
+import logging
+
+from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
+
+from milpasses.passes.report import LAST_REPORTS, PassReport
+
+NAMESPACE = "ane"
+logger = logging.getLogger("milpasses.passes")
+
+
+def register(pass_class):
+    """Register ``pass_class`` as ``ane::<class name>``.
+
+    Registering an id twice raises KeyError in coremltools; a reload of milpasses
+    re-registers its own class, which is allowed, while a clash with anybody else's is not.
+    """
+    pass_id = f"{NAMESPACE}::{pass_class.__name__}"
+    existing = PASS_REGISTRY.passes.get(pass_id)
+    ours = existing is not None and existing.__module__ == pass_class.__module__
+    return register_pass(namespace=NAMESPACE, override=ours)(pass_class)
+
+
+def parse_bool(value, option: str) -> bool:
+    """Options arrive as Python values from ane_pipeline() or as text from set_options()."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"option '{option}' must be true or false, got {value!r}")
+
+
+def count_ops(block) -> int:
+    return sum(op.op_type != "const" for op in block.operations)
+
+
+class AnePass(AbstractGraphPass):
+    """A pass over the main function's top-level block, which reports what it did."""
+
+    @property
+    def pass_id(self) -> str:
+        return f"{NAMESPACE}::{type(self).__name__}"
+
+    def apply(self, prog) -> None:
+        self.report = PassReport(self.pass_id)
+        LAST_REPORTS[self.pass_id] = self.report
+        if len(prog.functions) != 1 or "main" not in prog.functions:
+            self.skip("program", f"the program has functions {sorted(prog.functions)}, not one 'main'")
+            return
+        block = prog.functions["main"]
+        for op in block.operations:
+            if op.blocks:
+                self.skip(op.name, f"'{op.op_type}' holds nested blocks this pass does not enter")
+        self.report.ops_before = count_ops(block)
+        with block:  # the builder adds ops to the block whose context is open
+            self.run(block)
+        self.report.ops_after = count_ops(block)
+
+    def run(self, block) -> None:
+        raise NotImplementedError
+
+    def skip(self, site: str, reason: str) -> None:
+        self.report.skipped[reason] += 1
+        logger.debug("%s left %s alone: %s", self.pass_id, site, reason)

@@ -1,0 +1,294 @@
+"""``ane::bc1s_layout``: run the body of the model in (B, C, 1, S), between the region's boundaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from coremltools.converters.mil import Builder as mb
+
+from milpasses.passes.base import AnePass, register
+from milpasses.passes.layout import BC1S_AXIS, constant_to_bc1s, enter, entered_from, leave, left_from
+from milpasses.passes.matching import NoMatch, constant_value, is_activation, is_block_output, rank
+
+UNARY = {"gelu", "silu", "relu", "relu6", "sigmoid", "tanh", "erf", "rsqrt", "sqrt", "exp", "square",
+         "abs", "inverse", "clip", "softsign", "leaky_relu", "elu", "softplus", "identity"}
+BINARY = {"add", "sub", "mul", "real_div", "maximum", "minimum", "pow"}
+BOUNDARY_OPS = ("transpose", "squeeze", "expand_dims")
+REDUCTIONS = {"reduce_mean", "reduce_sum", "reduce_max", "reduce_min", "reduce_sum_square", "reduce_l2_norm"}
+
+#: The inputs of each carried op that hold the (B, S, C) tensors; every other input is a parameter.
+TENSOR_INPUTS = {
+    **{op_type: ("x",) for op_type in UNARY | REDUCTIONS},
+    **{op_type: ("x", "y") for op_type in BINARY},
+    "select": ("cond", "a", "b"),
+    "layer_norm": ("x",),
+    "softmax": ("x",),
+    "concat": ("values",),
+    "split": ("x",),
+    "slice_by_index": ("x",),
+    "slice_by_size": ("x",),
+}
+
+
+@dataclass(frozen=True)
+class CarriedOp:
+    """An op that can run in (B, C, 1, S): its rank-3 tensor operands and its new parameters."""
+
+    op: object
+    operands: tuple  # (input name, var or list of vars)
+    parameters: dict  # input name -> value in the (B, C, 1, S) form
+
+
+def _to_bc1s_vector(values, unit) -> list:
+    """Per-axis settings of a (B, S, C) op, rearranged for (B, C, 1, S) with ``unit`` on axis 2."""
+    values = list(np.asarray(values).tolist())
+    return [values[0], values[2], unit, values[1]]
+
+
+def _axis(op, name="axis") -> int:
+    return BC1S_AXIS[int(constant_value(op.inputs[name])) % 3]
+
+
+def _parameters(op) -> dict | NoMatch:
+    """The op's parameters in (B, C, 1, S) form, or why it cannot be carried."""
+    kind = op.op_type
+    if kind in UNARY or kind in BINARY or kind == "select":
+        return {}
+    if kind == "layer_norm":
+        axes = [int(a) % 3 for a in constant_value(op.inputs["axes"])]
+        return {"axes": [1]} if axes == [2] else NoMatch("layer_norm over axes other than the last")
+    if kind in REDUCTIONS:
+        if not constant_value(op.inputs.get("keep_dims")):
+            return NoMatch("reduction drops its axes")
+        axes = op.inputs.get("axes")
+        if axes is None:
+            return NoMatch("reduction over every axis")
+        return {"axes": sorted(BC1S_AXIS[int(a) % 3] for a in constant_value(axes))}
+    if kind == "softmax":
+        return {"axis": _axis(op)}
+    if kind == "concat":
+        if constant_value(op.inputs.get("interleave")):
+            return NoMatch("interleaved concat")
+        return {"axis": _axis(op)}
+    if kind == "split":
+        return {"axis": _axis(op)}
+    if kind == "slice_by_index":
+        return _slice_by_index_parameters(op)
+    if kind == "slice_by_size":
+        return {"begin": _to_bc1s_vector(constant_value(op.inputs["begin"]), 0),
+                "size": _to_bc1s_vector(constant_value(op.inputs["size"]), -1)}
+    return NoMatch(f"'{kind}' is not carried through the layout")
+
+
+def _slice_by_index_parameters(op) -> dict | NoMatch:
+    squeeze = op.inputs.get("squeeze_mask")
+    if squeeze is not None and any(constant_value(squeeze)):
+        return NoMatch("slice squeezes an axis")
+    parameters = {"begin": _to_bc1s_vector(constant_value(op.inputs["begin"]), 0),
+                  "end": _to_bc1s_vector(constant_value(op.inputs["end"]), 1)}
+    for name, unit in (("stride", 1), ("begin_mask", True), ("end_mask", True)):
+        if op.inputs.get(name) is not None:
+            parameters[name] = _to_bc1s_vector(constant_value(op.inputs[name]), unit)
+    return parameters
+
+
+def _operand_ok(var) -> bool:
+    """A tensor operand can be carried: a constant of rank <= 3, a scalar, or a rank-3 activation."""
+    if constant_value(var) is not None:
+        return np.ndim(constant_value(var)) <= 3
+    return rank(var) in (0, 3)
+
+
+def match_carried(op) -> CarriedOp | NoMatch:
+    names = TENSOR_INPUTS.get(op.op_type)
+    if names is None:
+        return NoMatch(f"'{op.op_type}' is not carried through the layout")
+    if any(rank(out) != 3 for out in op.outputs):
+        return NoMatch("output is not rank 3")
+    operands = tuple((name, op.inputs[name]) for name in names if name in op.inputs)
+    flat = [v for _, var in operands for v in (var if isinstance(var, (list, tuple)) else [var])]
+    if op.op_type in REDUCTIONS | {"layer_norm", "softmax", "split", "slice_by_index", "slice_by_size"} and any(
+        rank(v) != 3 for v in flat
+    ):
+        return NoMatch("operand is not rank 3")
+    if not all(_operand_ok(v) for v in flat):
+        return NoMatch("operand of rank 1, 2 or above 3")
+    if not any(is_activation(v) for v in flat):
+        return NoMatch("no activation operand")
+    parameters = _parameters(op)
+    if isinstance(parameters, NoMatch):
+        return parameters
+    return CarriedOp(op, operands, parameters)
+
+
+def _enter_consumers(var) -> list:
+    """The rank-3 enter boundaries that read ``var``: (transpose, expand_dims) pairs."""
+    pairs = []
+    for transpose in var.child_ops:
+        for expand in transpose.outputs[0].child_ops:
+            if entered_from(expand.outputs[0]) is var:
+                pairs.append((transpose, expand))
+    return pairs
+
+
+def _only_entered(var) -> bool:
+    """Every reader of ``var`` is an enter boundary, and there is at least one."""
+    if is_block_output(var) or not var.child_ops:
+        return False
+    for transpose in var.child_ops:
+        out = transpose.outputs[0]
+        if is_block_output(out) or not out.child_ops:
+            return False
+        if any(entered_from(expand.outputs[0]) is not var for expand in out.child_ops):
+            return False
+    return True
+
+
+@register
+class bc1s_layout(AnePass):
+    """
+    Carry the model's body in the ANE's ``(B, C, 1, S)`` layout from where the region starts
+    (after the embedding gather or the patch conv) to where it ends (the model's outputs, or
+    an op milpasses does not understand, such as attention until it is rewritten).
+
+    Why: the ANE stores the last axis contiguously and pads it to 64 bytes, and every layout
+    change is a memory copy. ``ane::linear_to_conv`` leaves each conv between an enter and a
+    leave boundary; this pass moves those boundaries outward through every op that can run
+    in the new layout, cancelling a leave against the next enter, until they stand only at the
+    region's edges. Two moves, applied until nothing changes:
+
+    - sink a leave through an op that reads it: the op is rebuilt on ``(B, C, 1, S)``;
+    - hoist an enter above an op all of whose readers enter: the op is rebuilt the same way.
+
+    .. code-block::
+
+        Given (one residual step between two convs):
+            %a = transpose(x=squeeze(x=%conv1, axes=[2]), perm=[0, 2, 1])     # leave
+            %r = add(x=%a, y=%h)                                              # %h: (B, S, C)
+            %n = layer_norm(x=%r, axes=[-1], gamma=g, beta=b)
+            %e = expand_dims(x=transpose(x=%n, perm=[0, 2, 1]), axes=[2])     # enter
+            %conv2 = conv(x=%e, ...)
+        Result:
+            %r = add(x=%conv1, y=expand_dims(x=transpose(x=%h, perm=[0, 2, 1]), axes=[2]))
+            %n = layer_norm(x=%r, axes=[1], gamma=g, beta=b)
+            %conv2 = conv(x=%n, ...)
+
+    Carried: elementwise unary and binary ops and activations (gelu in every mode, silu, relu,
+    sigmoid, tanh, erf, ...), ``select``, ``layer_norm`` over the last axis (becomes axis 1,
+    gamma and beta unchanged), reductions with ``keep_dims`` (the RMSNorm chains), ``softmax``,
+    and ``concat``, ``split``, ``slice_by_index`` and ``slice_by_size`` on any axis. Constant
+    operands are rearranged at compile time.
+
+    Does not fire on an op when: it is of another type; an output is not rank 3; an operand is
+    an activation of rank 1, 2 or above 3; a layer_norm normalises other axes than the last; a
+    reduction drops its axes; a slice squeezes an axis; a concat interleaves.
+
+    Options: none.
+    """
+
+    def run(self, block) -> None:
+        changed = True
+        while changed:
+            changed = self._sink_leaves(block)
+            changed = self._hoist_enters(block) or changed
+        self._remove_dead_boundaries(block)
+
+    def _sink_leaves(self, block) -> bool:
+        changed = False
+        for op in list(block.operations):
+            if op.enclosing_block is None or op.op_type not in TENSOR_INPUTS and op.op_type != "expand_dims":
+                continue
+            if op.op_type == "expand_dims":
+                changed = self._cancel(block, op) or changed
+                continue
+            if not any(left_from(v) is not None for v in self._flat_operands(op)):
+                continue
+            site = match_carried(op)
+            if not site:
+                self.skip(op.name, site.reason)
+                continue
+            with mb.set_before_op(before_op=op):
+                carried = self._carry(site)
+                left = [leave(v, 3, f"{out.name}_left") for v, out in zip(carried, op.outputs)]
+            for old, new in zip(op.outputs, left):
+                block.replace_uses_of_var_after_op(anchor_op=op, old_var=old, new_var=new)
+            self._remove_dead(block, [op])
+            self.report.rewritten["sunk " + op.op_type] += 1
+            changed = True
+        return changed
+
+    def _hoist_enters(self, block) -> bool:
+        changed = False
+        for op in reversed(list(block.operations)):
+            if op.enclosing_block is None or op.op_type not in TENSOR_INPUTS or len(op.outputs) != 1:
+                continue
+            if not _only_entered(op.outputs[0]):
+                continue
+            site = match_carried(op)
+            if not site:
+                self.skip(op.name, site.reason)
+                continue
+            with mb.set_before_op(before_op=op):
+                (carried,) = self._carry(site)
+            for transpose, expand in _enter_consumers(op.outputs[0]):
+                block.replace_uses_of_var_after_op(anchor_op=expand, old_var=expand.outputs[0], new_var=carried)
+            self._remove_dead(block, [e for _, e in _enter_consumers(op.outputs[0])])
+            self._remove_dead(block, [op])
+            self.report.rewritten["hoisted " + op.op_type] += 1
+            changed = True
+        return changed
+
+    def _cancel(self, block, expand) -> bool:
+        """enter(leave(%x)) is %x."""
+        entered = entered_from(expand.outputs[0])
+        source = left_from(entered) if entered is not None else None
+        if source is None:
+            return False
+        block.replace_uses_of_var_after_op(anchor_op=expand, old_var=expand.outputs[0], new_var=source)
+        self._remove_dead(block, [expand])
+        self.report.rewritten["cancelled boundary"] += 1
+        return True
+
+    @staticmethod
+    def _flat_operands(op) -> list:
+        flat = []
+        for name in TENSOR_INPUTS[op.op_type]:
+            var = op.inputs.get(name)
+            flat.extend(var if isinstance(var, (list, tuple)) else [] if var is None else [var])
+        return flat
+
+    def _in_bc1s(self, var):
+        """``var`` (B, S, C) as a (B, C, 1, S) operand: a constant rearranged, a leave undone,
+        an existing enter reused, or a new enter."""
+        value = constant_value(var)
+        if value is not None:
+            return constant_to_bc1s(value) if np.ndim(value) else var
+        if rank(var) == 0:
+            return var
+        source = left_from(var)
+        if source is not None:
+            return source
+        return enter(var, var.name)
+
+    def _carry(self, site: CarriedOp) -> list:
+        """Build the op in (B, C, 1, S) before the original; return its outputs."""
+        op = site.op
+        arguments = dict(op.inputs)
+        for name, var in site.operands:
+            arguments[name] = [self._in_bc1s(v) for v in var] if isinstance(var, (list, tuple)) else self._in_bc1s(var)
+        arguments.update(site.parameters)
+        result = getattr(mb, op.op_type)(**arguments, name=f"{op.name}_bc1s")
+        return list(result) if isinstance(result, (list, tuple)) else [result]
+
+    def _remove_dead(self, block, ops) -> None:
+        """Remove ops nobody reads, then the boundary ops that only fed them."""
+        for op in ops:
+            if op.enclosing_block is None or any(v.child_ops or is_block_output(v) for v in op.outputs):
+                continue
+            feeding = [v.op for v in op.inputs.values() if not isinstance(v, (list, tuple)) and v.op is not None]
+            block.remove_ops([op])
+            self._remove_dead(block, [f for f in feeding if f.op_type in BOUNDARY_OPS])
+
+    def _remove_dead_boundaries(self, block) -> None:
+        self._remove_dead(block, [op for op in reversed(block.operations) if op.op_type in BOUNDARY_OPS])

@@ -1,0 +1,64 @@
+"""The (B, C, 1, S) layout and the boundary ops that enter and leave it.
+
+A rank-3 activation ``(B, S, C)`` is carried as ``(B, C, 1, S)``; a rank-2 ``(N, C)`` as
+``(1, C, 1, N)``. Entering is a transpose then an expand_dims, leaving is a squeeze then a
+transpose, always in these exact forms, so that the passes can recognise (and cancel) the
+boundaries they made themselves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from coremltools.converters.mil import Builder as mb
+
+from milpasses.passes.matching import op_with, rank
+
+#: Where each axis of a rank-3 (B, S, C) tensor lives in (B, C, 1, S).
+BC1S_AXIS = {0: 0, 1: 3, 2: 1}
+
+_ENTER = {3: ([0, 2, 1], [2]), 2: ([1, 0], [0, 2])}  # rank -> (transpose perm, expand axes)
+
+
+def enter(x, name: str):
+    """Build ``x`` (B, S, C) or (N, C) as (B, C, 1, S). Call inside ``mb.set_before_op``."""
+    perm, axes = _ENTER[rank(x)]
+    transposed = mb.transpose(x=x, perm=perm, name=f"{name}_to_bc1s_transpose")
+    return mb.expand_dims(x=transposed, axes=axes, name=f"{name}_to_bc1s")
+
+
+def leave(x, to_rank: int, name: str):
+    """Build ``x`` (B, C, 1, S) back in its rank-``to_rank`` form, the inverse of :func:`enter`."""
+    perm, axes = _ENTER[to_rank]
+    squeezed = mb.squeeze(x=x, axes=axes, name=f"{name}_from_bc1s_squeeze")
+    return mb.transpose(x=squeezed, perm=perm, name=name)
+
+
+def left_from(var):
+    """If ``var`` is the output of a rank-3 :func:`leave`, the (B, C, 1, S) var it left from."""
+    transpose = op_with(var, "transpose", perm=[0, 2, 1])
+    if transpose is None:
+        return None
+    squeeze = op_with(transpose.inputs["x"], "squeeze", axes=[2])
+    if squeeze is None or rank(squeeze.inputs["x"]) != 4:
+        return None
+    return squeeze.inputs["x"]
+
+
+def entered_from(var):
+    """If ``var`` is the output of a rank-3 :func:`enter`, the (B, S, C) var that entered."""
+    expand = op_with(var, "expand_dims", axes=[2])
+    if expand is None:
+        return None
+    transpose = op_with(expand.inputs["x"], "transpose", perm=[0, 2, 1])
+    if transpose is None or rank(transpose.inputs["x"]) != 3:
+        return None
+    return transpose.inputs["x"]
+
+
+def constant_to_bc1s(value: np.ndarray) -> np.ndarray:
+    """A constant that broadcasts against (B, S, C), rearranged to broadcast against (B, C, 1, S)."""
+    value = np.asarray(value)
+    if value.ndim == 0:
+        return value
+    as_rank3 = value.reshape((1,) * (3 - value.ndim) + value.shape)
+    return np.expand_dims(np.transpose(as_rank3, (0, 2, 1)), 2)

@@ -1,0 +1,68 @@
+"""Matching helpers shared by the passes. Nothing here mutates a program."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from coremltools.converters.mil.mil import types
+
+
+@dataclass(frozen=True)
+class NoMatch:
+    """Why a site was left alone. Falsy, so ``if not match:`` reads naturally."""
+
+    reason: str
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def constant_value(var) -> np.ndarray | None:
+    """The value of a var that is known at compile time, else None."""
+    return None if var is None else var.val
+
+
+def is_activation(var) -> bool:
+    return var is not None and var.val is None
+
+
+def is_float_tensor(var) -> bool:
+    return types.is_tensor(var.sym_type) and types.is_float(var.dtype)
+
+
+def rank(var) -> int:
+    return len(var.shape) if types.is_tensor(var.sym_type) else 0
+
+
+def has_static_shape(var) -> bool:
+    return all(isinstance(d, (int, np.integer)) for d in var.shape)
+
+
+def consumers(var) -> list:
+    return list(var.child_ops)
+
+
+def single_consumer(var):
+    """The one op that reads ``var``, or None when there are several or it is a block output."""
+    children = var.child_ops
+    if len(children) != 1 or var in var.op.enclosing_block.outputs:
+        return None
+    return children[0]
+
+
+def is_block_output(var) -> bool:
+    block = var.op.enclosing_block if var.op is not None else None
+    return block is not None and var in block.outputs
+
+
+def op_with(var, op_type: str, **constant_inputs):
+    """The op producing ``var`` if it is an ``op_type`` whose named inputs hold these constants."""
+    op = var.op if var is not None else None
+    if op is None or op.op_type != op_type:
+        return None
+    for name, expected in constant_inputs.items():
+        value = constant_value(op.inputs.get(name))
+        if value is None or np.asarray(value).tolist() != expected:
+            return None
+    return op

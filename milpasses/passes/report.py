@@ -1,0 +1,45 @@
+"""What each pass did: sites rewritten, sites skipped and why, ops added and removed."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+#: The report of the most recent run of each pass, by pass id (``ane::linear_to_conv``).
+LAST_REPORTS: dict[str, "PassReport"] = {}
+
+
+@dataclass
+class PassReport:
+    pass_id: str
+    rewritten: Counter = field(default_factory=Counter)  # site kind -> count
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    ops_before: int = 0  # non-const ops in the main function when the pass started
+    ops_after: int = 0
+
+    @property
+    def ops_removed(self) -> int:
+        """Net non-const ops the pass removed (negative when it added ops)."""
+        return self.ops_before - self.ops_after
+
+    @property
+    def sites_rewritten(self) -> int:
+        return sum(self.rewritten.values())
+
+    @property
+    def sites_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "pass": self.pass_id,
+            "rewritten": dict(self.rewritten),
+            "skipped": dict(self.skipped),
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
+        }
+
+
+def last_reports() -> dict[str, PassReport]:
+    """The reports of the latest run of every milpasses pass, by pass id."""
+    return dict(LAST_REPORTS)
