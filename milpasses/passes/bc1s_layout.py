@@ -107,7 +107,7 @@ def match_carried(op) -> CarriedOp | NoMatch:
     if any(rank(out) != 3 for out in op.outputs):
         return NoMatch("output is not rank 3")
     operands = tuple((name, op.inputs[name]) for name in names if name in op.inputs)
-    flat = [v for _, var in operands for v in (var if isinstance(var, (list, tuple)) else [var])]
+    flat = _flat_operands(op)
     if op.op_type in REDUCTIONS | {"layer_norm", "softmax", "split", "slice_by_index", "slice_by_size"} and any(
         rank(v) != 3 for v in flat
     ):
@@ -143,6 +143,34 @@ def _only_entered(var) -> bool:
         if any(entered_from(expand.outputs[0]) is not var for expand in out.child_ops):
             return False
     return True
+
+
+def _flat_operands(op) -> list:
+    flat = []
+    for name in TENSOR_INPUTS[op.op_type]:
+        var = op.inputs.get(name)
+        flat.extend(var if isinstance(var, (list, tuple)) else [] if var is None else [var])
+    return flat
+
+
+def _new_entries(op) -> set:
+    """The activation operands of ``op`` that would each need an enter boundary."""
+    return {id(v) for v in _flat_operands(op)
+            if constant_value(v) is None and rank(v) != 0 and left_from(v) is None}
+
+
+def _entry_points(op, found: set) -> set:
+    """The vars where the region would have to be entered if ``op``, and every carried op that
+    feeds only it, were moved into (B, C, 1, S): hoisting is worth it when there is one."""
+    for var in _flat_operands(op):
+        if constant_value(var) is not None or rank(var) == 0 or left_from(var) is not None:
+            continue
+        producer = var.op
+        if producer is not None and len(var.child_ops) == 1 and not is_block_output(var) and match_carried(producer):
+            _entry_points(producer, found)
+        else:
+            found.add(id(var))
+    return found
 
 
 @register
@@ -202,7 +230,7 @@ class bc1s_layout(AnePass):
             if op.op_type == "expand_dims":
                 changed = self._cancel(block, op) or changed
                 continue
-            if not any(left_from(v) is not None for v in self._flat_operands(op)):
+            if not any(left_from(v) is not None for v in _flat_operands(op)):
                 continue
             site = match_carried(op)
             if not site:
@@ -229,6 +257,9 @@ class bc1s_layout(AnePass):
             if not site:
                 self.skip(op.name, site.reason)
                 continue
+            if len(_new_entries(op)) > 1 and len(_entry_points(op, set())) > 1:
+                self.skip(op.name, "hoisting would split one boundary into several")
+                continue
             with mb.set_before_op(before_op=op):
                 (carried,) = self._carry(site)
             for transpose, expand in _enter_consumers(op.outputs[0]):
@@ -249,14 +280,6 @@ class bc1s_layout(AnePass):
         self._remove_dead(block, [expand])
         self.report.rewritten["cancelled boundary"] += 1
         return True
-
-    @staticmethod
-    def _flat_operands(op) -> list:
-        flat = []
-        for name in TENSOR_INPUTS[op.op_type]:
-            var = op.inputs.get(name)
-            flat.extend(var if isinstance(var, (list, tuple)) else [] if var is None else [var])
-        return flat
 
     def _in_bc1s(self, var):
         """``var`` (B, S, C) as a (B, C, 1, S) operand: a constant rearranged, a leave undone,
