@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.passes.base import AnePass, register
+from milpasses.passes.base import AnePass, parse_bool, register
 from milpasses.passes.layout import BC1S_AXIS, constant_to_bc1s, enter, entered_from, leave, left_from
 from milpasses.passes.matching import NoMatch, constant_value, is_activation, is_block_output, rank
 
@@ -153,17 +153,24 @@ def _flat_operands(op) -> list:
     return flat
 
 
+def _needs_entry(var) -> bool:
+    """A full-width activation that would need an enter boundary. A (B, S, 1) operand, such as
+    a padding mask or an RMS statistic, is not counted: entering it moves S values, not S * C."""
+    if constant_value(var) is not None or rank(var) == 0 or left_from(var) is not None:
+        return False
+    return var.shape[-1] != 1
+
+
 def _new_entries(op) -> set:
     """The activation operands of ``op`` that would each need an enter boundary."""
-    return {id(v) for v in _flat_operands(op)
-            if constant_value(v) is None and rank(v) != 0 and left_from(v) is None}
+    return {id(v) for v in _flat_operands(op) if _needs_entry(v)}
 
 
 def _entry_points(op, found: set) -> set:
     """The vars where the region would have to be entered if ``op``, and every carried op that
     feeds only it, were moved into (B, C, 1, S): hoisting is worth it when there is one."""
     for var in _flat_operands(op):
-        if constant_value(var) is not None or rank(var) == 0 or left_from(var) is not None:
+        if not _needs_entry(var):
             continue
         producer = var.op
         if producer is not None and len(var.child_ops) == 1 and not is_block_output(var) and match_carried(producer):
@@ -212,10 +219,26 @@ class bc1s_layout(AnePass):
     an activation of rank 1, 2 or above 3; a layer_norm normalises other axes than the last; a
     reduction drops its axes; a slice squeezes an axis; a concat interleaves.
 
-    Options: none.
+    Options:
+
+    - ``propagate`` (default true): when false, the pass does nothing and every conv keeps
+      its own boundaries, which isolates the cost of the layout for comparison.
     """
 
+    def __init__(self):
+        self._propagate = True
+
+    @property
+    def propagate(self) -> bool:
+        return self._propagate
+
+    @propagate.setter
+    def propagate(self, value) -> None:
+        self._propagate = parse_bool(value, "propagate")
+
     def run(self, block) -> None:
+        if not self.propagate:
+            return
         changed = True
         while changed:
             changed = self._sink_leaves(block)

@@ -62,3 +62,27 @@ def constant_to_bc1s(value: np.ndarray) -> np.ndarray:
         return value
     as_rank3 = value.reshape((1,) * (3 - value.ndim) + value.shape)
     return np.expand_dims(np.transpose(as_rank3, (0, 2, 1)), 2)
+
+
+LAYOUT_OPS = ("transpose", "reshape", "expand_dims", "squeeze")
+
+
+def is_boundary_op(op) -> bool:
+    """One of the two ops of an enter or a leave of a rank-3 activation."""
+    out = op.outputs[0]
+    if op.op_type == "expand_dims":
+        return entered_from(out) is not None
+    if op.op_type == "squeeze":
+        return any(left_from(t.outputs[0]) is not None for t in out.child_ops)
+    if op.op_type == "transpose":
+        return left_from(out) is not None or any(entered_from(e.outputs[0]) is not None for e in out.child_ops)
+    return False
+
+
+def layout_census(function) -> dict[str, int]:
+    """Layout ops of a function: those of rank-3 region boundaries, and all others."""
+    census = {"boundary": 0, "other": 0}
+    for op in function.operations:
+        if op.op_type in LAYOUT_OPS:
+            census["boundary" if is_boundary_op(op) else "other"] += 1
+    return census

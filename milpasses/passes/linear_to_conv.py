@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.passes.base import AnePass, register
+from milpasses.passes.base import AnePass, parse_bool, register
 from milpasses.passes.layout import enter, leave
 from milpasses.passes.matching import (
     NoMatch,
@@ -117,12 +117,26 @@ class linear_to_conv(AnePass):
     Does not fire when: the weight or bias is not a constant; the matmul has no constant right
     operand, or transposes its activation; the activation is not a float tensor of rank 2 or 3.
 
-    Options: none.
+    Options:
+
+    - ``include_matmul`` (default true): also rewrite ``matmul`` by a constant.
     """
 
+    def __init__(self):
+        self._include_matmul = True
+
+    @property
+    def include_matmul(self) -> bool:
+        return self._include_matmul
+
+    @include_matmul.setter
+    def include_matmul(self, value) -> None:
+        self._include_matmul = parse_bool(value, "include_matmul")
+
     def run(self, block) -> None:
+        wanted = ("linear", "matmul") if self.include_matmul else ("linear",)
         for op in list(block.operations):
-            if op.op_type not in ("linear", "matmul"):
+            if op.op_type not in wanted:
                 continue
             site = match_linear(op)
             if not site:
