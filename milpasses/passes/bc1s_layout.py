@@ -8,7 +8,15 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.base import AnePass, parse_bool, register
-from milpasses.passes.layout import BC1S_AXIS, constant_to_bc1s, enter, entered_from, leave, left_from
+from milpasses.passes.layout import (
+    BC1S_AXIS,
+    constant_to_bc1s,
+    enter,
+    entered_from,
+    is_boundary_op,
+    leave,
+    left_from,
+)
 from milpasses.passes.matching import NoMatch, constant_value, is_activation, is_block_output, rank
 
 UNARY = {"gelu", "silu", "relu", "relu6", "sigmoid", "tanh", "erf", "rsqrt", "sqrt", "exp", "square",
@@ -59,8 +67,6 @@ def _parameters(op) -> dict | NoMatch:
         axes = [int(a) % 3 for a in constant_value(op.inputs["axes"])]
         return {"axes": [1]} if axes == [2] else NoMatch("layer_norm over axes other than the last")
     if kind in REDUCTIONS:
-        if not constant_value(op.inputs.get("keep_dims")):
-            return NoMatch("reduction drops its axes")
         axes = op.inputs.get("axes")
         if axes is None:
             return NoMatch("reduction over every axis")
@@ -161,6 +167,13 @@ def _needs_entry(var) -> bool:
     return var.shape[-1] != 1
 
 
+def _all_inputs(op) -> list:
+    flat = []
+    for var in op.inputs.values():
+        flat.extend(var if isinstance(var, (list, tuple)) else [var])
+    return flat
+
+
 def _new_entries(op) -> set:
     """The activation operands of ``op`` that would each need an enter boundary."""
     return {id(v) for v in _flat_operands(op) if _needs_entry(v)}
@@ -217,7 +230,7 @@ class bc1s_layout(AnePass):
 
     Does not fire on an op when: it is of another type; an output is not rank 3; an operand is
     an activation of rank 1, 2 or above 3; a layer_norm normalises other axes than the last; a
-    reduction drops its axes; a slice squeezes an axis; a concat interleaves.
+    a slice squeezes an axis; a concat interleaves.
 
     Options:
 
@@ -239,26 +252,47 @@ class bc1s_layout(AnePass):
     def run(self, block) -> None:
         if not self.propagate:
             return
+        self._unrewritten = {}  # op name -> why it stays outside the region, reported once
         changed = True
         while changed:
             changed = self._sink_leaves(block)
             changed = self._hoist_enters(block) or changed
+        self._merge_duplicate_enters(block)
         self._remove_dead_boundaries(block)
+        for name, reason in self._unrewritten.items():
+            self.skip(name, reason)
+
+    def _merge_duplicate_enters(self, block) -> None:
+        """Keep the first enter of each var; the later ones read it instead (it comes before them)."""
+        first = {}
+        for op in list(block.operations):
+            if op.op_type != "expand_dims" or op.enclosing_block is None:
+                continue
+            source = entered_from(op.outputs[0])
+            if source is None:
+                continue
+            if id(source) not in first:
+                first[id(source)] = op.outputs[0]
+                continue
+            block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=first[id(source)])
+            self._remove_dead(block, [op])
+            self.report.rewritten["merged duplicate boundary"] += 1
 
     def _sink_leaves(self, block) -> bool:
         changed = False
         for op in list(block.operations):
-            if op.enclosing_block is None or op.op_type not in TENSOR_INPUTS and op.op_type != "expand_dims":
+            if op.enclosing_block is None:
                 continue
             if op.op_type == "expand_dims":
                 changed = self._cancel(block, op) or changed
                 continue
-            if not any(left_from(v) is not None for v in _flat_operands(op)):
+            if not any(left_from(v) is not None for v in _all_inputs(op)) or is_boundary_op(op):
                 continue
             site = match_carried(op)
             if not site:
-                self.skip(op.name, site.reason)
+                self._unrewritten[op.name] = site.reason
                 continue
+            self._unrewritten.pop(op.name, None)
             with mb.set_before_op(before_op=op):
                 carried = self._carry(site)
                 left = [leave(v, 3, f"{out.name}_left") for v, out in zip(carried, op.outputs)]
@@ -278,11 +312,12 @@ class bc1s_layout(AnePass):
                 continue
             site = match_carried(op)
             if not site:
-                self.skip(op.name, site.reason)
+                self._unrewritten[op.name] = site.reason
                 continue
             if len(_new_entries(op)) > 1 and len(_entry_points(op, set())) > 1:
-                self.skip(op.name, "hoisting would split one boundary into several")
+                self._unrewritten[op.name] = "hoisting would split one boundary into several"
                 continue
+            self._unrewritten.pop(op.name, None)
             with mb.set_before_op(before_op=op):
                 (carried,) = self._carry(site)
             for transpose, expand in _enter_consumers(op.outputs[0]):
