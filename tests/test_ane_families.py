@@ -1,0 +1,90 @@
+"""ane_pipeline() on every fixture family: the ANE form, the same function, fp16 quality kept."""
+
+import functools
+
+import numpy as np
+import pytest
+
+from fixtures import families as F
+from milpasses import ane_pipeline
+from milpasses.passes.layout import layout_census
+from milpasses.simulator import psnr, simulate
+
+# Region boundaries per family, each an enter or a leave of two layout ops: the embedding sum
+# entering, then per layer the three Q/K/V projections leaving for attention and its output
+# entering again, and the last hidden state leaving. DeBERTa also enters its (B, S, 1) padding
+# mask, which scales the embeddings. ViT and CLIP enter through the patch conv's own
+# reshape, whose transpose cancels against the enter's.
+BOUNDARIES = {name: 1 + 4 * F.LAYERS + 1 for name in F.FAMILIES}
+BOUNDARIES["deberta_v2"] += 1
+BOUNDARIES["vit"] = BOUNDARIES["clip_vision"] = 4 * F.LAYERS + 1
+LAYOUT_OPS = ("transpose", "reshape", "expand_dims", "squeeze")
+
+
+@functools.lru_cache(maxsize=None)
+def converted_ane(name, precision):
+    return F.convert(name, precision, pass_pipeline=ane_pipeline())
+
+
+def _main(mlmodel):
+    return mlmodel._mil_program.functions["main"]
+
+
+@pytest.mark.parametrize("name", list(F.FAMILIES))
+def test_no_linear_and_no_matmul_by_a_constant_remain(name):
+    ops = _main(converted_ane(name, "fp16")).operations
+    assert not [op for op in ops if op.op_type == "linear"]
+    by_constant = [op for op in ops if op.op_type == "matmul" and
+                   (op.inputs["x"].val is not None or op.inputs["y"].val is not None)]
+    if name == "deberta_v2":
+        # Disentangled attention multiplies each head by its own slice of a constant relative
+        # position table: a batched product by a rank-3 constant, not a linear layer.
+        assert by_constant and all(op.inputs["y"].rank == 3 for op in by_constant)
+    else:
+        assert not by_constant
+    assert [op for op in ops if op.op_type == "conv"]
+
+
+@pytest.mark.parametrize("name", list(F.FAMILIES))
+def test_norms_run_over_the_channel_axis_of_rank4(name):
+    ops = _main(converted_ane(name, "fp32")).operations
+    norms = [op for op in ops if op.op_type == "layer_norm"]
+    rms_means = [op for op in ops if op.op_type == "reduce_mean" and op.inputs["x"].op.op_type == "pow"]
+    assert norms or rms_means
+    for op in norms + rms_means:
+        assert op.inputs["axes"].val.tolist() == [1] and op.inputs["x"].rank == 4, op.name
+
+
+@pytest.mark.parametrize("name", list(F.FAMILIES))
+def test_layout_ops_stand_only_at_region_boundaries(name):
+    ane = layout_census(_main(converted_ane(name, "fp32")))
+    default_layout_ops = sum(op.op_type in LAYOUT_OPS for op in _main(F.converted(name, "fp32")).operations)
+    assert ane["boundary"] == 2 * BOUNDARIES[name]
+    assert ane["other"] <= default_layout_ops  # attention's own reshapes and transposes, no more
+
+
+@pytest.mark.parametrize("name", list(F.FAMILIES))
+def test_fp32_program_equals_default_and_torch(name):
+    inputs = F.sample_inputs(name)
+    expected = F.torch_reference(name, inputs)
+    ane = simulate(converted_ane(name, "fp32"), inputs)["last_hidden_state"]
+    default = simulate(F.converted(name, "fp32"), inputs)["last_hidden_state"]
+    scale = np.max(np.abs(expected))
+    assert np.max(np.abs(ane - expected)) / scale < 1e-5
+    assert np.max(np.abs(ane - default)) / scale < 1e-5
+
+
+@pytest.mark.parametrize("name", list(F.FAMILIES))
+def test_fp16_psnr_within_1_db_of_default(name):
+    # DeBERTa's DEFAULT fp16 program is NaN on a padded batch (its -inf mask); compare unpadded.
+    inputs = F.sample_inputs(name, padded=name != "deberta_v2")
+    expected = F.torch_reference(name, inputs)
+    ane = psnr(expected, simulate(converted_ane(name, "fp16"), inputs)["last_hidden_state"])
+    default = psnr(expected, simulate(F.converted(name, "fp16"), inputs)["last_hidden_state"])
+    assert ane >= default - 1.0
+
+
+@pytest.mark.parametrize("name", list(F.FAMILIES))
+def test_output_keeps_its_name_shape_and_dtype(name):
+    default, ane = _main(F.converted(name, "fp16")).outputs, _main(converted_ane(name, "fp16")).outputs
+    assert [(v.name, v.shape, v.dtype) for v in ane] == [(v.name, v.shape, v.dtype) for v in default]
