@@ -4,6 +4,7 @@ preconditions, the report, and debug logging of every site left alone."""
 from __future__ import annotations
 
 import logging
+import time
 
 from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
@@ -57,8 +58,10 @@ class AnePass(AbstractGraphPass):
             if op.blocks:
                 self.skip(op.name, f"'{op.op_type}' holds nested blocks this pass does not enter")
         self.report.ops_before = count_ops(block)
+        started = time.perf_counter()
         with block:  # the builder adds ops to the block whose context is open
             self.run(block)
+        self.report.seconds = time.perf_counter() - started
         self.report.ops_after = count_ops(block)
 
     def run(self, block) -> None:

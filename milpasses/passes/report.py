@@ -16,6 +16,7 @@ class PassReport:
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     ops_before: int = 0  # non-const ops in the main function when the pass started
     ops_after: int = 0
+    seconds: float = 0.0  # wall time of the pass
 
     @property
     def ops_removed(self) -> int:
@@ -37,6 +38,7 @@ class PassReport:
             "skipped": dict(self.skipped),
             "ops_before": self.ops_before,
             "ops_after": self.ops_after,
+            "seconds": self.seconds,
         }
 
 
