@@ -67,6 +67,16 @@ class AnePass(AbstractGraphPass):
     def run(self, block) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def remove_ops_and_their_constants(block, ops) -> None:
+        """Remove ``ops``, then the constants only they read: a dead weight left for DEFAULT's
+        clean-up would be cast to fp16 and overflow-checked for nothing."""
+        constants = [v.op for op in ops for v in op.get_flattened_inputs() if v.op is not None and v.op.op_type == "const"]
+        block.remove_ops(ops)
+        dead = {id(c): c for c in constants if c.enclosing_block is not None and not c.outputs[0].child_ops
+                and c.outputs[0] not in block.outputs}
+        block.remove_ops(list(dead.values()))
+
     def skip(self, site: str, reason: str) -> None:
         self.report.skipped[reason] += 1
         logger.debug("%s left %s alone: %s", self.pass_id, site, reason)

@@ -54,8 +54,8 @@ def _to_bc1s_vector(values, unit) -> list:
     return [values[0], values[2], unit, values[1]]
 
 
-def _axis(op, name="axis") -> int:
-    return BC1S_AXIS[int(constant_value(op.inputs[name])) % 3]
+def _axis(op) -> int:
+    return BC1S_AXIS[int(constant_value(op.inputs["axis"])) % 3]
 
 
 def _parameters(op) -> dict | NoMatch:
@@ -230,7 +230,8 @@ class bc1s_layout(AnePass):
 
     Does not fire on an op when: it is of another type; an output is not rank 3; an operand is
     an activation of rank 1, 2 or above 3; a layer_norm normalises other axes than the last; a
-    a slice squeezes an axis; a concat interleaves.
+    slice squeezes an axis; a concat interleaves; hoisting it would turn one boundary into
+    several full-width ones.
 
     Options:
 
@@ -320,10 +321,10 @@ class bc1s_layout(AnePass):
             self._unrewritten.pop(op.name, None)
             with mb.set_before_op(before_op=op):
                 (carried,) = self._carry(site)
-            for transpose, expand in _enter_consumers(op.outputs[0]):
+            expands = [expand for _, expand in _enter_consumers(op.outputs[0])]
+            for expand in expands:
                 block.replace_uses_of_var_after_op(anchor_op=expand, old_var=expand.outputs[0], new_var=carried)
-            self._remove_dead(block, [e for _, e in _enter_consumers(op.outputs[0])])
-            self._remove_dead(block, [op])
+            self._remove_dead(block, expands + [op])
             self.report.rewritten["hoisted " + op.op_type] += 1
             changed = True
         return changed
@@ -368,7 +369,7 @@ class bc1s_layout(AnePass):
             if op.enclosing_block is None or any(v.child_ops or is_block_output(v) for v in op.outputs):
                 continue
             feeding = [v.op for v in op.inputs.values() if not isinstance(v, (list, tuple)) and v.op is not None]
-            block.remove_ops([op])
+            self.remove_ops_and_their_constants(block, [op])
             self._remove_dead(block, [f for f in feeding if f.op_type in BOUNDARY_OPS])
 
     def _remove_dead_boundaries(self, block) -> None:

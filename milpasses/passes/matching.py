@@ -39,10 +39,6 @@ def has_static_shape(var) -> bool:
     return all(isinstance(d, (int, np.integer)) for d in var.shape)
 
 
-def consumers(var) -> list:
-    return list(var.child_ops)
-
-
 def single_consumer(var):
     """The one op that reads ``var``, or None when there are several or it is a block output."""
     children = var.child_ops
