@@ -1,6 +1,7 @@
 """The ``milpasses`` command line.
 
-``milpasses convert`` converts the bundled all-MiniLM-L6-v2 to an fp16 ML Program and proves,
+``milpasses convert`` converts the bundled all-MiniLM-L6-v2 to an fp16 ML Program with
+``ane_pipeline()`` (linear layers as 1x1 convs, the body in (B, C, 1, S)) and proves,
 by simulating the converted program, that it computes what the PyTorch model computes.
 """
 
@@ -26,6 +27,7 @@ def _trace_and_convert(model, inputs: dict[str, np.ndarray], precision: str):
     import coremltools as ct
     import torch
 
+    from milpasses.pipeline import ane_pipeline
     from milpasses.tracing import LastHiddenState
 
     examples = tuple(torch.from_numpy(v.astype(np.int64)) for v in inputs.values())
@@ -39,6 +41,7 @@ def _trace_and_convert(model, inputs: dict[str, np.ndarray], precision: str):
         minimum_deployment_target=ct.target.iOS16,
         compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
         compute_units=ct.ComputeUnit.CPU_AND_NE,
+        pass_pipeline=ane_pipeline(),
         skip_model_load=True,
     )
 
@@ -70,6 +73,7 @@ def convert_command(args) -> int:
     import torch
 
     from milpasses.bundled import SAMPLE_SENTENCES, load_bundled
+    from milpasses.passes import last_reports
     from milpasses.simulator import psnr, simulate
 
     output = Path(args.output)
@@ -97,6 +101,9 @@ def convert_command(args) -> int:
           f"sequence {args.seq_len}) in {time.perf_counter() - started:.1f} s")
     print(f"simulated last_hidden_state against PyTorch fp32: PSNR {quality:.1f} dB "
           f"on {len(SAMPLE_SENTENCES)} real sentences, padded")
+    for pass_id, report in last_reports().items():
+        print(f"{pass_id}: {report.sites_rewritten} sites rewritten, {report.sites_skipped} left alone, "
+              f"{report.ops_before} -> {report.ops_after} ops")
     if quality < args.min_psnr:
         print(f"warning: PSNR is below {args.min_psnr} dB", file=sys.stderr)
         return 1

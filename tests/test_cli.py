@@ -9,8 +9,13 @@ from milpasses.simulator import load_program
 def test_convert_writes_a_verified_package(tmp_path, capsys):
     output = tmp_path / "minilm.mlpackage"
     assert main(["convert", "-o", str(output), "--seq-len", "16"]) == 0
-    assert load_program(output).functions["main"].outputs[0].name == "last_hidden_state"
-    psnr_db = float(capsys.readouterr().out.split("PSNR ")[1].split(" dB")[0])
+    program = load_program(output).functions["main"]
+    assert program.outputs[0].name == "last_hidden_state"
+    assert "conv" in [op.op_type for op in program.operations]
+    assert "linear" not in [op.op_type for op in program.operations]
+    out = capsys.readouterr().out
+    assert "ane::linear_to_conv: 36 sites rewritten" in out  # 6 layers x (Q, K, V, O, up, down)
+    psnr_db = float(out.split("PSNR ")[1].split(" dB")[0])
     assert psnr_db >= 60.0
     assert [p.name for p in tmp_path.iterdir()] == ["minilm.mlpackage"]  # no staging left behind
 

@@ -5,9 +5,23 @@ import numpy as np
 import pytest
 import torch
 
+from milpasses import ane_pipeline
 from milpasses.bundled import SAMPLE_SENTENCES, load_bundled
 from milpasses.simulator import psnr, simulate
 from milpasses.tracing import LastHiddenState
+
+
+def _convert(traced, inputs, pass_pipeline):
+    return ct.convert(
+        traced,
+        inputs=[ct.TensorType(name=k, shape=v.shape, dtype=np.int32) for k, v in inputs.items()],
+        outputs=[ct.TensorType(name="last_hidden_state")],
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS16,
+        compute_precision=ct.precision.FLOAT16,
+        pass_pipeline=pass_pipeline,
+        skip_model_load=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -20,26 +34,30 @@ def minilm_case():
         tensors = {k: torch.from_numpy(v.astype(np.int64)) for k, v in inputs.items()}
         expected = model(**tensors).last_hidden_state.numpy()
         traced = torch.jit.trace(LastHiddenState(model, tuple(inputs)).eval(), tuple(tensors.values()))
-    mlmodel = ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=k, shape=v.shape, dtype=np.int32) for k, v in inputs.items()],
-        outputs=[ct.TensorType(name="last_hidden_state")],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS16,
-        compute_precision=ct.precision.FLOAT16,
-        skip_model_load=True,
-    )
-    return mlmodel, inputs, expected
+    return traced, inputs, expected
 
 
-def test_minilm_fp16_padded_batch_reaches_60_db(minilm_case):
-    mlmodel, inputs, expected = minilm_case
+@pytest.fixture(scope="module")
+def minilm_default(minilm_case):
+    traced, inputs, expected = minilm_case
+    return _convert(traced, inputs, ct.PassPipeline.DEFAULT), inputs, expected
+
+
+def test_minilm_fp16_padded_batch_reaches_60_db(minilm_default):
+    mlmodel, inputs, expected = minilm_default
     actual = simulate(mlmodel, inputs)["last_hidden_state"]
     assert psnr(expected, actual) >= 60.0
 
 
-def test_minilm_saved_package_simulates_like_the_in_memory_program(minilm_case, tmp_path):
-    mlmodel, inputs, expected = minilm_case
+def test_minilm_after_ane_pipeline_loses_at_most_1_db(minilm_case, minilm_default):
+    traced, inputs, expected = minilm_case
+    default = psnr(expected, simulate(minilm_default[0], inputs)["last_hidden_state"])
+    ane = psnr(expected, simulate(_convert(traced, inputs, ane_pipeline()), inputs)["last_hidden_state"])
+    assert ane >= default - 1.0 and ane >= 60.0
+
+
+def test_minilm_saved_package_simulates_like_the_in_memory_program(minilm_default, tmp_path):
+    mlmodel, inputs, expected = minilm_default
     path = tmp_path / "minilm.mlpackage"
     mlmodel.save(str(path))
     from_package = simulate(path, inputs)["last_hidden_state"]
