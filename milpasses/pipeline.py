@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import coremltools as ct
+from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
 import milpasses.passes  # noqa: F401  (registers the ane:: passes)
-from milpasses.passes.base import parse_bool
 
 PIPELINE_NAME = "ane"
 
@@ -14,11 +14,13 @@ PIPELINE_NAME = "ane"
 # reshapes and transposes, reduce_transposes, remove_redundant_ops), which tidies the boundaries
 # they leave. They also run before add_fp16_cast, so the fp16 program is cast from their result.
 INSERT_BEFORE = "common::merge_consecutive_reshapes"
-ANE_PASSES = ("ane::linear_to_conv", "ane::bc1s_layout")
+ANE_PASSES = ("ane::finite_masks", "ane::linear_to_conv", "ane::bc1s_layout")
 
 #: ane_pipeline() keyword -> (pass id, the pass's option name). Each option is a pass option,
 #: so ``pipeline.set_options(pass_id, {option: value})`` sets the same thing.
 OPTIONS = {
+    "finite_masks": ("ane::finite_masks", "enabled"),
+    "mask_value": ("ane::finite_masks", "mask_value"),
     "include_matmul": ("ane::linear_to_conv", "include_matmul"),
     "propagate_layout": ("ane::bc1s_layout", "propagate"),
 }
@@ -27,10 +29,12 @@ OPTIONS = {
 def ane_pipeline(**options) -> ct.PassPipeline:
     """A fresh pipeline for ``ct.convert(..., pass_pipeline=ane_pipeline())``.
 
-    Every default coremltools pass stays, fp16 casting included. Options (all true by default):
+    Every default coremltools pass stays, fp16 casting included. Options:
 
-    - ``include_matmul``: rewrite a ``matmul`` by a constant (GPT-2's Conv1D) as a 1x1 conv too;
-    - ``propagate_layout``: carry the model's body in (B, C, 1, S) between region boundaries;
+    - ``finite_masks`` (true): mask constants fp16 cannot hold (-inf, float32 min) become
+      ``mask_value`` (-1e4), so a fully masked row never softmaxes to NaN;
+    - ``include_matmul`` (true): rewrite a ``matmul`` by a constant (GPT-2's Conv1D) as a 1x1 conv too;
+    - ``propagate_layout`` (true): carry the model's body in (B, C, 1, S) between region boundaries;
       when false each conv keeps its own layout boundaries.
     """
     unknown = sorted(set(options) - set(OPTIONS))
@@ -42,6 +46,7 @@ def ane_pipeline(**options) -> ct.PassPipeline:
         pipeline.insert_pass(position, pass_id)
     for name, value in options.items():
         pass_id, option = OPTIONS[name]
-        pipeline.set_options(pass_id, {option: parse_bool(value, name)})
+        setattr(PASS_REGISTRY[pass_id], option, value)  # the pass's own setter validates, now
+        pipeline.set_options(pass_id, {option: value})
     pipeline.pipeline_name = PIPELINE_NAME
     return pipeline

@@ -88,3 +88,21 @@ def test_fp16_psnr_within_1_db_of_default(name):
 def test_output_keeps_its_name_shape_and_dtype(name):
     default, ane = _main(F.converted(name, "fp16")).outputs, _main(converted_ane(name, "fp16")).outputs
     assert [(v.name, v.shape, v.dtype) for v in ane] == [(v.name, v.shape, v.dtype) for v in default]
+
+
+@pytest.mark.parametrize("name", F.TEXT_FAMILIES)
+@pytest.mark.parametrize("last_row_tokens", [F.PADDED_LENGTH, 1], ids=["padded", "one_token_row"])
+def test_fp16_padded_batches_stay_finite_and_accurate_on_valid_tokens(name, last_row_tokens):
+    inputs = F.sample_inputs(name, last_row_tokens=last_row_tokens)
+    expected = F.torch_reference(name, inputs)
+    actual = simulate(converted_ane(name, "fp16"), inputs)["last_hidden_state"]
+    assert np.all(np.isfinite(actual))
+    valid = F.valid_tokens(inputs)
+    assert psnr(expected[valid], actual[valid]) >= 60.0
+
+
+def test_deberta_nan_is_fixed_by_finite_masks_and_not_otherwise():
+    inputs = F.sample_inputs("deberta_v2")
+    unguarded = F.convert("deberta_v2", "fp16", pass_pipeline=ane_pipeline(finite_masks=False))
+    assert np.isnan(simulate(unguarded, inputs)["last_hidden_state"]).any()
+    assert np.isfinite(simulate(converted_ane("deberta_v2", "fp16"), inputs)["last_hidden_state"]).all()
