@@ -14,13 +14,15 @@ PIPELINE_NAME = "ane"
 # reshapes and transposes, reduce_transposes, remove_redundant_ops), which tidies the boundaries
 # they leave. They also run before add_fp16_cast, so the fp16 program is cast from their result.
 INSERT_BEFORE = "common::merge_consecutive_reshapes"
-ANE_PASSES = ("ane::finite_masks", "ane::linear_to_conv", "ane::bc1s_layout")
+ANE_PASSES = ("ane::finite_masks", "ane::rms_norm_scale", "ane::linear_to_conv", "ane::bc1s_layout")
 
 #: ane_pipeline() keyword -> (pass id, the pass's option name). Each option is a pass option,
 #: so ``pipeline.set_options(pass_id, {option: value})`` sets the same thing.
 OPTIONS = {
     "finite_masks": ("ane::finite_masks", "enabled"),
     "mask_value": ("ane::finite_masks", "mask_value"),
+    "guard_rms_norm": ("ane::rms_norm_scale", "enabled"),
+    "rms_norm_scale": ("ane::rms_norm_scale", "scale"),
     "include_matmul": ("ane::linear_to_conv", "include_matmul"),
     "propagate_layout": ("ane::bc1s_layout", "propagate"),
 }
@@ -33,6 +35,8 @@ def ane_pipeline(**options) -> ct.PassPipeline:
 
     - ``finite_masks`` (true): mask constants fp16 cannot hold (-inf, float32 min) become
       ``mask_value`` (-1e4), so a fully masked row never softmaxes to NaN;
+    - ``guard_rms_norm`` (true): RMSNorm squares its input divided by ``rms_norm_scale``
+      (4), so fp16 ``x ** 2`` does not overflow for ``|x| < 1024``;
     - ``include_matmul`` (true): rewrite a ``matmul`` by a constant (GPT-2's Conv1D) as a 1x1 conv too;
     - ``propagate_layout`` (true): carry the model's body in (B, C, 1, S) between region boundaries;
       when false each conv keeps its own layout boundaries.
