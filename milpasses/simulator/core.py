@@ -53,9 +53,9 @@ def _declared_dtype(builtin) -> np.dtype:
     return np.dtype(types.nptype_from_builtin(builtin))
 
 
-def _to_storage(value, builtin) -> np.ndarray:
+def _to_storage(value, builtin, round_fp16: bool = True) -> np.ndarray:
     value = np.asarray(value)
-    if builtin == types.fp16:
+    if builtin == types.fp16 and round_fp16:
         with np.errstate(over="ignore", invalid="ignore"):
             return value.astype(np.float16).astype(np.float32)
     dtype = _storage_dtype(builtin)
@@ -119,7 +119,10 @@ def _program_from_spec(spec, weights_dir) -> Program:
 class Simulator:
     """Runs one function of a MIL program. Constants are prepared once, at construction."""
 
-    def __init__(self, model, function_name: str = "main"):
+    def __init__(self, model, function_name: str = "main", emulate_fp16: bool = True):
+        """``emulate_fp16=False`` runs an fp16 program with float32 storage: the same program,
+        its fp16 constants included, but without fp16's rounding and range."""
+        self.emulate_fp16 = emulate_fp16
         program = load_program(model)
         if function_name not in program.functions:
             raise SimulationError(
@@ -130,7 +133,7 @@ class Simulator:
         for op in self.function.operations:
             if op.op_type == "const":
                 var = op.outputs[0]
-                self._constants[var.name] = _to_storage(var.val, var.dtype)
+                self._constants[var.name] = _to_storage(var.val, var.dtype, emulate_fp16)
 
     @property
     def expected_inputs(self) -> dict[str, tuple]:
@@ -174,7 +177,7 @@ class Simulator:
                     f"input '{name}' has shape {value.shape}, the program expects {tuple(shape)}; "
                     f"expected inputs: {self._expectations()}"
                 )
-            checked[name] = _to_storage(value, var.dtype)
+            checked[name] = _to_storage(value, var.dtype, self.emulate_fp16)
         return checked
 
     def run(self, inputs: Mapping[str, np.ndarray], observer: Observer | None = None) -> dict[str, np.ndarray]:
@@ -204,7 +207,7 @@ class Simulator:
             results = [results]
         stored = []
         for var, value in zip(op.outputs, results):
-            value = _to_storage(value, var.dtype)
+            value = _to_storage(value, var.dtype, self.emulate_fp16)
             shape = _static_shape(var)
             if shape is not None and value.shape != shape:
                 raise SimulationError(
@@ -215,13 +218,12 @@ class Simulator:
             stored.append(value)
         return stored
 
-    @staticmethod
-    def _value(var, env):
+    def _value(self, var, env):
         value = env.get(var.name)
         if value is None:
             if var.val is None:
                 raise SimulationError(f"variable '{var.name}' is used before it is computed")
-            value = _to_storage(var.val, var.dtype)
+            value = _to_storage(var.val, var.dtype, self.emulate_fp16)
         return value
 
 
