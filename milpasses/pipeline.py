@@ -22,7 +22,6 @@ OPTIONS = {
     "finite_masks": ("ane::finite_masks", "enabled"),
     "mask_value": ("ane::finite_masks", "mask_value"),
     "guard_rms_norm": ("ane::rms_norm_scale", "enabled"),
-    "rms_norm_scale": ("ane::rms_norm_scale", "scale"),
     "include_matmul": ("ane::linear_to_conv", "include_matmul"),
     "propagate_layout": ("ane::bc1s_layout", "propagate"),
 }
@@ -35,8 +34,8 @@ def ane_pipeline(**options) -> ct.PassPipeline:
 
     - ``finite_masks`` (true): mask constants fp16 cannot hold (-inf, float32 min) become
       ``mask_value`` (-1e4), so a fully masked row never softmaxes to NaN;
-    - ``guard_rms_norm`` (true): RMSNorm squares its input divided by ``rms_norm_scale``
-      (4), so fp16 ``x ** 2`` does not overflow for ``|x| < 1024``;
+    - ``guard_rms_norm`` (true): RMSNorm squares its input divided by its largest magnitude,
+      so fp16 ``x ** 2`` cannot overflow;
     - ``include_matmul`` (true): rewrite a ``matmul`` by a constant (GPT-2's Conv1D) as a 1x1 conv too;
     - ``propagate_layout`` (true): carry the model's body in (B, C, 1, S) between region boundaries;
       when false each conv keeps its own layout boundaries.

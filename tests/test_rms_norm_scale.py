@@ -2,8 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 from coremltools.converters.mil import Builder as mb
 
+from fixtures import families as F
+from milpasses import ane_pipeline
 from milpasses.simulator import psnr, simulate
 from tests.helpers import mil_program
 from tests.passes_helpers import op_types, rewritten_matches_original, run_passes
@@ -26,9 +29,10 @@ def test_chain_is_rescaled_and_numerics_kept():
     x = rng.standard_normal((2, 3, 8)).astype(np.float32)
     program = mil_program(rms_norm(), x=x)
     _, _, reports = rewritten_matches_original(program, {"x": x}, PASS)
-    assert op_types(program) == ["mul", "pow", "reduce_mean", "add", "rsqrt", "mul", "mul", "mul"]
-    (eps_add,) = [op for op in program.functions["main"].operations if op.op_type == "add"]
-    assert eps_add.inputs["y"].val == pytest.approx(1e-6 / 16)
+    assert op_types(program) == ["abs", "reduce_max", "maximum", "real_div", "mul", "pow", "reduce_mean",
+                                 "mul", "mul", "add", "rsqrt", "mul", "mul", "mul"]
+    (peak,) = [op for op in program.functions["main"].operations if op.op_type == "reduce_max"]
+    assert peak.inputs["axes"].val.tolist() == [-1] and peak.inputs["keep_dims"].val
     assert dict(reports[PASS].rewritten) == {"rms_norm": 1}
 
 
@@ -72,11 +76,29 @@ def test_other_patterns_are_left_exactly_as_they_were(reason, build):
     assert dict(reports[PASS].skipped) == {reason: 1}
 
 
-def test_disabled_and_bad_scale():
-    from milpasses import ane_pipeline
-
+def test_disabled_pass_changes_nothing():
     x = rng.standard_normal((2, 3, 8)).astype(np.float32)
     program = mil_program(rms_norm(), x=x)
+    before = op_types(program)
     assert run_passes(program, PASS, enabled=False)[PASS].sites_rewritten == 0
-    with pytest.raises(ValueError, match="power of two"):
-        ane_pipeline(rms_norm_scale=10)
+    assert op_types(program) == before
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "t5_encoder"])
+def test_family_with_a_residual_stream_near_300_keeps_its_fp16_accuracy(name):
+    """The overflow stress on whole models: embeddings scaled to mean |x| = 300."""
+    inputs = F.sample_inputs(name)
+    valid = F.valid_tokens(inputs)
+    model = F.build_model(name)
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings.mul_(300.0 / embeddings.abs().mean())
+    expected = F.torch_reference(name, inputs, model)[valid]
+    guarded = simulate(F.convert(name, "fp16", pass_pipeline=ane_pipeline(), model=model), inputs)
+    unguarded = simulate(F.convert(name, "fp16", pass_pipeline=ane_pipeline(guard_rms_norm=False), model=model),
+                         inputs)
+    unstressed = psnr(F.torch_reference(name, inputs)[valid],
+                      simulate(F.convert(name, "fp16", pass_pipeline=ane_pipeline()), inputs)["last_hidden_state"][valid])
+    assert np.isfinite(guarded["last_hidden_state"]).all()
+    assert psnr(expected, guarded["last_hidden_state"][valid]) >= unstressed - 1.0
+    assert psnr(expected, unguarded["last_hidden_state"][valid]) < 20.0

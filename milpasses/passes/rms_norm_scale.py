@@ -1,4 +1,4 @@
-"""``ane::rms_norm_scale``: RMSNorm squares scaled-down activations, so fp16 never overflows."""
+"""``ane::rms_norm_scale``: RMSNorm squares activations scaled to at most 1, so fp16 never overflows."""
 
 from __future__ import annotations
 
@@ -10,12 +10,6 @@ from coremltools.converters.mil.mil import types
 
 from milpasses.passes.base import AnePass, parse_bool, register
 from milpasses.passes.matching import NoMatch, constant_value, single_consumer
-
-#: The smallest positive fp16 value. In an fp16 program the rescaled epsilon is kept at least
-#: this large, as coremltools' fp16 cast itself does for scalars that would underflow to 0, so
-#: that a row of zeros still divides by a finite number.
-FP16_TINY = float(np.float16(2.0**-24))
-
 
 @dataclass(frozen=True)
 class RmsNormChain:
@@ -60,37 +54,33 @@ def match_rms_norm(power) -> RmsNormChain | NoMatch:
 @register
 class rms_norm_scale(AnePass):
     """
-    Scale the activation down by a constant power of two before an RMSNorm squares it, with
-    the epsilon and the resulting factor scaled to match, so that ``x ** 2`` stays within fp16.
+    Divide the activation by its own largest magnitude (when that exceeds 1) before an RMSNorm
+    squares it, with the epsilon and the resulting factor scaled to match, so that ``x ** 2``
+    never leaves fp16's range.
 
-    Why: fp16's largest value is 65504, so ``x * x`` overflows to inf once ``|x| > 256``,
-    which a residual stream reaches in real models (T5, Llama, Qwen, Gemma). Dividing by
-    ``s`` before squaring is exact for a power of two, and RMSNorm is invariant to it:
-    ``x * rsqrt(mean((x/s)**2) + eps/s**2) / s == x * rsqrt(mean(x**2) + eps)``. It costs two
-    elementwise multiplies per norm, which the ANE runs fused with its neighbours; a
-    data-dependent scale (max|x|, as coremltools' own RMSNorm lowering does) would add a
-    reduction per norm instead.
+    Why: fp16's largest value is 65504, so ``x * x`` overflows to inf once ``|x| > 256``, which
+    residual streams reach in real models (T5, Llama, Qwen, Gemma); the mean square is then
+    inf, its rsqrt 0, and the norm outputs zeros. RMSNorm is invariant to the scale:
+    ``x * rsqrt(mean((x/m)**2) + eps/m**2) / m == x * rsqrt(mean(x**2) + eps)``. With
+    ``m = max(max|x|, 1)`` every scaled square is at most 1, and activations already below 1
+    are left as they are. A constant ``m`` would be cheaper but has no right value: one large
+    enough for big activations pushes the squares of small ones into fp16's subnormals
+    (measured: dividing by 16 costs the T5 fixture 7.7 dB). The cost is one channel
+    reduction and a few elementwise ops per norm, the same lowering coremltools uses for its
+    own RMSNorm op; elementwise ops run on the ANE next to the norm's own reduction.
 
     .. code-block::
 
         Given:
-            %sq = pow(x=%x, y=2.0)
-            %ms = reduce_mean(x=%sq, axes=[-1], keep_dims=True)
+            %ms = reduce_mean(x=pow(x=%x, y=2.0), axes=[-1], keep_dims=True)
             %r  = rsqrt(x=add(x=%ms, y=1e-6))
             %y  = mul(x=%x, y=%r)
         Result:
-            %xs = mul(x=%x, y=0.25)                        # 1/s, s = 4
-            %sq = pow(x=%xs, y=2.0)
-            %ms = reduce_mean(x=%sq, axes=[-1], keep_dims=True)
-            %r  = rsqrt(x=add(x=%ms, y=6.25e-8))          # eps / s**2
-            %y  = mul(x=%x, y=mul(x=%r, y=0.25))          # the factor s * r, times 1/s
-
-    With ``s = 4`` the square stays finite for ``|x| < 1024``. A larger ``s`` reaches further but
-    costs accuracy: squares of small activations fall into fp16's subnormals (measured on the
-    fixtures: s=16 costs T5 7.7 dB and Qwen2 1.7 dB; s=4 costs nothing). In fp16 the scaled epsilon is
-    kept at least 2**-24, the smallest fp16 value (coremltools' fp16 cast does the same for
-    the fp32 programs this pass usually sees), so that a row of zeros still gives zeros rather
-    than ``0 * inf``.
+            %m  = maximum(x=reduce_max(x=abs(x=%x), axes=[-1], keep_dims=True), y=1.0)
+            %i  = real_div(x=1.0, y=%m)
+            %ms = reduce_mean(x=pow(x=mul(x=%x, y=%i), y=2.0), axes=[-1], keep_dims=True)
+            %r  = rsqrt(x=add(x=%ms, y=mul(x=mul(x=%i, y=%i), y=1e-6)))
+            %y  = mul(x=%x, y=mul(x=%r, y=%i))
 
     Does not fire when: the power is not a constant 2; the square has other readers or is
     not averaged with ``keep_dims``; the epsilon is not a scalar constant; the rsqrt does not
@@ -98,13 +88,11 @@ class rms_norm_scale(AnePass):
 
     Options:
 
-    - ``enabled`` (default true);
-    - ``scale`` (default 4): ``s``, a power of two from 2 to 2**10.
+    - ``enabled`` (default true).
     """
 
     def __init__(self):
         self._enabled = True
-        self._scale = 4.0
 
     @property
     def enabled(self) -> bool:
@@ -113,17 +101,6 @@ class rms_norm_scale(AnePass):
     @enabled.setter
     def enabled(self, value) -> None:
         self._enabled = parse_bool(value, "enabled")
-
-    @property
-    def scale(self) -> float:
-        return self._scale
-
-    @scale.setter
-    def scale(self, value) -> None:
-        number = float(value)
-        if number not in [2.0**k for k in range(1, 11)]:
-            raise ValueError(f"option 'scale' must be a power of two from 2 to 1024, got {value!r}")
-        self._scale = number
 
     def run(self, block) -> None:
         if not self.enabled:
@@ -138,20 +115,24 @@ class rms_norm_scale(AnePass):
             self._rewrite(block, chain)
 
     def _rewrite(self, block, chain: RmsNormChain) -> None:
-        is_fp16 = types.builtin_to_string(chain.x.dtype) == "fp16"
-        dtype = np.float16 if is_fp16 else np.float32
-        eps = max(chain.eps / self.scale**2, FP16_TINY) if is_fp16 else chain.eps / self.scale**2
+        dtype = np.float16 if types.builtin_to_string(chain.x.dtype) == "fp16" else np.float32
+        name = chain.power.name
+        axes = [int(a) for a in constant_value(chain.mean.inputs["axes"])]
         with mb.set_before_op(before_op=chain.power):
-            scaled = mb.mul(x=chain.x, y=dtype(1.0 / self.scale), name=f"{chain.power.name}_scaled_input")
-            square = mb.pow(x=scaled, y=dtype(2.0), name=f"{chain.power.name}_scaled")
+            peak = mb.reduce_max(x=mb.abs(x=chain.x, name=f"{name}_abs"), axes=axes, keep_dims=True,
+                                 name=f"{name}_peak")
+            inverse = mb.real_div(x=dtype(1.0), y=mb.maximum(x=peak, y=dtype(1.0), name=f"{name}_divisor"),
+                                  name=f"{name}_inverse")
+            scaled = mb.mul(x=chain.x, y=inverse, name=f"{name}_scaled_input")
+            square = mb.pow(x=scaled, y=dtype(2.0), name=f"{name}_scaled")
         block.replace_uses_of_var_after_op(anchor_op=chain.power, old_var=chain.power.outputs[0], new_var=square)
         with mb.set_before_op(before_op=chain.add_eps):
-            shifted = mb.add(x=chain.mean.outputs[0], y=dtype(eps), name=f"{chain.add_eps.name}_scaled")
+            eps = mb.mul(x=mb.mul(x=inverse, y=inverse, name=f"{name}_inverse_squared"), y=dtype(chain.eps),
+                         name=f"{name}_eps")
+            shifted = mb.add(x=chain.mean.outputs[0], y=eps, name=f"{chain.add_eps.name}_scaled")
         block.replace_uses_of_var_after_op(anchor_op=chain.add_eps, old_var=chain.add_eps.outputs[0], new_var=shifted)
         with mb.set_before_op(before_op=chain.scale_mul):
-            # rsqrt now returns s times the original factor: fold 1/s into that factor rather
-            # than multiply the scaled input, whose small values would lose bits as subnormals.
-            factor = mb.mul(x=chain.rsqrt.outputs[0], y=dtype(1.0 / self.scale), name=f"{chain.rsqrt.name}_unscaled")
+            factor = mb.mul(x=chain.rsqrt.outputs[0], y=inverse, name=f"{chain.rsqrt.name}_unscaled")
             normed = mb.mul(x=chain.x, y=factor, name=f"{chain.scale_mul.name}_scaled")
         block.replace_uses_of_var_after_op(
             anchor_op=chain.scale_mul, old_var=chain.scale_mul.outputs[0], new_var=normed
