@@ -40,30 +40,20 @@ def build(model_name: str):
 
 
 def child(model_name: str, pipeline_name: str) -> None:
-    import coremltools as ct
     import numpy as np
     import torch
 
     import milpasses
-    from milpasses.tracing import LastHiddenState
+    from milpasses.tracing import LastHiddenState, convert_traced
 
     model = build(model_name)
     inputs = {"input_ids": np.zeros((1, SEQ_LEN), np.int32), "attention_mask": np.ones((1, SEQ_LEN), np.int32)}
     examples = tuple(torch.from_numpy(v.astype(np.int64)) for v in inputs.values())
     with torch.no_grad():
         traced = torch.jit.trace(LastHiddenState(model, tuple(inputs)).eval(), examples)
-    pipeline = milpasses.ane_pipeline() if pipeline_name == "ane" else ct.PassPipeline.DEFAULT
+    pipeline = milpasses.ane_pipeline() if pipeline_name == "ane" else None  # None: DEFAULT
     started = time.perf_counter()
-    ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=k, shape=v.shape, dtype=np.int32) for k, v in inputs.items()],
-        outputs=[ct.TensorType(name="last_hidden_state")],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS16,
-        compute_precision=ct.precision.FLOAT16,
-        pass_pipeline=pipeline,
-        skip_model_load=True,
-    )
+    convert_traced(traced, inputs, pass_pipeline=pipeline)
     seconds = time.perf_counter() - started
     pass_seconds = {k: r.seconds for k, r in milpasses.last_reports().items()} if pipeline_name == "ane" else {}
     print(json.dumps({

@@ -10,14 +10,13 @@ import argparse
 import statistics
 import time
 
-import coremltools as ct
 import numpy as np
 import torch
 import transformers as hf
 
 import milpasses  # noqa: F401  (frontend converters)
 from milpasses.simulator import Simulator, psnr
-from milpasses.tracing import LastHiddenState
+from milpasses.tracing import LastHiddenState, convert_traced
 
 SEQ_LEN = 128
 BAR = 3.0
@@ -54,15 +53,7 @@ def main() -> None:
     tensors = {k: torch.from_numpy(v.astype(np.int64)) for k, v in inputs.items()}
     with torch.no_grad():
         traced = torch.jit.trace(LastHiddenState(model, tuple(inputs)).eval(), tuple(tensors.values()))
-    mlmodel = ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=k, shape=v.shape, dtype=np.int32) for k, v in inputs.items()],
-        outputs=[ct.TensorType(name="last_hidden_state")],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS16,
-        compute_precision=ct.precision.FLOAT16,
-        skip_model_load=True,
-    )
+    mlmodel = convert_traced(traced, inputs)
     simulator = Simulator(mlmodel)  # constants are prepared once, as a device loads weights once
 
     def torch_forward():

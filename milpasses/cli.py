@@ -28,22 +28,12 @@ def _trace_and_convert(model, inputs: dict[str, np.ndarray], precision: str):
     import torch
 
     from milpasses.pipeline import ane_pipeline
-    from milpasses.tracing import LastHiddenState
+    from milpasses.tracing import LastHiddenState, convert_traced
 
     examples = tuple(torch.from_numpy(v.astype(np.int64)) for v in inputs.values())
     with torch.no_grad():
         traced = torch.jit.trace(LastHiddenState(model, tuple(inputs)).eval(), examples)
-    return ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=k, shape=v.shape, dtype=np.int32) for k, v in inputs.items()],
-        outputs=[ct.TensorType(name="last_hidden_state")],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS16,
-        compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
-        compute_units=ct.ComputeUnit.CPU_AND_NE,
-        pass_pipeline=ane_pipeline(),
-        skip_model_load=True,
-    )
+    return convert_traced(traced, inputs, precision, ane_pipeline(), compute_units=ct.ComputeUnit.CPU_AND_NE)
 
 
 def _check_output(output: Path, overwrite: bool) -> None:

@@ -23,7 +23,7 @@ OPTIONS = {
     "mask_value": ("ane::finite_masks", "mask_value"),
     "guard_rms_norm": ("ane::rms_norm_scale", "enabled"),
     "include_matmul": ("ane::linear_to_conv", "include_matmul"),
-    "propagate_layout": ("ane::bc1s_layout", "propagate"),
+    "propagate_layout": ("ane::bc1s_layout", "enabled"),
 }
 
 

@@ -106,9 +106,10 @@ def test_an_op_it_cannot_carry_stays_behind_the_boundary(reason, build, op_type)
     assert reports["ane::bc1s_layout"].sites_rewritten == 0
 
 
-def test_propagate_false_keeps_each_conv_boundary():
+def test_disabled_layout_keeps_each_conv_boundary():
     program = mil_program(residual_block, x=X)
-    reports = run_passes(program, *PASSES, propagate=False)
+    run_passes(program, "ane::linear_to_conv")
+    reports = run_passes(program, "ane::bc1s_layout", enabled=False)
     assert op_types(program).count("transpose") == 4
     assert reports["ane::bc1s_layout"].sites_rewritten == 0
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import coremltools as ct
 import numpy as np
-import pytest
 import torch
 from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
 from packaging.requirements import Requirement

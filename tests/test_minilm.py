@@ -1,6 +1,5 @@
 """The real all-MiniLM-L6-v2 weights, on real sentences, through the simulator."""
 
-import coremltools as ct
 import numpy as np
 import pytest
 import torch
@@ -8,20 +7,7 @@ import torch
 from milpasses import ane_pipeline
 from milpasses.bundled import SAMPLE_SENTENCES, load_bundled
 from milpasses.simulator import psnr, simulate
-from milpasses.tracing import LastHiddenState
-
-
-def _convert(traced, inputs, pass_pipeline):
-    return ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=k, shape=v.shape, dtype=np.int32) for k, v in inputs.items()],
-        outputs=[ct.TensorType(name="last_hidden_state")],
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS16,
-        compute_precision=ct.precision.FLOAT16,
-        pass_pipeline=pass_pipeline,
-        skip_model_load=True,
-    )
+from milpasses.tracing import LastHiddenState, convert_traced
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +26,7 @@ def minilm_case():
 @pytest.fixture(scope="module")
 def minilm_default(minilm_case):
     traced, inputs, expected = minilm_case
-    return _convert(traced, inputs, ct.PassPipeline.DEFAULT), inputs, expected
+    return convert_traced(traced, inputs), inputs, expected
 
 
 def test_minilm_fp16_padded_batch_reaches_60_db(minilm_default):
@@ -52,7 +38,7 @@ def test_minilm_fp16_padded_batch_reaches_60_db(minilm_default):
 def test_minilm_after_ane_pipeline_loses_at_most_1_db(minilm_case, minilm_default):
     traced, inputs, expected = minilm_case
     default = psnr(expected, simulate(minilm_default[0], inputs)["last_hidden_state"])
-    ane = psnr(expected, simulate(_convert(traced, inputs, ane_pipeline()), inputs)["last_hidden_state"])
+    ane = psnr(expected, simulate(convert_traced(traced, inputs, pass_pipeline=ane_pipeline()), inputs)["last_hidden_state"])
     assert ane >= default - 1.0 and ane >= 60.0
 
 

@@ -50,8 +50,8 @@ def test_option_and_set_options_do_the_same_thing():
 
 def test_set_options_refuses_a_bad_value_when_the_pass_runs():
     pipeline = ane_pipeline()
-    pipeline.set_options("ane::bc1s_layout", {"propagate": "perhaps"})
-    with pytest.raises(ValueError, match="option 'propagate' must be true or false"):
+    pipeline.set_options("ane::bc1s_layout", {"enabled": "perhaps"})
+    with pytest.raises(ValueError, match="option 'enabled' must be true or false"):
         F.convert("bert", "fp32", pass_pipeline=pipeline)
 
 

@@ -41,7 +41,22 @@ def count_ops(block) -> int:
 
 
 class AnePass(AbstractGraphPass):
-    """A pass over the main function's top-level block, which reports what it did."""
+    """A pass over the main function's top-level block, which reports what it did.
+
+    Every milpasses pass has the option ``enabled`` (default true); a disabled pass leaves the
+    program untouched and reports nothing rewritten.
+    """
+
+    def __init__(self):
+        self._enabled = True
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value) -> None:
+        self._enabled = parse_bool(value, "enabled")
 
     @property
     def pass_id(self) -> str:
@@ -50,6 +65,8 @@ class AnePass(AbstractGraphPass):
     def apply(self, prog) -> None:
         self.report = PassReport(self.pass_id)
         LAST_REPORTS[self.pass_id] = self.report
+        if not self.enabled:
+            return
         if len(prog.functions) != 1 or "main" not in prog.functions:
             self.skip("program", f"the program has functions {sorted(prog.functions)}, not one 'main'")
             return

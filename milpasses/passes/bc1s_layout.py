@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.passes.base import AnePass, parse_bool, register
+from milpasses.passes.base import AnePass, register
 from milpasses.passes.layout import (
     BC1S_AXIS,
     constant_to_bc1s,
@@ -235,24 +235,11 @@ class bc1s_layout(AnePass):
 
     Options:
 
-    - ``propagate`` (default true): when false, the pass does nothing and every conv keeps
-      its own boundaries, which isolates the cost of the layout for comparison.
+    - ``enabled`` (default true): when false every conv keeps its own boundaries, which
+      isolates the cost of the layout for comparison.
     """
 
-    def __init__(self):
-        self._propagate = True
-
-    @property
-    def propagate(self) -> bool:
-        return self._propagate
-
-    @propagate.setter
-    def propagate(self, value) -> None:
-        self._propagate = parse_bool(value, "propagate")
-
     def run(self, block) -> None:
-        if not self.propagate:
-            return
         self._unrewritten = {}  # op name -> why it stays outside the region, reported once
         changed = True
         while changed:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.passes.base import AnePass, logger, parse_bool, register
+from milpasses.passes.base import AnePass, logger, register
 from milpasses.passes.matching import NoMatch
 
 FP16_MAX = 65504.0
@@ -108,16 +108,8 @@ class finite_masks(AnePass):
     """
 
     def __init__(self):
-        self._enabled = True
+        super().__init__()
         self._mask_value = DEFAULT_MASK_VALUE
-
-    @property
-    def enabled(self) -> bool:
-        return self._enabled
-
-    @enabled.setter
-    def enabled(self, value) -> None:
-        self._enabled = parse_bool(value, "enabled")
 
     @property
     def mask_value(self) -> float:
@@ -134,8 +126,6 @@ class finite_masks(AnePass):
         self._mask_value = number
 
     def run(self, block) -> None:
-        if not self.enabled:
-            return
         for op in list(block.operations):
             if op.op_type != "const":
                 continue

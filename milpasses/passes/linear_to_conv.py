@@ -119,10 +119,12 @@ class linear_to_conv(AnePass):
 
     Options:
 
+    - ``enabled`` (default true);
     - ``include_matmul`` (default true): also rewrite ``matmul`` by a constant.
     """
 
     def __init__(self):
+        super().__init__()
         self._include_matmul = True
 
     @property

@@ -8,7 +8,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 
-from milpasses.passes.base import AnePass, parse_bool, register
+from milpasses.passes.base import AnePass, register
 from milpasses.passes.matching import NoMatch, constant_value, single_consumer
 
 @dataclass(frozen=True)
@@ -91,20 +91,7 @@ class rms_norm_scale(AnePass):
     - ``enabled`` (default true).
     """
 
-    def __init__(self):
-        self._enabled = True
-
-    @property
-    def enabled(self) -> bool:
-        return self._enabled
-
-    @enabled.setter
-    def enabled(self, value) -> None:
-        self._enabled = parse_bool(value, "enabled")
-
     def run(self, block) -> None:
-        if not self.enabled:
-            return
         for op in list(block.operations):
             if op.op_type != "pow" or op.enclosing_block is None:
                 continue
