@@ -52,9 +52,9 @@ def match_mask_constant(op) -> MaskConstant | NoMatch:
     if value is None or not np.issubdtype(np.asarray(value).dtype, np.floating):
         return NoMatch("not a float constant")
     value = np.asarray(value)
-    out_of_range = _out_of_range(value)
-    if not out_of_range.any():
+    if value.size == 0 or -FP16_MAX <= value.min() and value.max() <= FP16_MAX:  # NaN fails both
         return NoMatch("every value fits fp16")
+    out_of_range = _out_of_range(value)
     var = op.outputs[0]
     consumers = var.child_ops
     if not consumers:
