@@ -63,6 +63,7 @@ def convert_command(args) -> int:
     import torch
 
     from milpasses.bundled import SAMPLE_SENTENCES, load_bundled
+    from milpasses.fp16_check import check_fp16
     from milpasses.passes import last_reports
     from milpasses.simulator import psnr, simulate
 
@@ -91,6 +92,8 @@ def convert_command(args) -> int:
           f"sequence {args.seq_len}) in {time.perf_counter() - started:.1f} s")
     print(f"simulated last_hidden_state against PyTorch fp32: PSNR {quality:.1f} dB "
           f"on {len(SAMPLE_SENTENCES)} real sentences, padded")
+    findings = check_fp16(mlmodel, inputs)
+    print(f"fp16 check: {len(findings)} finding(s)" + "".join(f"\n  {finding}" for finding in findings))
     for pass_id, report in last_reports().items():
         print(f"{pass_id}: {report.sites_rewritten} sites rewritten, {report.sites_skipped} left alone, "
               f"{report.ops_before} -> {report.ops_after} ops")

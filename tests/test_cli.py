@@ -15,6 +15,7 @@ def test_convert_writes_a_verified_package(tmp_path, capsys):
     assert "linear" not in [op.op_type for op in program.operations]
     out = capsys.readouterr().out
     assert "ane::linear_to_conv: 36 sites rewritten" in out  # 6 layers x (Q, K, V, O, up, down)
+    assert "fp16 check: 0 finding(s)" in out
     psnr_db = float(out.split("PSNR ")[1].split(" dB")[0])
     assert psnr_db >= 60.0
     assert [p.name for p in tmp_path.iterdir()] == ["minilm.mlpackage"]  # no staging left behind
