@@ -84,6 +84,18 @@ class AnePass(AbstractGraphPass):
     def run(self, block) -> None:
         raise NotImplementedError
 
+    def rewrite_each(self, block, op_types, match, rewrite) -> None:
+        """For every live op of ``op_types``: ``match(op)`` (which never mutates) gives a site
+        or a NoMatch; sites go to ``rewrite(block, site)``, reasons to the report."""
+        for op in list(block.operations):
+            if op.op_type not in op_types or op.enclosing_block is None:
+                continue
+            site = match(op)
+            if not site:
+                self.skip(op.name, site.reason)
+                continue
+            rewrite(block, site)
+
     @staticmethod
     def remove_ops_and_their_constants(block, ops) -> None:
         """Remove ``ops``, then the constants only they read: a dead weight left for DEFAULT's

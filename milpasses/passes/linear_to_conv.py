@@ -137,14 +137,7 @@ class linear_to_conv(AnePass):
 
     def run(self, block) -> None:
         wanted = ("linear", "matmul") if self.include_matmul else ("linear",)
-        for op in list(block.operations):
-            if op.op_type not in wanted:
-                continue
-            site = match_linear(op)
-            if not site:
-                self.skip(op.name, site.reason)
-                continue
-            self._rewrite(block, site)
+        self.rewrite_each(block, wanted, match_linear, self._rewrite)
 
     def _rewrite(self, block, site: LinearSite) -> None:
         anchor = site.flatten or site.op

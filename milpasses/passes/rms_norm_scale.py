@@ -92,14 +92,7 @@ class rms_norm_scale(AnePass):
     """
 
     def run(self, block) -> None:
-        for op in list(block.operations):
-            if op.op_type != "pow" or op.enclosing_block is None:
-                continue
-            chain = match_rms_norm(op)
-            if not chain:
-                self.skip(op.name, chain.reason)
-                continue
-            self._rewrite(block, chain)
+        self.rewrite_each(block, ("pow",), match_rms_norm, self._rewrite)
 
     def _rewrite(self, block, chain: RmsNormChain) -> None:
         dtype = np.float16 if types.builtin_to_string(chain.x.dtype) == "fp16" else np.float32
