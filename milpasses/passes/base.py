@@ -36,6 +36,23 @@ def parse_bool(value, option: str) -> bool:
     raise ValueError(f"option '{option}' must be true or false, got {value!r}")
 
 
+class BoolOption:
+    """A true/false pass option: set from Python, or as text through ``set_options``, which
+    coremltools applies with ``setattr``; either way the value is checked."""
+
+    def __init__(self, default: bool = True):
+        self.default = default
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        return self if instance is None else instance.__dict__.get(self.name, self.default)
+
+    def __set__(self, instance, value) -> None:
+        instance.__dict__[self.name] = parse_bool(value, self.name)
+
+
 def count_ops(block) -> int:
     return sum(op.op_type != "const" for op in block.operations)
 
@@ -47,16 +64,7 @@ class AnePass(AbstractGraphPass):
     program untouched and reports nothing rewritten.
     """
 
-    def __init__(self):
-        self._enabled = True
-
-    @property
-    def enabled(self) -> bool:
-        return self._enabled
-
-    @enabled.setter
-    def enabled(self, value) -> None:
-        self._enabled = parse_bool(value, "enabled")
+    enabled = BoolOption()
 
     @property
     def pass_id(self) -> str:

@@ -108,7 +108,6 @@ class finite_masks(AnePass):
     """
 
     def __init__(self):
-        super().__init__()
         self._mask_value = DEFAULT_MASK_VALUE
 
     @property

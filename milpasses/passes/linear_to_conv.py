@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.passes.base import AnePass, parse_bool, register
+from milpasses.passes.base import AnePass, BoolOption, register
 from milpasses.passes.layout import enter, leave
 from milpasses.passes.matching import (
     NoMatch,
@@ -123,17 +123,7 @@ class linear_to_conv(AnePass):
     - ``include_matmul`` (default true): also rewrite ``matmul`` by a constant.
     """
 
-    def __init__(self):
-        super().__init__()
-        self._include_matmul = True
-
-    @property
-    def include_matmul(self) -> bool:
-        return self._include_matmul
-
-    @include_matmul.setter
-    def include_matmul(self, value) -> None:
-        self._include_matmul = parse_bool(value, "include_matmul")
+    include_matmul = BoolOption()
 
     def run(self, block) -> None:
         wanted = ("linear", "matmul") if self.include_matmul else ("linear",)

@@ -49,6 +49,12 @@ def _storage_dtype(builtin) -> np.dtype:
     return np.dtype(types.nptype_from_builtin(builtin))
 
 
+def _dtype_kind(dtype) -> str:
+    """Float, integer (signed or not) or bool: inputs may differ in width, not in kind."""
+    kind = np.dtype(dtype).kind
+    return "i" if kind == "u" else kind
+
+
 def _declared_dtype(builtin) -> np.dtype:
     return np.dtype(types.nptype_from_builtin(builtin))
 
@@ -160,10 +166,7 @@ class Simulator:
         for name, var in expected.items():
             value = np.asarray(inputs[name])
             want = _declared_dtype(var.dtype)
-            same_kind = (np.issubdtype(value.dtype, np.floating) and np.issubdtype(want, np.floating)) or (
-                np.issubdtype(value.dtype, np.integer) and np.issubdtype(want, np.integer)
-            ) or (value.dtype == want)
-            if not same_kind:
+            if _dtype_kind(value.dtype) != _dtype_kind(want):
                 raise InputMismatchError(
                     f"input '{name}' has dtype {value.dtype}, the program expects "
                     f"{types.builtin_to_string(var.dtype)}; expected inputs: {self._expectations()}"
