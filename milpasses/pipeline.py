@@ -14,7 +14,10 @@ PIPELINE_NAME = "ane"
 # reshapes and transposes, reduce_transposes, remove_redundant_ops), which tidies the boundaries
 # they leave. They also run before add_fp16_cast, so the fp16 program is cast from their result.
 INSERT_BEFORE = "common::merge_consecutive_reshapes"
-ANE_PASSES = ("ane::finite_masks", "ane::rms_norm_scale", "ane::linear_to_conv", "ane::bc1s_layout")
+# attention_to_einsum runs once the projections are convs, so that it reads q, k and v from
+# their (B, C, 1, S) outputs, and before bc1s_layout, which then cancels the boundaries it leaves.
+ANE_PASSES = ("ane::finite_masks", "ane::rms_norm_scale", "ane::linear_to_conv", "ane::attention_to_einsum",
+              "ane::bc1s_layout")
 
 #: ane_pipeline() keyword -> (pass id, the pass's option name). Each option is a pass option,
 #: so ``pipeline.set_options(pass_id, {option: value})`` sets the same thing.
@@ -24,7 +27,15 @@ OPTIONS = {
     "guard_rms_norm": ("ane::rms_norm_scale", "enabled"),
     "include_matmul": ("ane::linear_to_conv", "include_matmul"),
     "propagate_layout": ("ane::bc1s_layout", "enabled"),
+    "attention": ("ane::attention_to_einsum", "mode"),
+    "query_chunk": ("ane::attention_to_einsum", "query_chunk"),
 }
+
+
+def _fresh(pass_id: str):
+    """A new instance of a registered pass, to validate options on without touching the
+    instance coremltools runs."""
+    return type(PASS_REGISTRY[pass_id])()
 
 
 def ane_pipeline(**options) -> ct.PassPipeline:
@@ -37,6 +48,10 @@ def ane_pipeline(**options) -> ct.PassPipeline:
     - ``guard_rms_norm`` (true): RMSNorm squares its input divided by its largest magnitude,
       so fp16 ``x ** 2`` cannot overflow;
     - ``include_matmul`` (true): rewrite a ``matmul`` by a constant (GPT-2's Conv1D) as a 1x1 conv too;
+    - ``attention`` ("split_einsum"): how attention is rewritten: ``split_einsum`` (per head,
+      Apple's recipe), ``split_einsum_v2`` (per head and per chunk of ``query_chunk`` queries),
+      ``batched`` (all heads in one einsum pair) or ``off``;
+    - ``query_chunk`` (512): the query chunk length of ``split_einsum_v2``;
     - ``propagate_layout`` (true): carry the model's body in (B, C, 1, S) between region boundaries;
       when false each conv keeps its own layout boundaries.
     """
@@ -47,9 +62,12 @@ def ane_pipeline(**options) -> ct.PassPipeline:
     position = pipeline.passes.index(INSERT_BEFORE)
     for pass_id in reversed(ANE_PASSES):
         pipeline.insert_pass(position, pass_id)
+    by_pass: dict[str, dict] = {}
     for name, value in options.items():
         pass_id, option = OPTIONS[name]
-        setattr(PASS_REGISTRY[pass_id], option, value)  # the pass's own setter validates, now
-        pipeline.set_options(pass_id, {option: value})
+        setattr(_fresh(pass_id), option, value)  # the pass's own setter validates, now
+        by_pass.setdefault(pass_id, {})[option] = value
+    for pass_id, pass_options in by_pass.items():
+        pipeline.set_options(pass_id, pass_options)  # replaces, so each pass gets all of its options at once
     pipeline.pipeline_name = PIPELINE_NAME
     return pipeline

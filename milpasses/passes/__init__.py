@@ -1,6 +1,7 @@
 """The milpasses graph passes, registered with coremltools in the ``ane`` namespace on import."""
 
 from milpasses.passes import (  # noqa: F401  (registration)
+    attention_to_einsum,
     bc1s_layout,
     finite_masks,
     linear_to_conv,

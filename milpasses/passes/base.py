@@ -66,6 +66,14 @@ class AnePass(AbstractGraphPass):
 
     enabled = BoolOption()
 
+    def set_options(self, pass_options=None) -> None:
+        """coremltools calls this before every run, with the options of the pipeline being
+        run (None when it has none). Every run starts from the defaults, so an option set by
+        one pipeline never leaks into the next one's conversion."""
+        self.__dict__.clear()
+        self.__dict__.update(type(self)().__dict__)
+        super().set_options(pass_options)
+
     @property
     def pass_id(self) -> str:
         return f"{NAMESPACE}::{type(self).__name__}"
@@ -105,14 +113,20 @@ class AnePass(AbstractGraphPass):
             rewrite(block, site)
 
     @staticmethod
-    def remove_ops_and_their_constants(block, ops) -> None:
-        """Remove ``ops``, then the constants only they read: a dead weight left for DEFAULT's
-        clean-up would be cast to fp16 and overflow-checked for nothing."""
-        constants = [v.op for op in ops for v in op.get_flattened_inputs() if v.op is not None and v.op.op_type == "const"]
-        block.remove_ops(ops)
-        dead = {id(c): c for c in constants if c.enclosing_block is not None and not c.outputs[0].child_ops
-                and c.outputs[0] not in block.outputs}
-        block.remove_ops(list(dead.values()))
+    def remove_dead(block, ops) -> None:
+        """Remove ``ops`` and, transitively, every op (constants included) that only they read.
+
+        A dead weight left for DEFAULT's clean-up would be cast to fp16 and overflow-checked
+        for nothing; an op still read by anyone, or a block output, stays.
+        """
+        pending = list(ops)
+        while pending:
+            op = pending.pop()
+            if op.enclosing_block is None or any(v.child_ops or v in block.outputs for v in op.outputs):
+                continue
+            producers = [v.op for v in op.get_flattened_inputs() if v.op is not None]
+            block.remove_ops([op])
+            pending.extend(producers)
 
     def skip(self, site: str, reason: str) -> None:
         self.report.skipped[reason] += 1

@@ -356,7 +356,7 @@ class bc1s_layout(AnePass):
             if op.enclosing_block is None or any(v.child_ops or is_block_output(v) for v in op.outputs):
                 continue
             feeding = [v.op for v in op.inputs.values() if not isinstance(v, (list, tuple)) and v.op is not None]
-            self.remove_ops_and_their_constants(block, [op])
+            self.remove_dead(block, [op])
             self._remove_dead(block, [f for f in feeding if f.op_type in BOUNDARY_OPS])
 
     def _remove_dead_boundaries(self, block) -> None:

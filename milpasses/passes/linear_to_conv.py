@@ -143,5 +143,5 @@ class linear_to_conv(AnePass):
             result = leave(conv, rank(x), site.op.name + "_out")
         block.replace_uses_of_var_after_op(anchor_op=site.unflatten or site.op, old_var=output, new_var=result)
         removed = [o for o in (site.unflatten, site.op, site.flatten) if o is not None]
-        self.remove_ops_and_their_constants(block, removed)
+        self.remove_dead(block, removed)
         self.report.rewritten["matmul" if site.op.op_type == "matmul" else "linear"] += 1

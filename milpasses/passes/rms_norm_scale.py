@@ -117,5 +117,5 @@ class rms_norm_scale(AnePass):
         block.replace_uses_of_var_after_op(
             anchor_op=chain.scale_mul, old_var=chain.scale_mul.outputs[0], new_var=normed
         )
-        self.remove_ops_and_their_constants(block, [chain.scale_mul, chain.add_eps, chain.power])
+        self.remove_dead(block, [chain.scale_mul, chain.add_eps, chain.power])
         self.report.rewritten["rms_norm"] += 1
