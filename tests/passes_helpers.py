@@ -9,11 +9,11 @@ from milpasses.simulator import simulate
 
 
 def run_passes(program, *pass_ids, **options):
-    """Apply the passes in order (options as ``pass_option=value`` for every pass that has
-    it); return the reports, by pass id."""
+    """Apply the passes in order, each a fresh instance (options as ``pass_option=value`` for
+    every pass that has it); return the reports, by pass id."""
     reports = {}
     for pass_id in pass_ids:
-        graph_pass = PASS_REGISTRY[pass_id]
+        graph_pass = type(PASS_REGISTRY[pass_id])()
         for name, value in options.items():
             if hasattr(graph_pass, name):
                 setattr(graph_pass, name, value)

@@ -11,13 +11,13 @@ from milpasses.passes.layout import layout_census
 from milpasses.simulator import psnr, simulate
 
 # Region boundaries per family, each an enter or a leave of two layout ops: the embedding sum
-# entering, then per layer the three Q/K/V projections leaving for attention and its output
-# entering again, and the last hidden state leaving. DeBERTa also enters its (B, S, 1) padding
-# mask, which scales the embeddings. ViT and CLIP enter through the patch conv's own
-# reshape, whose transpose cancels against the enter's.
-BOUNDARIES = {name: 1 + 4 * F.LAYERS + 1 for name in F.FAMILIES}
-BOUNDARIES["deberta_v2"] += 1
-BOUNDARIES["vit"] = BOUNDARIES["clip_vision"] = 4 * F.LAYERS + 1
+# entering and the last hidden state leaving; attention is rewritten inside the region. DeBERTa,
+# whose disentangled attention is left alone, also leaves and re-enters around each attention
+# block (its three projections leave, its output enters) and enters its (B, S, 1) padding mask.
+# ViT and CLIP enter through the patch conv's own reshape, whose transpose cancels the enter's.
+BOUNDARIES = {name: 2 for name in F.FAMILIES}
+BOUNDARIES["deberta_v2"] = 1 + 4 * F.LAYERS + 1 + 1
+BOUNDARIES["vit"] = BOUNDARIES["clip_vision"] = 1
 LAYOUT_OPS = ("transpose", "reshape", "expand_dims", "squeeze")
 
 

@@ -302,15 +302,11 @@ def _output_chain(matmul_op):
             return NoMatch(f"'{op.op_type}' after the attention output is not understood")
 
 
-def _check_terms(terms, scores_shape):
+def _check_terms(terms):
+    """The adds that produced the scores already proved each term broadcasts against them."""
     for term in terms:
         if rank(term) > 4 or not has_static_shape(term):
             return NoMatch("a mask or bias is not a static tensor of rank <= 4")
-        shape = (1,) * (4 - rank(term)) + tuple(term.shape)
-        if any(n not in (1, full) for n, full in zip(shape, scores_shape)):
-            return NoMatch("a mask or bias does not broadcast against the scores")
-        if rank(term) == 4 and shape[1] not in (1, scores_shape[1]):
-            return NoMatch("a mask or bias has an unexpected head axis")
     return None
 
 
@@ -330,8 +326,7 @@ def _assemble(query, key, value, terms, scale, output, ops) -> AttentionSite | N
         return NoMatch("v is rotated or scaled")
     if query.source.shape[0] != key.source.shape[0]:
         return NoMatch("q and k batch sizes differ")
-    scores_shape = (query.source.shape[0], query.heads, query.seq_len, key.seq_len)
-    failed = _check_terms(terms, scores_shape)
+    failed = _check_terms(terms)
     if failed is not None:
         return failed
     output_var, output_ops = output

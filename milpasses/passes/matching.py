@@ -42,7 +42,7 @@ def has_static_shape(var) -> bool:
 def single_consumer(var):
     """The one op that reads ``var``, or None when there are several or it is a block output."""
     children = var.child_ops
-    if len(children) != 1 or var in var.op.enclosing_block.outputs:
+    if len(children) != 1 or is_block_output(var):
         return None
     return children[0]
 

@@ -1,0 +1,220 @@
+"""ane::attention_to_einsum: rewrites, leaves alone, preserves numerics, counts."""
+
+from collections import Counter
+
+import coremltools as ct
+import numpy as np
+import pytest
+import torch
+from coremltools.converters.mil import Builder as mb
+
+from milpasses import ane_pipeline
+from tests.helpers import mil_program
+from tests.passes_helpers import op_types, rewritten_matches_original, run_passes
+
+B, S, H, D = 2, 6, 2, 4
+C = H * D
+rng = np.random.default_rng(0)
+X = rng.standard_normal((B, S, C)).astype(np.float32)
+MASK = np.where(np.arange(S) < np.array([[S], [3]]), 0.0, -1e4).astype(np.float32).reshape(B, 1, 1, S)
+WEIGHTS = {n: (rng.standard_normal((C, C)).astype(np.float32) * 0.3, rng.standard_normal(C).astype(np.float32))
+           for n in "qkv"}
+PASS = "ane::attention_to_einsum"
+TO_CONV = "ane::linear_to_conv"
+
+
+def _heads(t, perm):
+    return mb.transpose(x=mb.reshape(x=t, shape=[B, S, H, D]), perm=perm)
+
+
+def _projection(x, name):
+    weight, bias = WEIGHTS[name]
+    return mb.linear(x=x, weight=weight, bias=bias)
+
+
+def attention(x, mask, scores_then=None, softmax_axis=-1, value_scale=None):
+    """Multi-head attention in the torch frontend's form; the keyword arguments break it."""
+    q = _heads(_projection(x, "q"), [0, 2, 1, 3])
+    k = _heads(_projection(x, "k"), [0, 2, 3, 1])
+    v = _heads(_projection(x, "v"), [0, 2, 1, 3])
+    if value_scale is not None:
+        v = mb.mul(x=v, y=np.float32(value_scale))
+    scores = mb.add(x=mb.mul(x=mb.matmul(x=q, y=k), y=np.float32(D ** -0.5)), y=mask)
+    if scores_then is not None:
+        scores = scores_then(scores)
+    weights = mb.softmax(x=scores, axis=softmax_axis)
+    out = mb.transpose(x=mb.matmul(x=weights, y=v), perm=[0, 2, 1, 3])
+    return mb.reshape(x=out, shape=[B, S, C])
+
+
+def torch_attention(x, mask):
+    t = {n: torch.from_numpy(x) @ torch.from_numpy(w).T + torch.from_numpy(b) for n, (w, b) in WEIGHTS.items()}
+    q, k, v = (t[n].reshape(B, S, H, D).transpose(1, 2) for n in "qkv")
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.from_numpy(mask))
+    return out.transpose(1, 2).reshape(B, S, C).numpy()
+
+
+def _program(**breakage):
+    return mil_program(lambda x, mask: attention(x, mask, **breakage), x=X, mask=MASK)
+
+
+def _main_ops(program):
+    return list(program.functions["main"].operations)
+
+
+def test_split_einsum_rewrites_each_head_and_computes_what_torch_does():
+    program = _program()
+    _, after, reports = rewritten_matches_original(program, {"x": X, "mask": MASK}, TO_CONV, PASS)
+    np.testing.assert_allclose(next(iter(after.values())), torch_attention(X, MASK), rtol=1e-4, atol=1e-5)
+    counts = Counter(op_types(program))
+    assert counts["einsum"] == 2 * H and counts["softmax"] == H and counts["conv"] == 3
+    assert counts["matmul"] == counts["reshape"] == counts["mul"] == 0  # the scale went into the Q conv
+    assert counts["split"] == 3 and counts["concat"] == 1
+    ops = _main_ops(program)
+    assert all(op.inputs["axis"].val == 1 for op in ops if op.op_type == "softmax")
+    assert {op.inputs["equation"].val for op in ops if op.op_type == "einsum"} == {"nchw,nwhu->nchu"}
+    key_transposes = [op for op in ops if op.op_type == "transpose" and op.inputs["perm"].val.tolist() == [0, 3, 2, 1]]
+    assert len(key_transposes) == 1
+    assert dict(reports[PASS].rewritten) == {"attention": 1, "scale folded into Q": 1}
+    assert reports[PASS].sites_skipped == 0
+
+
+def test_scale_stays_a_multiply_when_q_is_not_a_conv_output():
+    program = _program()
+    rewritten_matches_original(program, {"x": X, "mask": MASK}, PASS)
+    assert Counter(op_types(program))["mul"] == 1 and "matmul" not in op_types(program)
+
+
+def test_batched_mode_keeps_heads_together_in_one_einsum_pair():
+    program = _program()
+    _, _, reports = rewritten_matches_original(program, {"x": X, "mask": MASK}, TO_CONV, PASS, mode="batched")
+    counts = Counter(op_types(program))
+    assert counts["einsum"] == 2 and counts["softmax"] == 1 and counts["matmul"] == 0
+    assert reports[PASS].rewritten["attention"] == 1
+
+
+@pytest.mark.parametrize("chunk, pieces", [(4, 2), (3, 2), (6, 1), (7, 1)])
+def test_split_einsum_v2_chunks_queries_and_computes_the_remainder(chunk, pieces):
+    program = _program()
+    rewritten_matches_original(program, {"x": X, "mask": MASK}, TO_CONV, PASS, mode="split_einsum_v2", query_chunk=chunk)
+    counts = Counter(op_types(program))
+    assert counts["softmax"] == H * pieces and counts["einsum"] == 2 * H * pieces
+
+
+def test_per_query_mask_is_cut_with_the_query_chunks():
+    causal = np.triu(np.full((S, S), -1e4, dtype=np.float32), 1).reshape(1, 1, S, S)
+    program = mil_program(lambda x, mask: attention(x, mask), x=X, mask=np.broadcast_to(causal, (B, 1, S, S)).copy())
+    inputs = {"x": X, "mask": np.broadcast_to(causal, (B, 1, S, S)).copy()}
+    rewritten_matches_original(program, inputs, TO_CONV, PASS, mode="split_einsum_v2", query_chunk=4)
+    assert Counter(op_types(program))["softmax"] == 2 * H
+
+
+def test_off_mode_changes_nothing():
+    program = _program()
+    run_passes(program, TO_CONV)
+    before = op_types(program)
+    reports = run_passes(program, PASS, mode="off")
+    assert op_types(program) == before and not reports[PASS].rewritten
+
+
+@pytest.mark.parametrize("breakage, reason", [
+    ({"softmax_axis": -2}, "softmax is not over the last axis"),
+    ({"scores_then": lambda s: mb.mul(x=s, y=np.float32(2.0))}, "the scores are scaled after a mask or bias is added"),
+    ({"scores_then": lambda s: mb.clip(x=s, alpha=-50.0, beta=50.0)}, "'clip' between the scores and the softmax is not understood"),
+    ({"value_scale": 2.0}, "v is rotated or scaled"),
+])
+def test_leaves_alone_what_it_does_not_fully_recognise(breakage, reason):
+    program = _program(**breakage)
+    before = op_types(program)
+    reports = run_passes(program, PASS)
+    assert op_types(program) == before
+    assert dict(reports[PASS].skipped) == {reason: 1}
+
+
+def test_leaves_alone_scores_read_twice():
+    def attention_with_scores_out(x, mask):
+        kept = []
+        out = attention(x, mask, scores_then=lambda s: kept.append(s) or s)
+        return out, kept[0]
+
+    program = mil_program(attention_with_scores_out, x=X, mask=MASK)
+    before = op_types(program)
+    reports = run_passes(program, PASS)
+    assert op_types(program) == before
+    assert dict(reports[PASS].skipped) == {"attention scores have several consumers": 1}
+
+
+# Llama-style: rotary embedding on q and k, two K/V heads shared by four query heads.
+Q_HEADS, KV_HEADS = 4, 2
+POSITIONS = np.arange(S, dtype=np.float32)[:, None] / 10.0 ** (np.arange(D // 2, dtype=np.float32) / (D // 2))
+ANGLES = np.concatenate([POSITIONS, POSITIONS], axis=-1)
+COS, SIN = np.cos(ANGLES).reshape(1, 1, S, D), np.sin(ANGLES).reshape(1, 1, S, D)
+XQ = rng.standard_normal((B, S, Q_HEADS * D)).astype(np.float32)
+XKV = rng.standard_normal((B, S, KV_HEADS * D)).astype(np.float32)
+
+
+def _rotate(t):
+    first = mb.slice_by_index(x=t, begin=[0, 0, 0, 0], end=[0, 0, 0, D // 2], end_mask=[True, True, True, False])
+    second = mb.slice_by_index(x=t, begin=[0, 0, 0, D // 2], end=[0, 0, 0, D], end_mask=[True, True, True, True])
+    rotated = mb.concat(values=[mb.mul(x=second, y=np.float32(-1.0)), first], axis=-1)
+    return mb.add(x=mb.mul(x=t, y=COS), y=mb.mul(x=rotated, y=SIN))
+
+
+def _repeat_kv(t):
+    tiled = mb.tile(x=mb.expand_dims(x=t, axes=[2]), reps=[1, 1, Q_HEADS // KV_HEADS, 1, 1])
+    return mb.reshape(x=tiled, shape=[B, Q_HEADS, S, D])
+
+
+def grouped_rotary_attention(q, k, v):
+    def split_heads(t, heads):
+        return mb.transpose(x=mb.reshape(x=t, shape=[B, S, heads, D]), perm=[0, 2, 1, 3])
+
+    query = _rotate(split_heads(q, Q_HEADS))
+    key = _repeat_kv(_rotate(split_heads(k, KV_HEADS)))
+    value = _repeat_kv(split_heads(v, KV_HEADS))
+    scores = mb.mul(x=mb.matmul(x=query, y=key, transpose_y=True), y=np.float32(D ** -0.5))
+    out = mb.matmul(x=mb.softmax(x=scores, axis=-1), y=value)
+    return mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[B, S, Q_HEADS * D])
+
+
+@pytest.mark.parametrize("mode", ["split_einsum", "batched"])
+def test_rotary_and_grouped_query_attention_are_rewritten_exactly(mode):
+    program = mil_program(grouped_rotary_attention, q=XQ, k=XKV, v=XKV)
+    _, _, reports = rewritten_matches_original(program, {"q": XQ, "k": XKV, "v": XKV}, PASS, mode=mode)
+    counts = Counter(op_types(program))
+    assert counts["matmul"] == counts["tile"] == counts["slice_by_index"] == 0
+    assert reports[PASS].rewritten["attention (grouped-query)"] == 1
+    if mode == "split_einsum":
+        einsums = [op for op in _main_ops(program) if op.op_type == "einsum"]
+        assert len(einsums) == 2 * Q_HEADS
+        # Query heads 0 and 1 read K/V head 0, heads 2 and 3 read head 1: no repeated copy.
+        assert len({op.inputs["values"][0].name for op in einsums}) == 2 * KV_HEADS
+
+
+def test_ios18_scaled_dot_product_attention_is_rewritten():
+    def sdpa(x, mask):
+        q, k, v = (_heads(_projection(x, n), [0, 2, 1, 3]) for n in "qkv")
+        out = mb.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=mask)
+        return mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[B, S, C])
+
+    program = mil_program(sdpa, opset=ct.target.iOS18, x=X, mask=MASK)
+    _, after, reports = rewritten_matches_original(program, {"x": X, "mask": MASK}, TO_CONV, PASS)
+    np.testing.assert_allclose(next(iter(after.values())), torch_attention(X, MASK), rtol=1e-4, atol=1e-5)
+    assert "scaled_dot_product_attention" not in op_types(program)
+    assert reports[PASS].rewritten["sdpa attention"] == 1
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"attention": "fast"}, "option 'mode' must be one of"),
+    ({"query_chunk": 0}, "option 'query_chunk' must be a positive integer"),
+    ({"query_chunk": "many"}, "option 'query_chunk' must be a positive integer"),
+])
+def test_bad_options_are_refused_when_the_pipeline_is_made(options, message):
+    with pytest.raises(ValueError, match=message):
+        ane_pipeline(**options)
+
+
+def test_pipeline_options_reach_the_pass_and_do_not_leak_into_the_next_pipeline():
+    batched = ane_pipeline(attention="batched", query_chunk=64)
+    assert {o.option_name: o.option_val for o in batched.get_options(PASS)} == {"mode": "batched", "query_chunk": 64}
+    assert ane_pipeline().get_options(PASS) is None
