@@ -106,13 +106,12 @@ def _rotary_input(add_op):
     """If ``add_op`` is ``x * cos + rotate_half(x) * sin`` on (B, H, S, d): (x, Rotary), else None.
 
     ``rotate_half(x)`` is ``concat([-x[..., d/2:], x[..., :d/2]], axis=-1)``, as HF's Llama and
-    Qwen write it; other rotations (interleaved pairs) are not recognised.
+    Qwen write it; other rotations (interleaved pairs) are not recognised. Where every cos is 1
+    (a single position 0) DEFAULT has already removed ``x * cos``, leaving ``x`` itself.
     """
-    products = [add_op.inputs["x"].op, add_op.inputs["y"].op]
-    if any(p is None or p.op_type != "mul" for p in products):
-        return None
-    for cos_mul, sin_mul in (products, products[::-1]):
-        found = _rotary_parts(cos_mul, sin_mul)
+    terms = [add_op.inputs["x"], add_op.inputs["y"]]
+    for first, second in (terms, terms[::-1]):
+        found = _rotary_parts(first, second.op, add_op)
         if found is not None:
             return found
     return None
@@ -127,10 +126,16 @@ def _constant_and_activation(mul_op):
     return None, None
 
 
-def _rotary_parts(cos_mul, sin_mul):
-    cos, x = _constant_and_activation(cos_mul)
+def _rotary_parts(cos_term, sin_mul, add_op):
+    if sin_mul is None or sin_mul.op_type != "mul":
+        return None
+    cos_mul = cos_term.op
+    if cos_mul is not None and cos_mul.op_type == "mul":
+        cos, x = _constant_and_activation(cos_mul)
+    else:
+        cos, x, cos_mul = None, cos_term, add_op
     sin, rotated = _constant_and_activation(sin_mul)
-    if cos is None or sin is None or rank(x) != 4 or rotated.op is None:
+    if sin is None or x is None or rank(x) != 4 or rotated.op is None:
         return None
     concat = rotated.op
     values = concat.inputs.get("values") if concat.op_type == "concat" else None
@@ -145,6 +150,7 @@ def _rotary_parts(cos_mul, sin_mul):
     if hi.op is None or _half_of(hi.op, x) != "hi":
         return None
     seq_len, head_dim = x.shape[2], x.shape[3]
+    cos = np.ones((seq_len, head_dim), dtype=np.float32) if cos is None else cos
     tables = []
     for table in (cos, sin):
         table = np.asarray(table, dtype=np.float32)

@@ -1,0 +1,68 @@
+"""Stock DistilBERT-base through ane_pipeline(): the form Apple wrote by hand, reached by passes."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import transformers as hf
+
+from milpasses import ane_pipeline
+from milpasses.passes.layout import LAYOUT_OPS, layout_census
+from milpasses.simulator import psnr, simulate
+from milpasses.tracing import LastHiddenState, convert_traced
+
+SEQ_LEN = 128
+#: Apple's hand-written ANE DistilBERT, through the same coremltools pipeline (ANE_NOTES.md).
+APPLE_NON_CONST_OPS = 538
+
+
+@pytest.fixture(scope="module")
+def distilbert():
+    config = hf.DistilBertConfig()
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = hf.DistilBertModel(config).eval()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, config.vocab_size, size=(1, SEQ_LEN)).astype(np.int32)
+    mask = np.ones((1, SEQ_LEN), dtype=np.int32)
+    mask[0, 100:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    examples = tuple(torch.from_numpy(v.astype(np.int64)) for v in inputs.values())
+    with torch.no_grad():
+        traced = torch.jit.trace(LastHiddenState(model, tuple(inputs)).eval(), examples)
+        expected = model(*examples).last_hidden_state.numpy()
+    mlmodel = convert_traced(traced, inputs, "fp16", ane_pipeline())
+    return mlmodel, inputs, expected, config
+
+
+def test_the_body_has_no_matmul_linear_or_reshape_and_attention_is_per_head(distilbert):
+    mlmodel, _, _, config = distilbert
+    ops = [op for op in mlmodel._mil_program.functions["main"].operations if op.op_type != "const"]
+    counts = Counter(op.op_type for op in ops)
+    assert counts["matmul"] == counts["linear"] == counts["reshape"] == 0
+    softmaxes = [op for op in ops if op.op_type == "softmax"]
+    assert len(softmaxes) == config.n_layers * config.n_heads == 72
+    assert all(op.inputs["axis"].val == 1 for op in softmaxes)
+    norms = [op for op in ops if op.op_type == "layer_norm"]
+    assert len(norms) == 13 and all(op.inputs["axes"].val.tolist() == [1] for op in norms)
+    assert len(ops) <= APPLE_NON_CONST_OPS
+
+
+def test_layout_ops_are_the_two_boundaries_one_key_transpose_per_block_and_the_mask(distilbert):
+    # MIL's einsum contracts axis -1 of one operand with axis -3 of the other, so K must be
+    # transposed once per block (Apple's recipe does the same); the shared padding mask is
+    # turned keys-first once. Everything else stays in (B, C, 1, S).
+    mlmodel, _, _, config = distilbert
+    function = mlmodel._mil_program.functions["main"]
+    layout = [op for op in function.operations if op.op_type in LAYOUT_OPS]
+    assert layout_census(function)["boundary"] == 4
+    assert len(layout) == 4 + config.n_layers + 1
+
+
+def test_fp16_output_matches_torch_on_the_valid_tokens(distilbert):
+    mlmodel, inputs, expected, _ = distilbert
+    actual = simulate(mlmodel, inputs)["last_hidden_state"]
+    valid = inputs["attention_mask"].astype(bool)
+    assert np.all(np.isfinite(actual))
+    assert psnr(expected[valid], actual[valid]) >= 60.0
