@@ -15,6 +15,7 @@ from milpasses.simulator.core import load_program
 @dataclass(frozen=True)
 class OpRecord:
     name: str
+    output_name: str  # the first output's name: how Core ML's compute plan names the op
     op_type: str
     input_shapes: tuple
     output_shapes: tuple
@@ -164,7 +165,7 @@ def _analyze_function(function, chip: costs.Chip, weight_bytes: int, enumerated:
         device = predictions[0].device
         cost = costs.op_cost(op, device)
         records.append(OpRecord(
-            op.name, op.op_type,
+            op.name, op.outputs[0].name if op.outputs else op.name, op.op_type,
             tuple(_shape(v) for v in op.get_flattened_inputs() if v.val is None),
             tuple(_shape(v) for v in op.outputs),
             predictions, cost, costs.op_seconds(cost, device, chip), op.name in stage))
