@@ -99,6 +99,11 @@ def _itemsize(var) -> int:
     return np.dtype(types.nptype_from_builtin(var.dtype)).itemsize
 
 
+def is_weight(var) -> bool:
+    """A float tensor known at compile time; integer constants (axes, shapes, perms) are parameters."""
+    return var.val is not None and types.is_tensor(var.sym_type) and types.is_float(var.dtype)
+
+
 def dense_bytes(var) -> int:
     return _elements(var) * _itemsize(var)
 
@@ -191,7 +196,7 @@ def op_cost(op, device: str) -> OpCost:
     if op.op_type in ("gather", "gather_nd", "gather_along_axis"):
         weights = _gathered_weight_bytes(op)
     else:
-        weights = sum(dense_bytes(v) for v in inputs if v.val is not None and types.is_tensor(v.sym_type))
+        weights = sum(dense_bytes(v) for v in inputs if is_weight(v))
     relayout = 0
     if device == ANE and op.op_type in LAST_AXIS_REDUCERS and _reduces_last_axis(op):
         relayout = 2 * (size(activations[0]) + size(op.outputs[0])) if activations else 0

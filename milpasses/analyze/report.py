@@ -77,7 +77,7 @@ def _shape(var) -> tuple:
 
 def _weight_bytes(function) -> int:
     return sum(costs.dense_bytes(op.outputs[0]) for op in function.operations
-               if op.op_type == "const" and types.is_tensor(op.outputs[0].sym_type))
+               if op.op_type == "const" and costs.is_weight(op.outputs[0]))
 
 
 def _enumerated_inputs(model, function) -> frozenset:

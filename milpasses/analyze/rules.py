@@ -146,7 +146,8 @@ def activation_matmul_before_ios16(op, context: Context) -> Prediction | None:
 
 def weights_too_large(op, context: Context) -> Prediction | None:
     limit = MAC_WEIGHT_LIMIT if context.is_mac else IPHONE_WEIGHT_LIMIT
-    reads_weights = any(v.val is not None and types.is_tensor(v.sym_type) for v in op.get_flattened_inputs())
+    reads_weights = any(v.val is not None and types.is_tensor(v.sym_type) and types.is_float(v.dtype)
+                        for v in op.get_flattened_inputs())
     if context.weight_bytes <= limit or not reads_weights:
         return None
     if context.is_mac:
