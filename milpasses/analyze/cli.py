@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -13,7 +14,11 @@ import numpy as np
 from milpasses.analyze import compute_plan, render
 from milpasses.analyze.cost import CHIPS, DEFAULT_CHIP
 from milpasses.analyze.report import analyze
-from milpasses.cli import UserError
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: one line on stderr, exit status 2 (as ``milpasses.cli``
+    reports its own; kept here so the subcommand does not depend on how cli.py is run)."""
 
 CORE_ML_SUFFIXES = (".mlpackage", ".mlmodel")
 
@@ -141,6 +146,14 @@ def _device_plan(source) -> dict:
 
 
 def analyze_command(args) -> int:
+    try:
+        return _run(args)
+    except UserError as error:
+        print(f"milpasses: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.device:
         try:
             compute_plan.require_macos()

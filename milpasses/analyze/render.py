@@ -136,13 +136,15 @@ def _svg(analysis: Analysis, title: str) -> str:
                           f"{r.predictions[0].reason} [{r.predictions[0].confidence}]")
         rows.append(
             f'<g><title>{tip}</title>'
-            f'<text x="0" y="{y + 11}" font-size="11">{html.escape(r.op_type)} {html.escape(r.name[:40])}</text>'
+            f'<text x="0" y="{y + 11}" font-size="11">{html.escape((r.op_type + " " + r.name)[:46])}</text>'
             f'<rect x="{label_width}" y="{y + 2}" width="{length:.1f}" height="{bar_height - 4}" '
-            f'fill="{DEVICE_COLOURS[r.device]}"/></g>')
+            f'fill="{DEVICE_COLOURS[r.device]}"/>'
+            f'<text x="{label_width + length + 4:.1f}" y="{y + 11}" font-size="10">{r.seconds * 1e6:.1f} us</text></g>')
     height = bar_height * len(analysis.ops)
-    return (f'<h2>{html.escape(title)}</h2><svg xmlns="http://www.w3.org/2000/svg" '
-            f'width="{label_width + width + 10}" height="{height}" font-family="monospace">'
-            + "".join(rows) + "</svg>")
+    return (f'<h2>{html.escape(title)}</h2><p>Bar length: estimated time on {analysis.chip.name} '
+            f'(longest {longest * 1e6:.1f} us); estimated latency {analysis.latency * 1e3:.2f} ms.</p>'
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_width + width + 70}" height="{height}" '
+            f'font-family="monospace">' + "".join(rows) + "</svg>")
 
 
 def html_page(analyses: dict[str, Analysis]) -> str:
