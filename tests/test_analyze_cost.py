@@ -91,6 +91,20 @@ def test_roofline_takes_the_slower_of_compute_and_memory():
     assert C.op_seconds(compute_bound, CPU, chip) == pytest.approx(15.8e9 / C.CPU_FLOPS)
 
 
+def test_device_partitions_pay_a_dispatch_each_and_a_switch_between():
+    table = np.ones((10, 8), np.float16)
+
+    def embed(ids, x):
+        return mb.relu(x=mb.add(x=mb.gather(x=table, indices=ids, axis=0), y=x))
+
+    program = mil_program(embed, ids=np.zeros((1, 4), np.int32), x=np.zeros((1, 4, 8), np.float16))
+    analysis = analyze(program, "A15")
+    assert [(device, len(names)) for device, names in analysis.partitions] == [(CPU, 1), (ANE, 2)]
+    assert [r.input_stage for r in analysis.ops] == [True, False, False]
+    assert analysis.latency == pytest.approx(sum(r.seconds for r in analysis.ops)
+                                             + 2 * C.DISPATCH_SECONDS + C.SWITCH_SECONDS)
+
+
 # Apple, "Deploying Transformers on the Apple Neural Engine" (2022): DistilBERT-base, S=128,
 # iPhone 13 (A15).
 APPLE_BASELINE_MS, APPLE_OPTIMIZED_MS = 9.89, 3.47

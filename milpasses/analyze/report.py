@@ -3,6 +3,7 @@ estimated latency per chip."""
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 from coremltools.converters.mil.mil import types
@@ -118,22 +119,33 @@ def _input_stage(function, ops) -> set[str]:
 
 def _partitions(ops, devices: dict[str, str]) -> list[tuple[str, list[str]]]:
     """Group ops into device partitions: a topological order that stays on the current device
-    while any op there is ready (the runtime may reorder independent ops), in program order."""
+    while any op there is ready (the runtime may reorder independent ops), else takes the
+    earliest ready op in program order."""
+    position = {op.name: i for i, op in enumerate(ops)}
     producers = {v.name: op.name for op in ops for v in op.outputs}
-    waiting = {op.name: {producers[v.name] for v in op.get_flattened_inputs() if v.name in producers}
-               for op in ops}
-    order = [op.name for op in ops]
-    done: set[str] = set()
+    consumers: dict[str, list[str]] = {op.name: [] for op in ops}
+    pending = {}
+    for op in ops:
+        inputs = {producers[v.name] for v in op.get_flattened_inputs() if v.name in producers}
+        pending[op.name] = len(inputs)
+        for producer in inputs:
+            consumers[producer].append(op.name)
+    ready: dict[str, list[int]] = {}
+    for op in ops:
+        if pending[op.name] == 0:
+            heapq.heappush(ready.setdefault(devices[op.name], []), position[op.name])
     partitions: list[tuple[str, list[str]]] = []
-    while len(done) < len(order):
-        ready = [n for n in order if n not in done and waiting[n] <= done]
-        current = partitions[-1][0] if partitions else devices[ready[0]]
-        same = [n for n in ready if devices[n] == current]
-        chosen = same[0] if same else ready[0]
-        if not partitions or devices[chosen] != partitions[-1][0]:
-            partitions.append((devices[chosen], []))
-        partitions[-1][1].append(chosen)
-        done.add(chosen)
+    while any(ready.values()):
+        current = partitions[-1][0] if partitions else None
+        if not ready.get(current):
+            current = min((heap[0], device) for device, heap in ready.items() if heap)[1]
+            partitions.append((current, []))
+        name = ops[heapq.heappop(ready[current])].name
+        partitions[-1][1].append(name)
+        for consumer in consumers[name]:
+            pending[consumer] -= 1
+            if pending[consumer] == 0:
+                heapq.heappush(ready.setdefault(devices[consumer], []), position[consumer])
     return partitions
 
 
