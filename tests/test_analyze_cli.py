@@ -10,7 +10,7 @@ import torch
 
 from fixtures import families as F
 from milpasses import ane_pipeline
-from milpasses.analyze import analyze
+from milpasses.analyze import analyze, compute_plan, render
 from milpasses.cli import main
 from milpasses.simulator import load_program
 
@@ -146,3 +146,13 @@ def test_device_shows_core_ml_plan_beside_predictions(package, capsys):
     assert main(["analyze", str(package), "--device"]) == 0
     out = capsys.readouterr().out
     assert "MLComputePlan" in out and "agreement with MLComputePlan:" in out
+
+
+def test_plan_columns_and_agreement_rate_from_a_given_plan(package):
+    analysis = analyze(package)
+    first, second = analysis.ops[0], analysis.ops[1]
+    planned = {first.output_name: (first.device, 0.25), second.output_name: ("GPU", 0.5), "a_const": (None, None)}
+    text = render.table(analysis, planned)
+    assert "MLComputePlan" in text.splitlines()[0] and "0.2500" in text
+    predicted = {r.output_name: r.device for r in analysis.ops}
+    assert compute_plan.agreement(predicted, planned) == (1 if second.device != "GPU" else 2, 2)

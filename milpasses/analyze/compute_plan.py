@@ -21,9 +21,10 @@ def require_macos() -> None:
             f"drop --device to get the predictions alone")
 
 
-def device_plan(package: Path, compute_units: str = "CPU_AND_NE") -> dict[str, tuple[str | None, float | None]]:
+def device_plan(package: Path, compute_units: str = "ALL") -> dict[str, tuple[str | None, float | None]]:
     """{first output name of each op: (preferred device, estimated share of the model's cost)}
-    for the ``main`` function of a saved ``.mlpackage``, from Core ML's compute plan."""
+    for the ``main`` function of a saved ``.mlpackage``, from Core ML's compute plan. ``ALL``
+    compute units by default, as the predictions assume (fp32 ops go to the GPU)."""
     require_macos()
     import coremltools as ct
     from coremltools.models.compute_plan import MLComputePlan

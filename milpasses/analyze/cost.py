@@ -68,6 +68,7 @@ ASSUMPTIONS = (
     "switch between devices (ANE_NOTES, community, M4)",
     "per-op FLOPs: 2 per multiply-add; elementwise 1 per output; gelu 8, softmax 5, "
     "layer_norm 8 per element",
+    "a flexible (symbolic) dimension is counted as 1",
 )
 
 VIEW_OPS = frozenset({"reshape", "squeeze", "expand_dims", "identity", "reshape_like"})

@@ -51,7 +51,7 @@ def assumption_lines() -> list[str]:
 def table(analysis: Analysis, device_plan: dict | None = None) -> str:
     """One line per op, then the summary and the assumptions. ``device_plan`` maps op names to
     (device, cost) that Core ML's MLComputePlan reported, shown beside each prediction."""
-    header = ["op", "type", "shapes in -> out", "device", "FLOPs", "bytes", "time", "reason"]
+    header = ["op", "type", "shapes in -> out", "predicted", "FLOPs", "bytes", "time", "reason"]
     if device_plan is not None:
         header[4:4] = ["MLComputePlan", "plan cost"]
     rows = []

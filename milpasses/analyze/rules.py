@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import coremltools as ct
+import numpy as np
 from coremltools.converters.mil.mil import types
 
 ANE, GPU, CPU = "ANE", "GPU", "CPU"
@@ -89,7 +90,7 @@ def rank_above_five(op, context: Context) -> Prediction | None:
 
 
 def dimension_above_limit(op, context: Context) -> Prediction | None:
-    dims = [d for v in _tensors(activation_vars(op)) for d in v.shape if isinstance(d, int)]
+    dims = [int(d) for v in _tensors(activation_vars(op)) for d in v.shape if isinstance(d, (int, np.integer))]
     if not dims or max(dims) <= MAX_ANE_DIMENSION:
         return None
     return Prediction(GPU, f"a dimension of {max(dims)} exceeds the ANE's {MAX_ANE_DIMENSION}; split the op",
@@ -122,7 +123,7 @@ def control_flow(op, context: Context) -> Prediction | None:
 
 
 def flexible_shape(op, context: Context) -> Prediction | None:
-    symbolic = [v.name for v in _tensors(activation_vars(op)) if any(not isinstance(d, int) for d in v.shape)]
+    symbolic = [v.name for v in _tensors(activation_vars(op)) if any(not isinstance(d, (int, np.integer)) for d in v.shape)]
     if not symbolic:
         return None
     if context.enumerated_inputs:
