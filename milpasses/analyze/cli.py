@@ -20,6 +20,7 @@ class UserError(Exception):
     """A problem with what the user asked for: one line on stderr, exit status 2 (as ``milpasses.cli``
     reports its own; kept here so the subcommand does not depend on how cli.py is run)."""
 
+
 CORE_ML_SUFFIXES = (".mlpackage", ".mlmodel")
 
 
@@ -43,6 +44,8 @@ def add_analyze_parser(commands) -> None:
 
 
 def _check_html_output(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give --html a file name such as ops.html")
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; pass --overwrite to replace it")
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
@@ -87,7 +90,8 @@ def _load_hf_model(text: str | None):
     return model.eval(), text
 
 
-def _convert_both(model, seq_len: int, pipelines: tuple[str, ...]):
+def _convert(model, described: str, seq_len: int, pipelines: tuple[str, ...]):
+    """{pipeline label: fp16 iOS16 MLModel} for a text model traced at batch 1, ``seq_len`` tokens."""
     import coremltools as ct
     import torch
 
@@ -101,10 +105,14 @@ def _convert_both(model, seq_len: int, pipelines: tuple[str, ...]):
     ids = np.random.default_rng(0).integers(3, model.config.vocab_size, size=(1, seq_len)).astype(np.int32)
     inputs = {"input_ids": ids, "attention_mask": np.ones((1, seq_len), np.int32)}
     examples = tuple(torch.from_numpy(v.astype(np.int64)) for v in inputs.values())
-    with torch.no_grad():
-        traced = torch.jit.trace(LastHiddenState(model, tuple(inputs)).eval(), examples)
     makers = {"DEFAULT": lambda: ct.PassPipeline.DEFAULT, "ane_pipeline()": ane_pipeline}
-    return {name: convert_traced(traced, inputs, "fp16", makers[name]()) for name in pipelines}
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(LastHiddenState(model, tuple(inputs)).eval(), examples)
+        return {name: convert_traced(traced, inputs, "fp16", makers[name]()) for name in pipelines}
+    except Exception as error:  # tracing and conversion fail in many ways; name the model and the cause
+        raise UserError(f"could not trace and convert {described}: {type(error).__name__}: "
+                        f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}") from error
 
 
 def _programs(args) -> tuple[dict, str]:
@@ -114,17 +122,17 @@ def _programs(args) -> tuple[dict, str]:
             raise UserError("--compare converts a model twice: give a Hugging Face model directory or id "
                             "(or nothing, for the bundled MiniLM), not a Core ML package")
         path = Path(args.model)
+        if not path.exists():
+            raise UserError(f"no Core ML package at {path}")
         if path.suffix == ".mlmodel":
             raise UserError(f"{path} is an .mlmodel (a neuralnetwork or spec file); analyze reads ML Program "
                             f".mlpackage files: convert with convert_to='mlprogram'")
-        if not path.exists():
-            raise UserError(f"no Core ML package at {path}")
-        return {str(path): path}, str(path)
+        return {str(path): path}, "Core ML package"
     if args.seq_len < 1:
         raise UserError(f"--seq-len must be a positive integer, got {args.seq_len}")
     model, described = _load_hf_model(args.model)
     pipelines = ("DEFAULT", "ane_pipeline()") if args.compare else ("ane_pipeline()",)
-    return _convert_both(model, args.seq_len, pipelines), described
+    return _convert(model, described, args.seq_len, pipelines), described
 
 
 def _analyze_or_explain(label: str, source, chip: str):
@@ -175,9 +183,10 @@ def _run(args) -> int:
             document[label]["compute_plan"] = {
                 "ops": {name: {"device": device, "cost": cost} for name, (device, cost) in plan.items()},
                 "agreement": matched / compared if compared else None}
+        output = {"model": described, "analyses": document}
         if args.compare:
-            document["speedup"] = render.speedups(*analyses.values())
-        print(json.dumps({"model": described, "analyses": document}, indent=1))
+            output["speedup"] = render.speedups(*analyses.values())
+        print(json.dumps(output, indent=1))
     else:
         for label, analysis in analyses.items():
             print(f"== {label} ({described}) on {args.chip} ==")

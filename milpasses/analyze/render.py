@@ -21,13 +21,17 @@ def _si(value: float, unit: str) -> str:
     return f"{value:.0f}{unit}"
 
 
+def _share(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{fraction:.1%}"
+
+
 def summary_lines(analysis: Analysis) -> list[str]:
     kinds = analysis.bytes_by_kind()
     off = analysis.off_ane_outside_input_stage
     chip = analysis.chip
     lines = [
         f"deployment target {analysis.opset}; {len(analysis.ops)} ops (consts excluded)",
-        f"predicted on the ANE: {analysis.ane_op_share:.1%} of ops, {analysis.ane_flop_share:.1%} of FLOPs",
+        f"predicted on the ANE: {analysis.ane_op_share:.1%} of ops, {_share(analysis.ane_flop_share)} of FLOPs",
         f"off the ANE outside the input stage (embedding lookups, input masks): {len(off)}"
         + (" (" + ", ".join(f"{r.op_type} '{r.name}'" for r in off[:5]) + (", ..." if len(off) > 5 else "") + ")"
            if off else ""),
@@ -110,7 +114,7 @@ def compare_lines(before: Analysis, after: Analysis, labels=("DEFAULT", "ane_pip
     rows = [
         ("ops", len(before.ops), len(after.ops), "{}"),
         ("ANE share of ops", before.ane_op_share, after.ane_op_share, "{:.1%}"),
-        ("ANE share of FLOPs", before.ane_flop_share, after.ane_flop_share, "{:.1%}"),
+        ("ANE share of FLOPs", _share(before.ane_flop_share), _share(after.ane_flop_share), "{}"),
         ("device partitions", len(before.partitions), len(after.partitions), "{}"),
     ] + [(f"latency {chip} (ms)", before.latency_by_chip[chip] * 1e3, after.latency_by_chip[chip] * 1e3, "{:.2f}")
          for chip in before.latency_by_chip]

@@ -59,9 +59,10 @@ class Analysis:
         return sum(r.device == ANE for r in self.ops) / max(len(self.ops), 1)
 
     @property
-    def ane_flop_share(self) -> float:
+    def ane_flop_share(self) -> float | None:
+        """None for a program with no arithmetic (only lookups and layout ops)."""
         total = sum(r.cost.flops for r in self.ops)
-        return sum(r.cost.flops for r in self.ops if r.device == ANE) / total if total else 1.0
+        return sum(r.cost.flops for r in self.ops if r.device == ANE) / total if total else None
 
     @property
     def off_ane_outside_input_stage(self) -> list[OpRecord]:
