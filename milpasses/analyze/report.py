@@ -103,7 +103,7 @@ def _enumerated_inputs(model, function) -> frozenset:
 
 def _input_stage(function, ops) -> set[str]:
     """Names of ops that only prepare integer model inputs (token ids, masks), up to and
-    including the embedding lookups: a gather from a constant table ends the stage."""
+    including the embedding lookups: a gather from a constant float table ends the stage."""
     stage_vars = {name for name, var in function.inputs.items()
                   if types.is_int(var.dtype) or var.dtype == types.bool}
     stage = set()
@@ -113,7 +113,7 @@ def _input_stage(function, ops) -> set[str]:
             continue
         stage.add(op.name)
         table = op.inputs.get("x") if op.op_type.startswith("gather") else None
-        if table is None or table.val is None:
+        if table is None or table.val is None or not types.is_float(table.dtype):
             stage_vars.update(v.name for v in op.outputs)
     return stage
 
