@@ -1,0 +1,205 @@
+"""``milpasses analyze``: where each op of a Core ML program is predicted to run, and how long
+the program should take, for a saved package or a Hugging Face model converted on the spot."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from milpasses.analyze import compute_plan, render
+from milpasses.analyze.cost import CHIPS, DEFAULT_CHIP
+from milpasses.analyze.report import analyze
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: one line on stderr, exit status 2 (as ``milpasses.cli``
+    reports its own; kept here so the subcommand does not depend on how cli.py is run)."""
+
+
+CORE_ML_SUFFIXES = (".mlpackage", ".mlmodel")
+
+
+def add_analyze_parser(commands) -> None:
+    parser = commands.add_parser(
+        "analyze", help="predict where each op runs (ANE, GPU, CPU) and why, with a latency estimate")
+    parser.add_argument("model", nargs="?",
+                        help="an .mlpackage, or a Hugging Face model directory or id to convert "
+                             "(default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    parser.add_argument("--html", metavar="OUT", help="also write a self-contained HTML picture of it")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --html file")
+    parser.add_argument("--chip", choices=tuple(CHIPS), default=DEFAULT_CHIP,
+                        help="the chip for the per-op times (every chip's latency is summarised)")
+    parser.add_argument("--compare", action="store_true",
+                        help="convert the model with DEFAULT and with ane_pipeline() and compare them")
+    parser.add_argument("--device", action="store_true",
+                        help="macOS only: show Core ML's own MLComputePlan device and cost beside each op")
+    parser.add_argument("--seq-len", type=int, default=128, help="sequence length when converting a model")
+    parser.set_defaults(run=analyze_command)
+
+
+def _check_html_output(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give --html a file name such as ops.html")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UserError(f"cannot write to {path.parent}: choose a writable directory for --html")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write beside the destination, then rename: the destination is never half-written."""
+    descriptor, staging = tempfile.mkstemp(prefix=".milpasses-", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
+def _is_package_argument(text: str) -> bool:
+    path = Path(text)
+    return path.suffix in CORE_ML_SUFFIXES or (path.is_dir() and (path / "Manifest.json").exists())
+
+
+def _load_hf_model(text: str | None):
+    """A Hugging Face model in eager attention: the bundled MiniLM, a local directory, or a hub id."""
+    if text is None:
+        from milpasses.bundled import load_bundled
+
+        return load_bundled()[0], "all-MiniLM-L6-v2 (bundled)"
+    from transformers import AutoModel
+
+    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text and Path(text).parent.exists()
+    if looks_like_path and not Path(text).expanduser().exists():
+        raise UserError(f"no such file or directory: {text}")
+    try:
+        model = AutoModel.from_pretrained(str(Path(text).expanduser()) if looks_like_path else text,
+                                          attn_implementation="eager")
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot load '{text}': not an .mlpackage, nor a Hugging Face model directory "
+                        f"or id ({first_line})") from error
+    return model.eval(), text
+
+
+def _convert(model, described: str, seq_len: int, pipelines: tuple[str, ...]):
+    """{pipeline label: fp16 iOS16 MLModel} for a text model traced at batch 1, ``seq_len`` tokens."""
+    import coremltools as ct
+    import torch
+
+    from milpasses.pipeline import ane_pipeline
+    from milpasses.tracing import LastHiddenState, convert_traced
+
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        raise UserError("only text models (input_ids) can be converted here; convert others yourself and "
+                        "pass the .mlpackage")
+    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len))
+    ids = np.random.default_rng(0).integers(3, model.config.vocab_size, size=(1, seq_len)).astype(np.int32)
+    inputs = {"input_ids": ids, "attention_mask": np.ones((1, seq_len), np.int32)}
+    examples = tuple(torch.from_numpy(v.astype(np.int64)) for v in inputs.values())
+    makers = {"DEFAULT": lambda: ct.PassPipeline.DEFAULT, "ane_pipeline()": ane_pipeline}
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(LastHiddenState(model, tuple(inputs)).eval(), examples)
+        return {name: convert_traced(traced, inputs, "fp16", makers[name]()) for name in pipelines}
+    except Exception as error:  # tracing and conversion fail in many ways; name the model and the cause
+        raise UserError(f"could not trace and convert {described}: {type(error).__name__}: "
+                        f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}") from error
+
+
+def _programs(args) -> tuple[dict, str]:
+    """{label: MLModel or package path} to analyse, and what they were made from."""
+    if args.model is not None and _is_package_argument(args.model):
+        if args.compare:
+            raise UserError("--compare converts a model twice: give a Hugging Face model directory or id "
+                            "(or nothing, for the bundled MiniLM), not a Core ML package")
+        path = Path(args.model)
+        if not path.exists():
+            raise UserError(f"no Core ML package at {path}")
+        if path.suffix == ".mlmodel":
+            raise UserError(f"{path} is an .mlmodel (a neuralnetwork or spec file); analyze reads ML Program "
+                            f".mlpackage files: convert with convert_to='mlprogram'")
+        return {str(path): path}, "Core ML package"
+    if args.seq_len < 1:
+        raise UserError(f"--seq-len must be a positive integer, got {args.seq_len}")
+    model, described = _load_hf_model(args.model)
+    pipelines = ("DEFAULT", "ane_pipeline()") if args.compare else ("ane_pipeline()",)
+    return _convert(model, described, args.seq_len, pipelines), described
+
+
+def _analyze_or_explain(label: str, source, chip: str):
+    try:
+        return analyze(source, chip)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        raise UserError(f"cannot analyse {label}: {error}") from error
+    except Exception as error:  # coremltools raises bare Exceptions for a corrupt package
+        raise UserError(f"cannot read {label} as a Core ML ML Program ({type(error).__name__}: {error})") from error
+
+
+def _device_plan(source) -> dict:
+    if isinstance(source, Path):
+        return compute_plan.device_plan(source)
+    with tempfile.TemporaryDirectory(prefix="milpasses-analyze-") as scratch:
+        package = Path(scratch) / "model.mlpackage"
+        source.save(str(package))
+        return compute_plan.device_plan(package)
+
+
+def analyze_command(args) -> int:
+    try:
+        return _run(args)
+    except UserError as error:
+        print(f"milpasses: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.device:
+        try:
+            compute_plan.require_macos()
+        except compute_plan.PlanUnavailable as error:
+            raise UserError(str(error)) from error
+    html_output = Path(args.html) if args.html else None
+    if html_output is not None:
+        _check_html_output(html_output, args.overwrite)
+
+    sources, described = _programs(args)
+    analyses = {label: _analyze_or_explain(label, source, args.chip) for label, source in sources.items()}
+    plans = {label: _device_plan(source) for label, source in sources.items()} if args.device else {}
+
+    if args.json:
+        document = {label: render.to_dict(a) for label, a in analyses.items()}
+        for label, plan in plans.items():
+            matched, compared = compute_plan.agreement(
+                {r.output_name: r.device for r in analyses[label].ops}, plan)
+            document[label]["compute_plan"] = {
+                "ops": {name: {"device": device, "cost": cost} for name, (device, cost) in plan.items()},
+                "agreement": matched / compared if compared else None}
+        output = {"model": described, "analyses": document}
+        if args.compare:
+            output["speedup"] = render.speedups(*analyses.values())
+        print(json.dumps(output, indent=1))
+    else:
+        for label, analysis in analyses.items():
+            print(f"== {label} ({described}) on {args.chip} ==")
+            print(render.table(analysis, plans.get(label)))
+            if label in plans:
+                matched, compared = compute_plan.agreement(
+                    {r.output_name: r.device for r in analysis.ops}, plans[label])
+                print(f"agreement with MLComputePlan: {matched}/{compared} ops"
+                      + (f" ({matched / compared:.1%})" if compared else ""))
+        if args.compare:
+            print("\n".join(render.compare_lines(*analyses.values())))
+    if html_output is not None:
+        _write_atomically(html_output, render.html_page(analyses))
+        if not args.json:
+            print(f"wrote {html_output}")
+    return 0

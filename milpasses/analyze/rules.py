@@ -1,0 +1,183 @@
+"""Rules that predict where Core ML will run a MIL op: the ANE, the GPU or the CPU.
+
+Apple publishes no list of what the Neural Engine runs, and says support changes with chip,
+OS and tensor size. Each rule here is a heuristic from ``shared/ANE_NOTES.md`` with its
+confidence, its source and the scope where it is known to hold; none of them is certain.
+A rule is a function ``rule(op, context) -> Prediction | None``: None when it does not apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import coremltools as ct
+import numpy as np
+from coremltools.converters.mil.mil import types
+
+ANE, GPU, CPU = "ANE", "GPU", "CPU"
+
+# Confidence tags, strongest first.
+DOCUMENTED = "documented"  # Apple said it: docs, the 2022 article, Apple's own code
+REVERSE_ENGINEERED = "reverse-engineered"  # measured on the hardware or read out of the driver
+COMMUNITY = "community"  # reported by users; plausible, unverified
+
+APPLE_ARTICLE = "Apple, 'Deploying Transformers on the Apple Neural Engine' (2022)"
+
+IPHONE_WEIGHT_LIMIT = 10**9  # about 1 GB per model on iPhone (Apple)
+MAC_WEIGHT_LIMIT = 2 * 2**30  # a weight file over 2 GiB is refused on macOS (community)
+MAX_ANE_DIMENSION = 16384
+MAX_ANE_RANK = 5
+
+GATHER_SCATTER = frozenset({
+    "gather", "gather_nd", "gather_along_axis", "scatter", "scatter_nd", "scatter_along_axis",
+})
+CONTROL_FLOW = frozenset({"cond", "while_loop"})
+ACTIVATION_PRODUCTS = frozenset({"matmul", "einsum"})
+
+
+@dataclass(frozen=True)
+class Prediction:
+    device: str
+    reason: str
+    confidence: str
+    source: str
+    scope: str = "all chips and deployment targets"
+    rule: str = ""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a rule may need beyond the op: the program's deployment target, the chip being
+    predicted for, the model's total weight bytes and whether its inputs are enumerated."""
+
+    opset: object = ct.target.iOS16
+    is_mac: bool = False
+    weight_bytes: int = 0
+    enumerated_inputs: frozenset = field(default_factory=frozenset)
+
+
+def activation_vars(op) -> list:
+    """The op's non-constant inputs and all its outputs."""
+    inputs = [v for v in op.get_flattened_inputs() if v.val is None]
+    return inputs + list(op.outputs)
+
+
+def _tensors(vars_):
+    return [v for v in vars_ if types.is_tensor(v.sym_type)]
+
+
+def fp32_compute(op, context: Context) -> Prediction | None:
+    if not any(v.dtype == types.fp32 for v in activation_vars(op)):
+        return None
+    return Prediction(GPU, "computes in fp32; the ANE computes in fp16 only", DOCUMENTED, APPLE_ARTICLE,
+                      rule="fp32_compute")
+
+
+def int32_tensors(op, context: Context) -> Prediction | None:
+    wide_ints = (types.int32, types.int64, types.uint32, types.uint64)
+    if not any(v.dtype in wide_ints for v in activation_vars(op)):
+        return None
+    return Prediction(CPU, "reads or writes a 32/64-bit integer tensor; the ANE has no int32 arithmetic or casts",
+                      REVERSE_ENGINEERED, "ANE_NOTES: int32 arithmetic and casts (RE)", rule="int32_tensors")
+
+
+def rank_above_five(op, context: Context) -> Prediction | None:
+    ranks = [len(v.shape) for v in _tensors(activation_vars(op))]
+    if not ranks or max(ranks) <= MAX_ANE_RANK:
+        return None
+    return Prediction(CPU, f"a rank-{max(ranks)} tensor; the ANE takes rank 5 at most (rank 4 preferred)",
+                      DOCUMENTED, "Apple ml-ane-transformers code and article", rule="rank_above_five")
+
+
+def dimension_above_limit(op, context: Context) -> Prediction | None:
+    dims = [int(d) for v in _tensors(activation_vars(op)) for d in v.shape if isinstance(d, (int, np.integer))]
+    if not dims or max(dims) <= MAX_ANE_DIMENSION:
+        return None
+    return Prediction(GPU, f"a dimension of {max(dims)} exceeds the ANE's {MAX_ANE_DIMENSION}; split the op",
+                      REVERSE_ENGINEERED, "espresso log 'Output blob dimensions exceed ANE limit'; Whisper/Anemll",
+                      scope="at least A14/M1; newer chips may allow more", rule="dimension_above_limit")
+
+
+def gather_scatter(op, context: Context) -> Prediction | None:
+    if op.op_type not in GATHER_SCATTER:
+        return None
+    return Prediction(CPU, f"{op.op_type} (an indexed lookup) runs on the CPU", DOCUMENTED,
+                      "Apple's DistilBERT: its 4 CPU ops of 606 are the embedding gathers",
+                      scope="newer OS versions may keep small-table gathers on the ANE (community)",
+                      rule="gather_scatter")
+
+
+def runtime_offset_slice(op, context: Context) -> Prediction | None:
+    offsets = {"slice_by_index": ("begin", "end"), "slice_by_size": ("begin", "size")}.get(op.op_type)
+    if offsets is None or all(op.inputs[name].val is not None for name in offsets if name in op.inputs):
+        return None
+    return Prediction(CPU, "a slice whose offsets are computed at run time", COMMUNITY,
+                      "ANE_NOTES: runtime-offset slices (doc/folk)", rule="runtime_offset_slice")
+
+
+def control_flow(op, context: Context) -> Prediction | None:
+    if op.op_type not in CONTROL_FLOW:
+        return None
+    return Prediction(CPU, f"control flow ({op.op_type}) runs on the CPU", DOCUMENTED, APPLE_ARTICLE,
+                      rule="control_flow")
+
+
+def flexible_shape(op, context: Context) -> Prediction | None:
+    symbolic = [v.name for v in _tensors(activation_vars(op)) if any(not isinstance(d, (int, np.integer)) for d in v.shape)]
+    if not symbolic:
+        return None
+    if context.enumerated_inputs:
+        return None  # EnumeratedShapes compile one static program per shape
+    return Prediction(GPU, "a shape only known at run time (RangeDim flexible input)", COMMUNITY,
+                      "ANE_NOTES: RangeDim usually falls off the ANE; EnumeratedShapes can stay (doc)",
+                      rule="flexible_shape")
+
+
+def activation_matmul_before_ios16(op, context: Context) -> Prediction | None:
+    if op.op_type not in ACTIVATION_PRODUCTS or context.opset >= ct.target.iOS16:
+        return None
+    operands = [op.inputs.get(n) for n in ("x", "y")] if op.op_type == "matmul" else list(op.inputs["values"])
+    if sum(v is not None and v.val is None for v in operands) < 2:
+        return None
+    return Prediction(GPU, f"{op.op_type} of two activations; the ANE runs these from iOS16 on",
+                      DOCUMENTED, APPLE_ARTICLE + ": its einsums run on the ANE from iOS16",
+                      scope=f"deployment targets before iOS16 (this program: {context.opset.name})",
+                      rule="activation_matmul_before_ios16")
+
+
+def weights_too_large(op, context: Context) -> Prediction | None:
+    limit = MAC_WEIGHT_LIMIT if context.is_mac else IPHONE_WEIGHT_LIMIT
+    reads_weights = any(v.val is not None and types.is_tensor(v.sym_type) and types.is_float(v.dtype)
+                        for v in op.get_flattened_inputs())
+    if context.weight_bytes <= limit or not reads_weights:
+        return None
+    if context.is_mac:
+        return Prediction(GPU, f"model weights {context.weight_bytes / 2**30:.2f} GiB exceed the 2 GiB a Mac loads",
+                          COMMUNITY, "ANE_NOTES: weight file over 2 GiB refused on macOS (folk)", scope="Mac",
+                          rule="weights_too_large")
+    return Prediction(GPU, f"model weights {context.weight_bytes / 1e9:.2f} GB exceed about 1 GB per model on iPhone",
+                      DOCUMENTED, APPLE_ARTICLE, scope="iPhone (A-series)", rule="weights_too_large")
+
+
+#: Every rule, in the order their device wins when several apply.
+RULES = (
+    control_flow,
+    gather_scatter,
+    runtime_offset_slice,
+    int32_tensors,
+    rank_above_five,
+    fp32_compute,
+    flexible_shape,
+    dimension_above_limit,
+    activation_matmul_before_ios16,
+    weights_too_large,
+)
+
+DEFAULT_PREDICTION = Prediction(
+    ANE, "no known constraint moves it off the ANE", COMMUNITY,
+    "Core ML prefers the ANE for fp16 ops it supports (" + APPLE_ARTICLE + ")", rule="default")
+
+
+def predict(op, context: Context) -> list[Prediction]:
+    """Every rule that applies to ``op``, the deciding one first; the ANE default when none does."""
+    return [p for p in (rule(op, context) for rule in RULES) if p is not None] or [DEFAULT_PREDICTION]
