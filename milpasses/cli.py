@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from milpasses.analyze.cli import add_analyze_parser
+
 
 class UserError(Exception):
     """A problem with what the user asked for: reported in one line, exit status 2."""
@@ -120,8 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--seq-len", type=_positive_int, default=128)
     convert.add_argument("--min-psnr", type=float, default=60.0, help="verification threshold in dB")
     convert.set_defaults(run=convert_command)
-    from milpasses.analyze.cli import add_analyze_parser
-
     add_analyze_parser(commands)
     return parser
 
