@@ -199,7 +199,8 @@ def _is_local_path(model: str) -> bool:
 
 
 def _load(model, task_name: str, offline: bool, trust_remote_code: bool):
-    """(model, tokenizer or None, source directory or None, description) for ``model``."""
+    """(model, tokenizer or None, source directory or None, description, whether the pooler's
+    weights are missing) for ``model``."""
     import transformers
 
     task = TASKS[task_name]
@@ -208,7 +209,7 @@ def _load(model, task_name: str, offline: bool, trust_remote_code: bool):
             raise ConversionError(f"cannot convert a {type(model).__name__}: pass a transformers "
                                   f"PreTrainedModel, a hub id or a model directory")
         model.config._attn_implementation = "eager"
-        return model.eval(), None, None, type(model).__name__
+        return model.eval(), None, None, type(model).__name__, False
 
     if model is None:
         from milpasses.bundled import bundled_model_dir
@@ -248,15 +249,14 @@ def _load(model, task_name: str, offline: bool, trust_remote_code: bool):
             f"e.g. {missing[0]}); choose the task its checkpoint was trained for")
     loaded.config.use_cache = False
     loaded.eval()
-    if any(k.startswith("pooler.") for k in info.get("missing_keys", ())):
-        loaded._milpasses_untrained_pooler = True
+    untrained_pooler = any(k.startswith("pooler.") for k in info.get("missing_keys", ()))
     tokenizer = None
     if _modality(loaded, task) == "text":
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(source, **loading)
         except (OSError, ValueError, TypeError):
             tokenizer = None  # verification falls back to seeded token ids, and says so
-    return loaded, tokenizer, source, description
+    return loaded, tokenizer, source, description, untrained_pooler
 
 
 def _first_line(error: Exception) -> str:
@@ -394,7 +394,7 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
 
     started = time.perf_counter()
     say("loading the model")
-    hf_model, tokenizer, source, description = _load(model, task, offline, trust_remote_code)
+    hf_model, tokenizer, source, description, untrained_pooler = _load(model, task, offline, trust_remote_code)
     spec = TASKS[task]
     modality = _modality(hf_model, spec)
     seconds["load"] = time.perf_counter() - started
@@ -428,15 +428,11 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
             return _vision_samples(hf_model.config, rows)
         return _text_samples(tokenizer, input_names, rows, length, task, hf_model.config.vocab_size)
 
+    probe_inputs, _ = samples_at(lengths[0])
     with torch.no_grad():
-        reference_module = TaskOutputs(hf_model, input_names, tuple(output_names), pooling)
-        probe_inputs, _ = samples_at(lengths[-1] if modality == "text" else None)
-        probe = reference_module(*_tensors({k: v[:batch] for k, v in probe_inputs.items()}))
-    probe = probe if isinstance(probe, tuple) else (probe,)
-    if "pooler_output" in output_names:
-        keep = probe[output_names.index("pooler_output")] is not None
-        if not keep or getattr(hf_model, "_milpasses_untrained_pooler", False):
-            output_names.remove("pooler_output")
+        raw = hf_model(**dict(zip(input_names, _tensors({k: v[:batch] for k, v in probe_inputs.items()}))))
+    output_names = [n for n in output_names if n == "sentence_embedding"
+                    or (getattr(raw, n, None) is not None and not (n == "pooler_output" and untrained_pooler))]
 
     started = time.perf_counter()
     say("tracing")
@@ -444,6 +440,7 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     causal = dynamic and _is_causal(hf_model, input_names)
     traced_module = TaskOutputs(hf_model, input_names, tuple(output_names), pooling, mask_4d=dynamic,
                                 causal=causal).eval()
+    # The reference is the model as transformers runs it, with its own 2-D mask handling.
     reference_module = TaskOutputs(hf_model, input_names, tuple(output_names), pooling).eval()
     example, _ = samples_at(trace_length)
     example = {k: v[:batch] for k, v in example.items()}
