@@ -464,10 +464,14 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
                   minimum_deployment_target=getattr(ct.target, target),
                   compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
 
+    try:
+        pipeline = ane_pipeline(**pipeline_options)
+    except ValueError as error:
+        raise ConversionError(f"this milpasses has no attention={attention!r}: {error}") from error
     started = time.perf_counter()
     say("converting with ane_pipeline()")
     try:
-        mlmodel = ct.convert(traced, convert_to="mlprogram", pass_pipeline=ane_pipeline(**pipeline_options),
+        mlmodel = ct.convert(traced, convert_to="mlprogram", pass_pipeline=pipeline,
                              compute_units=ct.ComputeUnit.CPU_AND_NE, skip_model_load=sys.platform != "darwin",
                              **common)
     except (RuntimeError, NotImplementedError, ValueError) as error:
@@ -602,7 +606,8 @@ def check_output(output: Path, overwrite: bool) -> None:
     if not overwrite:
         taken = [p for p in (output, *report_paths(output)) if p.exists()]
         if taken:
-            raise ConversionError(f"{', '.join(str(p) for p in taken)} exist(s); pass --overwrite to replace")
+            raise ConversionError(f"{' and '.join(str(p) for p in taken)} already "
+                                  f"{'exists' if len(taken) == 1 else 'exist'}; pass --overwrite to replace")
     if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
         raise ConversionError(f"cannot write to {output.parent}: choose a writable directory with -o")
 
