@@ -91,6 +91,7 @@ def test_overwrite_replaces_package_and_reports(tmp_path, bert_dir):
     (["MODEL", "--task", "image-classification"], "has no image-classification head"),
     (["MODEL", "--seq-lens", "8,16"], "--seq-lens needs --target iOS18"),
     (["ABSENT"], "no model directory at"),
+    (["nobody-here/no-such-model"], "cannot load model 'nobody-here/no-such-model'"),
     (["-o", "OUT/absent/m.mlpackage"], "cannot write to"),
     (["-o", "OUT/m.mlmodel"], "must end in .mlpackage"),
 ])
