@@ -231,10 +231,7 @@ def _load(model, task_name: str, offline: bool, trust_remote_code: bool):
         config = transformers.AutoConfig.from_pretrained(source, **loading)
     except (OSError, ValueError) as error:
         raise ConversionError(f"cannot load model '{description}': {_first_line(error)}") from error
-    if getattr(config, "is_encoder_decoder", False) and task.auto_class == "AutoModel":
-        raise ConversionError(f"{config.model_type} is an encoder-decoder model; milpasses converts its "
-                              f"encoder from a checkpoint saved as one (for T5: T5EncoderModel)")
-    auto_class = getattr(transformers, task.auto_class)
+    auto_class = _model_class(transformers, config, task_name)
     try:
         loaded, info = auto_class.from_pretrained(source, attn_implementation="eager", use_safetensors=True,
                                                   output_loading_info=True, **loading)
@@ -261,6 +258,31 @@ def _load(model, task_name: str, offline: bool, trust_remote_code: bool):
         except (OSError, ValueError, TypeError):
             tokenizer = None  # verification falls back to seeded token ids, and says so
     return loaded, tokenizer, source, description, untrained_pooler
+
+
+def _model_class(transformers, config, task_name: str):
+    """The Auto class of the task; for feature extraction from a model with two towers or an
+    encoder-decoder, the class of the part that extracts features (CLIPVisionModel, T5EncoderModel)."""
+    task = TASKS[task_name]
+    if task.auto_class != "AutoModel":
+        return getattr(transformers, task.auto_class)
+    family = type(config).__name__.removesuffix("Config")
+    if hasattr(config, "vision_config") and hasattr(config, "text_config"):
+        if task_name != "image-feature-extraction":
+            raise ConversionError(f"{config.model_type} has a text and a vision tower: choose "
+                                  f"--task image-feature-extraction to convert the vision tower")
+        tower = getattr(transformers, type(config.vision_config).__name__.removesuffix("Config") + "Model", None)
+        if tower is None:
+            raise ConversionError(f"transformers has no vision model class for {config.model_type}")
+        return tower
+    saved_as_encoder = any(name.endswith("EncoderModel") for name in getattr(config, "architectures", None) or ())
+    if getattr(config, "is_encoder_decoder", False) or saved_as_encoder:
+        encoder = getattr(transformers, f"{family}EncoderModel", None)
+        if encoder is None:
+            raise ConversionError(f"{config.model_type} is an encoder-decoder model and transformers has no "
+                                  f"{family}EncoderModel to extract features with")
+        return encoder
+    return transformers.AutoModel
 
 
 def _first_line(error: Exception) -> str:

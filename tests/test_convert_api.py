@@ -29,6 +29,7 @@ TASK_CASES = [
     ("llama", hf.LlamaForCausalLM, "text-generation", ["logits"]),
     ("vit", hf.ViTForImageClassification, "image-classification", ["logits"]),
     ("clip_vision", None, "feature-extraction", ["last_hidden_state", "pooler_output"]),
+    ("t5_encoder", None, "feature-extraction", ["last_hidden_state"]),
 ]
 
 
@@ -50,6 +51,21 @@ def test_each_task_converts_with_hf_names_and_verifies(tmp_path, family, head, t
     else:
         assert list(program.inputs) == ["pixel_values"]
     assert "linear" not in report.ops_after and report.ops_after.get("conv", 0) > 0
+
+
+def test_a_dual_encoder_converts_its_vision_tower(tmp_path):
+    vision = F.FAMILIES["clip_vision"].build_config()
+    text = dict(vocab_size=F.VOCAB, hidden_size=F.HIDDEN, num_hidden_layers=1, num_attention_heads=F.HEADS,
+                intermediate_size=F.FFN)
+    torch.manual_seed(F.SEED)
+    hf.CLIPModel(hf.CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=16)
+                 ).save_pretrained(tmp_path / "clip")
+    with pytest.raises(ConversionError, match="choose --task image-feature-extraction"):
+        convert(str(tmp_path / "clip"), offline=True)
+    mlmodel, report = convert(str(tmp_path / "clip"), task="image-feature-extraction", offline=True,
+                              min_psnr_db=FIXTURE_MIN_PSNR_DB)
+    assert report.outputs == ["last_hidden_state", "pooler_output"] and report.passed, report.psnr
+    assert list(load_program(mlmodel).functions["main"].inputs) == ["pixel_values"]
 
 
 def test_question_answering_matches_pytorch_on_the_saved_package(tmp_path):
