@@ -75,6 +75,7 @@ class ConversionReport:
     passes: list[dict] = field(default_factory=list)
     psnr: list[dict] = field(default_factory=list)  # {"output", "seq_len", "psnr_db"}
     device_check: str = ""
+    verification_error: str = ""  # why the program could not be simulated, if it could not
     fp16_findings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     package_bytes: int | None = None
@@ -86,7 +87,18 @@ class ConversionReport:
 
     @property
     def passed(self) -> bool:
-        return self.worst_psnr_db >= self.min_psnr_db
+        return not self.verification_error and self.worst_psnr_db >= self.min_psnr_db
+
+    def failure(self) -> str:
+        """Why verification failed, in one line ("" when it passed)."""
+        if self.verification_error:
+            return f"the converted program could not be simulated: {self.verification_error}"
+        if not self.passed:
+            worst = min(self.psnr, key=lambda entry: entry["psnr_db"])
+            length = "" if worst["seq_len"] is None else f" at sequence length {worst['seq_len']}"
+            return (f"PSNR of {worst['output']}{length} is {worst['psnr_db']:.1f} dB, below "
+                    f"{self.min_psnr_db:g} dB")
+        return ""
 
     def as_dict(self) -> dict:
         from milpasses import __version__
@@ -98,6 +110,7 @@ class ConversionReport:
             "passes": self.passes,
             "psnr": [{**e, "psnr_db": _json_number(e["psnr_db"])} for e in self.psnr],
             "min_psnr_db": self.min_psnr_db, "verified": self.passed,
+            "verification_error": self.verification_error,
             "device_check": self.device_check, "fp16_findings": self.fp16_findings,
             "seconds": self.seconds, "package_bytes": self.package_bytes,
         }
@@ -117,6 +130,8 @@ class ConversionReport:
             verdict = "ok" if entry["psnr_db"] >= self.min_psnr_db else f"BELOW {self.min_psnr_db:g}"
             seq_len = "-" if entry["seq_len"] is None else entry["seq_len"]
             lines.append(f"{entry['output']:<20} {seq_len:>7} {entry['psnr_db']:>8.1f}  {verdict}")
+        if self.verification_error:
+            lines.append(f"verification could not run: {self.verification_error}")
         lines += ["", f"device   {self.device_check}"]
         if self.fp16_findings:
             lines.append(f"fp16 check: {len(self.fp16_findings)} finding(s)")
@@ -150,6 +165,8 @@ class ConversionReport:
                   "| output | seq_len | PSNR dB |", "|---|---|---|"]
         lines += [f"| {e['output']} | {e['seq_len'] if e['seq_len'] is not None else '-'} | {e['psnr_db']:.1f} |"
                   for e in self.psnr]
+        if self.verification_error:
+            lines += ["", f"Verification could not run: {self.verification_error}"]
         lines += ["", f"Device check: {self.device_check}", ""]
         if self.fp16_findings:
             lines += ["fp16 check findings:", ""] + [f"- {f}" for f in self.fp16_findings] + [""]
@@ -579,9 +596,25 @@ def _frontend_error(error: Exception, model_type: str) -> ConversionError:
 
 def _verify(mlmodel, reference_module, task: Task, output_names, lengths, samples_at, batch,
             report: ConversionReport) -> None:
+    from milpasses.fp16_check import check_fp16
+    from milpasses.simulator import SimulationError
+
+    try:
+        first_inputs = _compare(mlmodel, reference_module, task, output_names, lengths, samples_at, batch, report)
+    except SimulationError as error:
+        report.verification_error = str(error)
+        report.device_check = "MLModel.predict not run: the simulation failed first"
+        return
+    if not report.passed:
+        report.fp16_findings = [str(f) for f in check_fp16(mlmodel._mil_program, first_inputs)]
+    report.device_check = _device_check(mlmodel, reference_module, first_inputs, output_names)
+
+
+def _compare(mlmodel, reference_module, task: Task, output_names, lengths, samples_at, batch,
+             report: ConversionReport) -> dict[str, np.ndarray]:
+    """Simulate the program at each length, record PSNR per output; returns the first inputs run."""
     import torch
 
-    from milpasses.fp16_check import check_fp16
     from milpasses.simulator import Simulator, psnr
 
     simulator = Simulator(mlmodel._mil_program)
@@ -604,9 +637,7 @@ def _verify(mlmodel, reference_module, task: Task, output_names, lengths, sample
             if name in task.token_outputs and valid is not None:
                 want, got = want[valid], got[valid]
             report.psnr.append({"output": name, "seq_len": length, "psnr_db": round(psnr(want, got), 2)})
-    if not report.passed:
-        report.fp16_findings = [str(f) for f in check_fp16(mlmodel._mil_program, first_inputs)]
-    report.device_check = _device_check(mlmodel, reference_module, first_inputs, output_names)
+    return first_inputs
 
 
 def _device_check(mlmodel, reference_module, inputs, output_names) -> str:

@@ -149,6 +149,15 @@ def test_bad_requests_are_conversion_errors(tmp_path_factory, kwargs, message):
         convert(str(directory), offline=True, **kwargs)
 
 
+def test_a_program_the_simulator_cannot_run_fails_verification_and_says_why(monkeypatch):
+    from milpasses.simulator.ops import OP_IMPLEMENTATIONS
+
+    monkeypatch.delitem(OP_IMPLEMENTATIONS, "conv")
+    _, report = convert(F.build_model("bert"), seq_len=8)
+    assert not report.passed and report.psnr == []
+    assert "no implementation of MIL op 'conv'" in report.failure()
+
+
 def test_missing_model_directory(tmp_path):
     with pytest.raises(ConversionError, match="no model directory at"):
         convert(str(tmp_path / "absent"))
