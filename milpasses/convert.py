@@ -433,6 +433,10 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
 
     say = progress or (lambda message: None)
     lengths = _check_options(task, seq_len, seq_lens, batch, attention, target, precision)
+    try:
+        pipeline = ane_pipeline(**({} if attention is None else {"attention": attention}))
+    except ValueError as error:
+        raise ConversionError(f"this milpasses has no attention={attention!r}: {error}") from error
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -503,15 +507,10 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
         else:
             ct_inputs = [ct.TensorType(name=n, shape=(batch, lengths[0]), dtype=np.int32) for n in input_names]
         shapes = {n: [[batch, length] for length in lengths] for n in input_names}
-    pipeline_options = {} if attention is None else {"attention": attention}
     common = dict(inputs=ct_inputs, outputs=[ct.TensorType(name=n) for n in output_names],
                   minimum_deployment_target=getattr(ct.target, target),
                   compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
 
-    try:
-        pipeline = ane_pipeline(**pipeline_options)
-    except ValueError as error:
-        raise ConversionError(f"this milpasses has no attention={attention!r}: {error}") from error
     started = time.perf_counter()
     say("converting with ane_pipeline()")
     try:
