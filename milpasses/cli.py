@@ -1,22 +1,18 @@
 """The ``milpasses`` command line.
 
-``milpasses convert`` converts the bundled all-MiniLM-L6-v2 to an fp16 ML Program with
-``ane_pipeline()`` (linear layers as 1x1 convs, the body in (B, C, 1, S)) and proves,
-by simulating the converted program, that it computes what the PyTorch model computes.
+``milpasses convert [MODEL]`` converts a Hugging Face model (by default the bundled
+all-MiniLM-L6-v2, offline) to an fp16 ML Program with ``ane_pipeline()`` and proves, by
+simulating the converted program, that it computes what the PyTorch model computes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
-import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
 
 from milpasses.analyze.cli import add_analyze_parser
 
@@ -25,102 +21,105 @@ class UserError(Exception):
     """A problem with what the user asked for: reported in one line, exit status 2."""
 
 
-def _trace_and_convert(model, inputs: dict[str, np.ndarray], precision: str):
-    import coremltools as ct
-    import torch
+def _default_output(model: str | None) -> Path:
+    from milpasses.convert import BUNDLED_NAME
 
-    from milpasses.pipeline import ane_pipeline
-    from milpasses.tracing import LastHiddenState, convert_traced
-
-    examples = tuple(torch.from_numpy(v.astype(np.int64)) for v in inputs.values())
-    with torch.no_grad():
-        traced = torch.jit.trace(LastHiddenState(model, tuple(inputs)).eval(), examples)
-    return convert_traced(traced, inputs, precision, ane_pipeline(), compute_units=ct.ComputeUnit.CPU_AND_NE)
-
-
-def _check_output(output: Path, overwrite: bool) -> None:
-    """Refuse an output that cannot or must not be written, before any slow work."""
-    if output.suffix != ".mlpackage":
-        raise UserError(f"the output must end in .mlpackage, got {output}")
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} exists; pass --overwrite to replace it")
-    if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
-        raise UserError(f"cannot write to {output.parent}: choose a writable directory with -o")
-
-
-def _save_atomically(mlmodel, output: Path, overwrite: bool) -> None:
-    """Write beside the destination, then rename: the destination is never half-written."""
-    _check_output(output, overwrite)
-    staging = Path(tempfile.mkdtemp(prefix=".milpasses-", dir=output.parent))
-    try:
-        mlmodel.save(str(staging / output.name))
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging / output.name, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    name = BUNDLED_NAME if model is None else Path(model.rstrip("/")).name
+    return Path(f"{name}.mlpackage")
 
 
 def convert_command(args) -> int:
-    import torch
+    from milpasses.convert import ConversionError, check_output, convert, save
 
-    from milpasses.bundled import SAMPLE_SENTENCES, load_bundled
-    from milpasses.fp16_check import check_fp16
-    from milpasses.passes import last_reports
-    from milpasses.simulator import psnr, simulate
-
-    output = Path(args.output)
-    _check_output(output, args.overwrite)
-
-    started = time.perf_counter()
-    model, tokenizer = load_bundled()
-    if args.seq_len > model.config.max_position_embeddings:
-        raise UserError(
-            f"--seq-len {args.seq_len} is above the model's maximum of {model.config.max_position_embeddings}"
-        )
-    batch = tokenizer(list(SAMPLE_SENTENCES), padding="max_length", max_length=args.seq_len,
-                      truncation=True, return_tensors="np")
-    inputs = {k: batch[k].astype(np.int32) for k in ("input_ids", "attention_mask")}
-    mlmodel = _trace_and_convert(model, inputs, args.precision)
-
-    with torch.no_grad():
-        tensors = {k: torch.from_numpy(v.astype(np.int64)) for k, v in inputs.items()}
-        expected = model(**tensors).last_hidden_state.numpy()
-    actual = simulate(mlmodel, inputs)["last_hidden_state"]
-    quality = psnr(expected, actual)
-
-    _save_atomically(mlmodel, output, args.overwrite)
-    print(f"wrote {output} (all-MiniLM-L6-v2, {args.precision}, batch {len(SAMPLE_SENTENCES)}, "
-          f"sequence {args.seq_len}) in {time.perf_counter() - started:.1f} s")
-    print(f"simulated last_hidden_state against PyTorch fp32: PSNR {quality:.1f} dB "
-          f"on {len(SAMPLE_SENTENCES)} real sentences, padded")
-    findings = check_fp16(mlmodel, inputs)
-    print(f"fp16 check: {len(findings)} finding(s)" + "".join(f"\n  {finding}" for finding in findings))
-    for pass_id, report in last_reports().items():
-        print(f"{pass_id}: {report.sites_rewritten} sites rewritten, {report.sites_skipped} left alone, "
-              f"{report.ops_before} -> {report.ops_after} ops")
-    if quality < args.min_psnr:
-        print(f"warning: PSNR is below {args.min_psnr} dB", file=sys.stderr)
-        return 1
+    output = Path(args.output) if args.output else _default_output(args.model)
+    quiet = args.quiet or args.json
+    try:
+        check_output(output, args.overwrite)
+        # coremltools and transformers draw progress bars and warnings on stderr: --quiet and
+        # --json keep only our own errors there.
+        silence = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
+        with silence:
+            mlmodel, report = convert(
+                args.model, task=args.task, seq_len=args.seq_len, seq_lens=args.seq_lens, batch=args.batch,
+                attention=args.attention, target=args.target, precision=args.precision, offline=args.offline,
+                trust_remote_code=args.trust_remote_code, min_psnr_db=args.min_psnr,
+                progress=None if quiet else _progress)
+        if args.strict and not report.passed:
+            if not quiet:
+                print(report.table())
+            print(f"milpasses: error: verification failed: {report.failure()}; nothing written (--strict)",
+                  file=sys.stderr)
+            return 1
+        save(mlmodel, report, output, args.overwrite)
+    except ConversionError as error:
+        raise UserError(str(error)) from error
+    except OSError as error:
+        raise UserError(f"cannot write {output}: {error.strerror or error}") from error
+    if args.json:
+        print(report.to_json())
+    elif not args.quiet:
+        print(report.table())
+        print(f"\nwrote {output}, report.json and report.md beside it")
+    if not report.passed:
+        print(f"milpasses: warning: verification failed: {report.failure()}; the package may not compute "
+              f"what the PyTorch model computes (see report.md)", file=sys.stderr)
     return 0
 
 
+def _progress(message: str) -> None:
+    print(f"milpasses: {message} ...", file=sys.stderr, flush=True)
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
+def _lengths(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) < 2 or any(v < 1 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"must be two or more distinct positive integers separated by commas (e.g. 64,128,512), got {text}")
+    return sorted(values)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from milpasses.convert import ATTENTION_MODES, DEFAULT_MIN_PSNR_DB, PRECISIONS, TARGETS, TASKS
+
     parser = argparse.ArgumentParser(prog="milpasses", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser("convert", help="convert the bundled all-MiniLM-L6-v2 and verify it")
-    convert.add_argument("-o", "--output", default="all-MiniLM-L6-v2.mlpackage")
-    convert.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    convert.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
-    convert.add_argument("--seq-len", type=_positive_int, default=128)
-    convert.add_argument("--min-psnr", type=float, default=60.0, help="verification threshold in dB")
+    convert = commands.add_parser("convert", help="convert a Hugging Face model for the ANE and verify it")
+    convert.add_argument("model", nargs="?", metavar="MODEL",
+                         help="hub id or model directory (default: the bundled all-MiniLM-L6-v2, offline)")
+    convert.add_argument("--task", choices=tuple(TASKS), default="feature-extraction")
+    lengths = convert.add_mutually_exclusive_group()
+    lengths.add_argument("--seq-len", type=_positive_int, help="fixed sequence length (default 128)")
+    lengths.add_argument("--seq-lens", type=_lengths, metavar="N,N,...",
+                         help="enumerated sequence lengths, e.g. 64,128,512 (ct.EnumeratedShapes)")
+    convert.add_argument("--batch", type=_positive_int, default=1)
+    convert.add_argument("--attention", choices=ATTENTION_MODES, help="attention rewrite of ane_pipeline")
+    convert.add_argument("--target", choices=TARGETS, default="iOS16", help="minimum deployment target")
+    convert.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    convert.add_argument("-o", "--output", help="OUT.mlpackage (default: MODEL's name .mlpackage)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output and reports")
+    convert.add_argument("--offline", action="store_true", help="read local files only, never the network")
+    convert.add_argument("--trust-remote-code", action="store_true",
+                         help="run the model repository's own Python code (off unless given)")
+    convert.add_argument("--min-psnr", type=float, default=DEFAULT_MIN_PSNR_DB,
+                         help="verification threshold in dB (default %(default)s)")
+    convert.add_argument("--strict", action="store_true",
+                         help="exit non-zero, writing nothing, when verification is below --min-psnr")
+    output = convert.add_mutually_exclusive_group()
+    output.add_argument("--quiet", action="store_true", help="print only errors")
+    output.add_argument("--json", action="store_true", help="print only the report, as JSON")
     convert.set_defaults(run=convert_command)
     add_analyze_parser(commands)
     return parser

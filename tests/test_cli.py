@@ -1,54 +1,136 @@
-"""``milpasses convert``: writes a verified package, refuses bad input without losing anything."""
+"""``milpasses convert``: writes a verified package and its reports, refuses bad input without
+leaving anything behind."""
+
+import json
 
 import pytest
 
 from milpasses.cli import main
 from milpasses.simulator import load_program
+from tests.convert_helpers import save_fixture
 
 
-def test_convert_writes_a_verified_package(tmp_path, capsys):
-    output = tmp_path / "minilm.mlpackage"
-    assert main(["convert", "-o", str(output), "--seq-len", "16"]) == 0
-    program = load_program(output).functions["main"]
-    assert program.outputs[0].name == "last_hidden_state"
-    assert "conv" in [op.op_type for op in program.operations]
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return save_fixture(tmp_path_factory.mktemp("models") / "bert", "bert")
+
+
+def test_readme_command_converts_the_bundled_minilm(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "-o", "all-MiniLM-L6-v2.mlpackage", "--seq-len", "32"]) == 0
+    program = load_program(tmp_path / "all-MiniLM-L6-v2.mlpackage").functions["main"]
+    assert [v.name for v in program.outputs] == ["last_hidden_state", "sentence_embedding"]
     assert "linear" not in [op.op_type for op in program.operations]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["model"] == "all-MiniLM-L6-v2 (bundled)" and report["verified"]
+    assert {e["output"] for e in report["psnr"]} == {"last_hidden_state", "sentence_embedding"}
+    assert all(e["psnr_db"] >= 60.0 for e in report["psnr"])
+    passes = {p["pass"]: p for p in report["passes"]}
+    assert passes["ane::linear_to_conv"]["rewritten"] == {"linear": 36}  # 6 layers x (Q, K, V, O, up, down)
+    assert report["ops_before"]["linear"] == 36 and "linear" not in report["ops_after"]
+    assert report["package_bytes"] > 40 * 2**20  # 22.7 M fp16 weights
+    assert "| sentence_embedding | 32 |" in (tmp_path / "report.md").read_text()
     out = capsys.readouterr().out
-    assert "ane::linear_to_conv: 36 sites rewritten" in out  # 6 layers x (Q, K, V, O, up, down)
-    assert "fp16 check: 0 finding(s)" in out
-    psnr_db = float(out.split("PSNR ")[1].split(" dB")[0])
-    assert psnr_db >= 60.0
-    assert [p.name for p in tmp_path.iterdir()] == ["minilm.mlpackage"]  # no staging left behind
+    assert "MLModel.predict skipped" in out or "MLModel.predict (CPU_AND_NE)" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all-MiniLM-L6-v2.mlpackage", "report.json", "report.md"]
 
 
-def test_existing_output_is_refused_and_kept(tmp_path, capsys):
-    output = tmp_path / "taken.mlpackage"
-    output.mkdir()
-    (output / "mine.txt").write_text("user data")
-    assert main(["convert", "-o", str(output), "--seq-len", "16"]) == 2
-    assert "exists; pass --overwrite" in capsys.readouterr().err
-    assert (output / "mine.txt").read_text() == "user data"
+def test_json_prints_the_report_alone(tmp_path, bert_dir, capsys):
+    output = tmp_path / "bert.mlpackage"
+    assert main(["convert", str(bert_dir), "-o", str(output), "--seq-len", "8", "--offline", "--json",
+                 "--min-psnr", "55"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["task"] == "feature-extraction" and report["inputs"]["input_ids"] == [[1, 8]]
+    assert report == json.loads((tmp_path / "report.json").read_text())
+    assert captured.err == ""
 
 
-def test_missing_output_directory(tmp_path, capsys):
-    assert main(["convert", "-o", str(tmp_path / "absent" / "m.mlpackage"), "--seq-len", "16"]) == 2
-    assert "cannot write to" in capsys.readouterr().err
-    assert not (tmp_path / "absent").exists()
-
-
-def test_output_must_be_a_package(tmp_path, capsys):
-    assert main(["convert", "-o", str(tmp_path / "m.mlmodel")]) == 2
-    assert "must end in .mlpackage" in capsys.readouterr().err
-
-
-def test_sequence_longer_than_the_model_allows(tmp_path, capsys):
-    assert main(["convert", "-o", str(tmp_path / "m.mlpackage"), "--seq-len", "4096"]) == 2
-    assert "above the model's maximum of 512" in capsys.readouterr().err
+def test_strict_below_the_threshold_fails_and_writes_nothing(tmp_path, bert_dir, capsys):
+    output = tmp_path / "bert.mlpackage"
+    code = main(["convert", str(bert_dir), "-o", str(output), "--seq-len", "8", "--offline", "--quiet",
+                 "--strict", "--min-psnr", "1000"])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "below 1000 dB; nothing written (--strict)" in captured.err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_non_positive_sequence_length_is_a_usage_error(capsys):
+def test_below_the_threshold_without_strict_warns(tmp_path, bert_dir, capsys):
+    output = tmp_path / "bert.mlpackage"
+    assert main(["convert", str(bert_dir), "-o", str(output), "--seq-len", "8", "--offline", "--quiet",
+                 "--min-psnr", "1000"]) == 0
+    assert "warning: verification failed: PSNR of pooler_output at sequence length 8 is" in capsys.readouterr().err
+    assert json.loads((tmp_path / "report.json").read_text())["verified"] is False
+
+
+@pytest.mark.parametrize("taken", ["taken.mlpackage", "report.json", "report.md"])
+def test_existing_output_or_report_is_refused_and_kept(tmp_path, capsys, taken):
+    (tmp_path / taken).mkdir() if taken.endswith(".mlpackage") else (tmp_path / taken).write_text("mine")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["convert", "-o", str(tmp_path / "taken.mlpackage")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_overwrite_replaces_package_and_reports(tmp_path, bert_dir):
+    output = tmp_path / "bert.mlpackage"
+    output.mkdir()
+    (output / "stale.txt").write_text("old")
+    (tmp_path / "report.json").write_text("old")
+    assert main(["convert", str(bert_dir), "-o", str(output), "--seq-len", "8", "--offline", "--quiet",
+                 "--overwrite", "--min-psnr", "55"]) == 0
+    assert not (output / "stale.txt").exists()
+    assert json.loads((tmp_path / "report.json").read_text())["verified"] is True
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["MODEL", "--seq-len", "4096"], "above the model's maximum of 1024"),
+    (["MODEL", "--task", "fill-mask"], "no trained weights for the fill-mask head"),
+    (["MODEL", "--task", "image-classification"], "has no image-classification head"),
+    (["MODEL", "--seq-lens", "8,16"], "--seq-lens needs --target iOS18"),
+    (["ABSENT"], "no model directory at"),
+    (["nobody-here/no-such-model"], "cannot load model 'nobody-here/no-such-model'"),
+    (["-o", "OUT/absent/m.mlpackage"], "cannot write to"),
+    (["-o", "OUT/m.mlmodel"], "must end in .mlpackage"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, bert_dir, capsys, arguments, message):
+    arguments = [a.replace("MODEL", str(bert_dir)).replace("ABSENT", str(tmp_path / "absent"))
+                 .replace("OUT", str(tmp_path)) for a in arguments]
+    if not any(a.startswith("-o") for a in arguments):
+        arguments += ["-o", str(tmp_path / "m.mlpackage")]
+    assert main(["convert", *arguments, "--offline"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("milpasses: error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unconvertible_torch_op_is_named(tmp_path, bert_dir, capsys, monkeypatch):
+    """An architecture using a torch op coremltools lacks (here: gelu, unregistered for the test)."""
+    from coremltools.converters.mil.frontend.torch.ops import _TORCH_OPS_REGISTRY
+
+    monkeypatch.delitem(_TORCH_OPS_REGISTRY.name_to_func_mapping, "gelu")
+    assert main(["convert", str(bert_dir), "-o", str(tmp_path / "m.mlpackage"), "--seq-len", "8",
+                 "--offline", "--quiet"]) == 2
+    assert "cannot convert the torch op 'gelu'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--seq-len", "0"], "must be a positive integer"),
+    (["--seq-lens", "64,abc"], "two or more distinct positive integers"),
+    (["--seq-lens", "64"], "two or more distinct positive integers"),
+    (["--seq-len", "8", "--seq-lens", "8,16"], "not allowed with argument"),
+    (["--task", "summarization"], "invalid choice: 'summarization'"),
+    (["--attention", "fast"], "invalid choice: 'fast'"),
+    (["--target", "iOS15"], "invalid choice: 'iOS15'"),
+    (["--precision", "int8"], "invalid choice: 'int8'"),
+])
+def test_bad_option_values_are_usage_errors(capsys, arguments, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["convert", "--seq-len", "0"])
+        main(["convert", *arguments])
     assert exit_info.value.code == 2
-    assert "must be a positive integer" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

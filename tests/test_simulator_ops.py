@@ -69,6 +69,11 @@ CASES = [
      lambda x: t(x).chunk(3, dim=-1)),
     ("concat", lambda a, b: mb.concat(values=(a, b), axis=1), {"a": randn(2, 3), "b": randn(2, 1)},
      lambda a, b: torch.cat([t(a), t(b)], 1)),
+    # shape arithmetic of programs with enumerated shapes concatenates scalars into a vector
+    ("concat_scalars", lambda a, b: mb.concat(values=(mb.reduce_sum(x=a), mb.reduce_max(x=b)), axis=0),
+     {"a": randn(2, 3), "b": randn(4)}, lambda a, b: torch.stack([t(a).sum(), t(b).max()])),
+    ("fill_like", lambda x: mb.fill_like(ref_tensor=x, value=2.5), {"x": randn(2, 3)},
+     lambda x: torch.full_like(t(x), 2.5)),
     ("slice_by_index_stride_masks_squeeze",
      lambda x: mb.slice_by_index(x=x, begin=[0, 1, 5], end=[0, 6, 0], stride=[1, 2, -2],
                                  begin_mask=[True, False, False], end_mask=[True, False, True],

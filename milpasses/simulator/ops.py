@@ -348,8 +348,15 @@ def fill(shape, value=0.0):
     return np.full([int(s) for s in np.atleast_1d(shape)], value)
 
 
+@implements("fill_like")
+def fill_like(ref_tensor, value=0.0):
+    return np.full(ref_tensor.shape, value)
+
+
 @implements("concat")
 def concat(values, axis, interleave=False):
+    if values[0].ndim == 0:  # MIL concatenates scalars into a vector (shape arithmetic does)
+        return np.stack(values)
     axis = int(axis) % values[0].ndim
     if not interleave:
         return np.concatenate(values, axis=axis)
