@@ -65,7 +65,7 @@ def test_html_picture_is_written_once_and_never_over_a_users_file(package, tmp_p
     assert main(["analyze", str(package), "--html", str(page)]) == 0
     text = page.read_text()
     assert text.startswith("<!DOCTYPE html>") and "<svg" in text and "<script" not in text
-    assert text.count("<rect") == len(analyze(package).ops)
+    assert text.count('<rect class="op"') == len(analyze(package).ops)
     page.write_text("mine")
     capsys.readouterr()
     assert main(["analyze", str(package), "--html", str(page)]) == 2
@@ -88,7 +88,7 @@ def test_compare_converts_a_model_directory_both_ways(hf_model_dir, tmp_path, ca
                for name in ("DEFAULT", "ane_pipeline()")}
     assert document["speedup"] == pytest.approx(
         {chip: by_chip["DEFAULT"][chip] / by_chip["ane_pipeline()"][chip] for chip in by_chip["DEFAULT"]})
-    assert page.read_text().count("<svg") == 2
+    assert page.read_text().count("<svg") == 4  # per layer and per op, for each conversion
 
 
 def test_compare_prints_the_predicted_speedup_for_the_bundled_model(capsys):
@@ -158,3 +158,13 @@ def test_plan_columns_and_agreement_rate_from_a_given_plan(package):
     assert "MLComputePlan" in text.splitlines()[0] and "0.2500" in text
     predicted = {r.output_name: r.device for r in analysis.ops}
     assert compute_plan.agreement(predicted, planned) == (1 if second.device != "GPU" else 2, 2)
+
+
+def test_picture_has_a_bar_per_layer_half_whose_times_add_up(package):
+    analysis = analyze(package)
+    segments = render.layer_segments(analysis)
+    kinds = [kind for kind, _ in segments]
+    assert kinds.count("attention") == kinds.count("feed-forward") == F.LAYERS
+    assert sum(len(piece) for _, piece in segments) == len(analysis.ops)
+    page = render.html_page({"ane": analysis})
+    assert page.count("attention (") == F.LAYERS and "Per layer" in page

@@ -129,6 +129,57 @@ def speedups(before: Analysis, after: Analysis) -> dict[str, float]:
     return {chip: before.latency_by_chip[chip] / after.latency_by_chip[chip] for chip in before.latency_by_chip}
 
 
+#: Ops that end a normalisation (a fused layer_norm, or the rsqrt of an RMSNorm chain): a
+#: transformer layer is two such segments, attention then feed-forward.
+_NORM_ENDS = ("layer_norm", "rsqrt")
+_FEED_FORWARD = ("gelu", "silu", "relu")
+
+
+def layer_segments(analysis: Analysis) -> list[tuple[str, list]]:
+    """The ops cut after each normalisation, each piece named by what it holds: attention (it
+    has a softmax), feed-forward (an activation), or other (embeddings, heads, outputs)."""
+    pieces, current = [], []
+    for record in analysis.ops:
+        current.append(record)
+        if record.op_type in _NORM_ENDS:
+            pieces.append(current)
+            current = []
+    if current:
+        pieces.append(current)
+    named = []
+    for piece in pieces:
+        types_in = {r.op_type for r in piece}
+        kind = "attention" if "softmax" in types_in else "feed-forward" if types_in & set(_FEED_FORWARD) else "other"
+        named.append((kind, piece))
+    return named
+
+
+def _layer_svg(analysis: Analysis) -> str:
+    """One bar per segment, its length the segment's estimated time, split by device."""
+    segments = layer_segments(analysis)
+    bar_height, width, label_width = 18, 520, 230
+    totals = [sum(r.seconds for r in piece) for _, piece in segments]
+    longest = max(totals, default=0) or 1
+    rows = []
+    for i, ((kind, piece), total) in enumerate(zip(segments, totals)):
+        y, x = i * bar_height, float(label_width)
+        by_device = {d: sum(r.seconds for r in piece if r.device == d) for d in DEVICE_COLOURS}
+        shares = ", ".join(f"{d} {t * 1e6:.1f} us" for d, t in by_device.items() if t)
+        rows.append(f'<g><title>{html.escape(f"{kind}, {len(piece)} ops: {shares}")}</title>'
+                    f'<text x="0" y="{y + 13}" font-size="11">{i + 1:>3} {kind} ({len(piece)} ops)</text>')
+        for device, seconds in by_device.items():
+            if seconds:
+                length = max(1.0, width * seconds / longest)
+                rows.append(f'<rect class="layer" x="{x:.1f}" y="{y + 3}" width="{length:.1f}" height="{bar_height - 6}" '
+                            f'fill="{DEVICE_COLOURS[device]}"/>')
+                x += length
+        rows.append(f'<text x="{x + 4:.1f}" y="{y + 13}" font-size="10">{total * 1e6:.1f} us</text></g>')
+    return ('<h3>Per layer: attention and feed-forward halves, cut at each norm</h3>'
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_width + width + 80}" '
+            f'height="{bar_height * len(segments)}" font-family="monospace">' + "".join(rows) + "</svg>"
+            '<h3>Per op</h3>')
+
+
 def _svg(analysis: Analysis, title: str) -> str:
     bar_height, width, label_width = 14, 520, 320
     longest = max((r.seconds for r in analysis.ops), default=0) or 1
@@ -141,13 +192,13 @@ def _svg(analysis: Analysis, title: str) -> str:
         rows.append(
             f'<g><title>{tip}</title>'
             f'<text x="0" y="{y + 11}" font-size="11">{html.escape((r.op_type + " " + r.name)[:46])}</text>'
-            f'<rect x="{label_width}" y="{y + 2}" width="{length:.1f}" height="{bar_height - 4}" '
+            f'<rect class="op" x="{label_width}" y="{y + 2}" width="{length:.1f}" height="{bar_height - 4}" '
             f'fill="{DEVICE_COLOURS[r.device]}"/>'
             f'<text x="{label_width + length + 4:.1f}" y="{y + 11}" font-size="10">{r.seconds * 1e6:.1f} us</text></g>')
     height = bar_height * len(analysis.ops)
     return (f'<h2>{html.escape(title)}</h2><p>Bar length: estimated time on {analysis.chip.name} '
-            f'(longest {longest * 1e6:.1f} us); estimated latency {analysis.latency * 1e3:.2f} ms.</p>'
-            f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_width + width + 70}" height="{height}" '
+            f'(longest op {longest * 1e6:.1f} us); estimated latency {analysis.latency * 1e3:.2f} ms.</p>'
+            + _layer_svg(analysis) + f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_width + width + 70}" height="{height}" '
             f'font-family="monospace">' + "".join(rows) + "</svg>")
 
 
