@@ -44,6 +44,7 @@ def child(model_name: str, pipeline_name: str) -> None:
     import torch
 
     import milpasses
+    import milpasses.frontend  # noqa: F401  (DEFAULT needs the converters too)
     from milpasses.tracing import LastHiddenState, convert_traced
 
     model = build(model_name)

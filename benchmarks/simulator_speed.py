@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import transformers as hf
 
-import milpasses  # noqa: F401  (frontend converters)
+import milpasses.frontend  # noqa: F401  (frontend converters)
 from milpasses.simulator import Simulator, psnr
 from milpasses.tracing import LastHiddenState, convert_traced
 

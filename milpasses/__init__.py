@@ -1,11 +1,27 @@
-"""milpasses: MIL graph passes that put transformer models on the Apple Neural Engine."""
+"""milpasses: MIL graph passes that put transformer models on the Apple Neural Engine.
 
-from milpasses import frontend  # noqa: F401  (installs torch op converters coremltools lacks)
-from milpasses.fp16_check import check_fp16
-from milpasses.passes import last_reports
-from milpasses.pipeline import ane_pipeline
-from milpasses.simulator import psnr, simulate
+The public names load on first use, so that ``import milpasses`` (and the command line, before
+it has read its options) does not import coremltools and torch. Whatever converts a model
+(``ane_pipeline()``, ``milpasses.tracing``, ``milpasses.convert``) first installs the torch
+op converters coremltools lacks (``milpasses.frontend``).
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["ane_pipeline", "check_fp16", "last_reports", "psnr", "simulate", "__version__"]
+_HOMES = {
+    "ane_pipeline": "milpasses.pipeline",
+    "check_fp16": "milpasses.fp16_check",
+    "last_reports": "milpasses.passes",
+    "psnr": "milpasses.simulator",
+    "simulate": "milpasses.simulator",
+}
+
+__all__ = sorted(_HOMES) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'milpasses' has no attribute {name!r}")

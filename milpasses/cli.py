@@ -11,10 +11,9 @@ import argparse
 import contextlib
 import io
 import logging
+import os
 import sys
 from pathlib import Path
-
-from milpasses.analyze.cli import add_analyze_parser
 
 
 class UserError(Exception):
@@ -121,11 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--quiet", action="store_true", help="print only errors")
     output.add_argument("--json", action="store_true", help="print only the report, as JSON")
     convert.set_defaults(run=convert_command)
+    from milpasses.analyze.cli import add_analyze_parser
+
     add_analyze_parser(commands)
     return parser
 
 
+def _quiet_libraries() -> None:
+    """coremltools and transformers log notices as they are imported; --quiet and --json
+    promise only errors (or the report), so they are told before anything imports them."""
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if {"--quiet", "--json"} & set(argv):
+        _quiet_libraries()
     args = build_parser().parse_args(argv)
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     try:

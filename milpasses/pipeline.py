@@ -5,6 +5,7 @@ from __future__ import annotations
 import coremltools as ct
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
+import milpasses.frontend  # noqa: F401  (installs the torch op converters coremltools lacks)
 import milpasses.passes  # noqa: F401  (registers the ane:: passes)
 
 PIPELINE_NAME = "ane"

@@ -2,6 +2,8 @@
 leaving anything behind."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -134,3 +136,13 @@ def test_bad_option_values_are_usage_errors(capsys, arguments, message):
         main(["convert", *arguments])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_quiet_prints_nothing_at_all_from_a_fresh_process(tmp_path, bert_dir):
+    # A fresh interpreter: the notices coremltools and transformers log while being imported
+    # would show here, and --quiet promises errors only.
+    output = tmp_path / "bert.mlpackage"
+    done = subprocess.run([sys.executable, "-m", "milpasses.cli", "convert", str(bert_dir), "-o", str(output),
+                           "--seq-len", "8", "--offline", "--quiet", "--min-psnr", "50"], capture_output=True, text=True, cwd=tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert output.is_dir()
