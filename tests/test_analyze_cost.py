@@ -2,16 +2,15 @@
 
 import numpy as np
 import pytest
-import torch
-import transformers as hf
 from coremltools.converters.mil import Builder as mb
 
+from fixtures import families as F
 from milpasses import ane_pipeline
 from milpasses.analyze import analyze
 from milpasses.analyze import cost as C
 from milpasses.analyze.render import compare_lines
 from milpasses.analyze.rules import ANE, CPU
-from milpasses.tracing import LastHiddenState, convert_traced
+from milpasses.tracing import convert_traced
 from tests.helpers import mil_program
 
 FP16 = 2  # bytes
@@ -113,15 +112,7 @@ SEQ_LEN = 128
 
 @pytest.fixture(scope="module")
 def distilbert_programs():
-    config = hf.DistilBertConfig()
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = hf.DistilBertModel(config).eval()
-    ids = np.random.default_rng(0).integers(3, config.vocab_size, size=(1, SEQ_LEN)).astype(np.int32)
-    inputs = {"input_ids": ids, "attention_mask": np.ones((1, SEQ_LEN), np.int32)}
-    with torch.no_grad():
-        traced = torch.jit.trace(LastHiddenState(model, tuple(inputs)).eval(),
-                                 tuple(torch.from_numpy(v.astype(np.int64)) for v in inputs.values()))
+    _, inputs, traced = F.distilbert_base(SEQ_LEN)
     return (convert_traced(traced, inputs, "fp16")._mil_program,
             convert_traced(traced, inputs, "fp16", ane_pipeline())._mil_program)
 

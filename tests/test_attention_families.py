@@ -71,9 +71,7 @@ def test_text_fp16_is_accurate_on_padded_and_unpadded_rows_and_finite_with_one_t
     assert psnr(expected[valid], actual[valid]) >= 60.0
 
 
-# fp32 exactness does not depend on the length except through split_einsum_v2's chunks, which
-# 600 (one chunk of 512 and a remainder of 88) exercises.
-@pytest.mark.parametrize("name, mode, seq_len", _cases((7,)) + [(n, "split_einsum_v2", 600) for n in TEXT if n not in UNMATCHED])
+@pytest.mark.parametrize("name, mode, seq_len", _cases(SEQ_LENS))
 def test_text_fp32_equals_torch(name, mode, seq_len):
     mlmodel, _ = _converted(name, mode, seq_len, "fp32")
     inputs = _text_inputs(name, seq_len)

@@ -5,12 +5,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-import transformers as hf
 
+from fixtures import families as F
 from milpasses import ane_pipeline
 from milpasses.passes.layout import LAYOUT_OPS, layout_census
 from milpasses.simulator import psnr, simulate
-from milpasses.tracing import LastHiddenState, convert_traced
+from milpasses.tracing import convert_traced
 
 SEQ_LEN = 128
 #: Apple's hand-written ANE DistilBERT, through the same coremltools pipeline (ANE_NOTES.md).
@@ -19,21 +19,10 @@ APPLE_NON_CONST_OPS = 538
 
 @pytest.fixture(scope="module")
 def distilbert():
-    config = hf.DistilBertConfig()
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = hf.DistilBertModel(config).eval()
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1000, config.vocab_size, size=(1, SEQ_LEN)).astype(np.int32)
-    mask = np.ones((1, SEQ_LEN), dtype=np.int32)
-    mask[0, 100:] = 0
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    examples = tuple(torch.from_numpy(v.astype(np.int64)) for v in inputs.values())
+    model, inputs, traced = F.distilbert_base(SEQ_LEN, valid_tokens=100)
     with torch.no_grad():
-        traced = torch.jit.trace(LastHiddenState(model, tuple(inputs)).eval(), examples)
-        expected = model(*examples).last_hidden_state.numpy()
-    mlmodel = convert_traced(traced, inputs, "fp16", ane_pipeline())
-    return mlmodel, inputs, expected, config
+        expected = model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in inputs.items()}).last_hidden_state.numpy()
+    return convert_traced(traced, inputs, "fp16", ane_pipeline()), inputs, expected, model.config
 
 
 def test_the_body_has_no_matmul_linear_or_reshape_and_attention_is_per_head(distilbert):

@@ -316,7 +316,10 @@ def _check_terms(terms):
     return None
 
 
-def _assemble(query, key, value, terms, scale, output, ops) -> AttentionSite | NoMatch:
+def _assemble(operands, key_labels, terms, scale, output, ops) -> AttentionSite | NoMatch:
+    """The site, from the (q, k, v) operand vars of the attention core, once their heads are traced."""
+    q, k, v = operands
+    query, key, value = trace_heads(q, HEADS_FIRST), trace_heads(k, key_labels), trace_heads(v, HEADS_FIRST)
     for view in (query, key, value):
         if not view:
             return view
@@ -362,10 +365,8 @@ def match_attention(softmax_op) -> AttentionSite | NoMatch:
     output = _output_chain(weights_user)
     if not output:
         return output
-    query = trace_heads(scores.inputs["x"], HEADS_FIRST)
-    key = trace_heads(scores.inputs["y"], key_labels)
-    value = trace_heads(weights_user.inputs["y"], HEADS_FIRST)
-    return _assemble(query, key, value, terms, scale, output, ops + [softmax_op, weights_user])
+    operands = (scores.inputs["x"], scores.inputs["y"], weights_user.inputs["y"])
+    return _assemble(operands, key_labels, terms, scale, output, ops + [softmax_op, weights_user])
 
 
 def match_sdpa(op) -> AttentionSite | NoMatch:
@@ -373,16 +374,11 @@ def match_sdpa(op) -> AttentionSite | NoMatch:
     if rank(op.inputs["query"]) != 4:
         return NoMatch("scaled_dot_product_attention on tensors of rank other than 4")
     mask = op.inputs.get("attn_mask")
-    if mask is not None and not (is_activation(mask) or constant_value(mask) is not None):
-        return NoMatch("attn_mask is neither a tensor nor a constant")
     if mask is not None and types.is_bool(mask.dtype):
         return NoMatch("a boolean attn_mask is not rewritten")
     output = _output_chain(op)
     if not output:
         return output
-    query = trace_heads(op.inputs["query"], HEADS_FIRST)
-    key = trace_heads(op.inputs["key"], HEADS_FIRST)
-    value = trace_heads(op.inputs["value"], HEADS_FIRST)
-    head_dim = op.inputs["query"].shape[-1]
-    terms = [] if mask is None else [mask]
-    return _assemble(query, key, value, terms, 1.0 / math.sqrt(head_dim), output, [op])
+    operands = (op.inputs["query"], op.inputs["key"], op.inputs["value"])
+    scale = 1.0 / math.sqrt(op.inputs["query"].shape[-1])
+    return _assemble(operands, HEADS_FIRST, [] if mask is None else [mask], scale, output, [op])
