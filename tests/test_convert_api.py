@@ -120,6 +120,16 @@ def test_enumerated_sequence_lengths_verify_at_each_length(tmp_path):
     assert report.options["seq_lens"] == [8, 24]
 
 
+def test_enumerated_lengths_keep_attention_in_per_head_einsums(tmp_path):
+    directory = save_fixture(tmp_path / "bert", "bert")
+    _, report = convert(str(directory), seq_lens=[8, 16], target="iOS18", offline=True,
+                        min_psnr_db=FIXTURE_MIN_PSNR_DB)
+    assert report.passed, report.psnr
+    passes = {p["pass"]: p for p in report.passes}
+    assert passes["ane::attention_to_einsum"]["rewritten"]["attention"] == F.LAYERS
+    assert "matmul" not in report.ops_after and report.ops_after["einsum"] == 2 * F.LAYERS * F.HEADS
+
+
 def test_metadata_records_version_task_source_and_options(tmp_path):
     directory = save_fixture(tmp_path / "bert", "bert")
     mlmodel, report = convert(str(directory), seq_len=8, target="iOS17", offline=True)

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 from coremltools.converters.mil.mil import types
 
-from milpasses.passes.matching import NoMatch, constant_value, has_static_shape, is_activation, rank, single_consumer
+from milpasses.passes.matching import (
+    NoMatch,
+    constant_value,
+    is_activation,
+    is_static,
+    rank,
+    same_length,
+    single_consumer,
+)
 
 #: Labels of a head view's axes: batch, head, sequence, head channel.
 HEADS_FIRST = ("b", "h", "s", "d")  # (B, H, S, d): q and v as matmul operands
@@ -91,7 +99,9 @@ def _half_of(op, x) -> str | None:
         return None
     out = op.outputs[0]
     d = x.shape[-1]
-    if d % 2 or tuple(out.shape) != tuple(x.shape[:-1]) + (d // 2,):
+    if not is_static(d) or d % 2 or out.shape[-1] != d // 2:
+        return None
+    if not all(same_length(a, b) for a, b in zip(out.shape[:-1], x.shape[:-1])):
         return None
     stride = constant_value(op.inputs.get("stride"))
     if stride is not None and any(int(s) != 1 for s in stride):
@@ -150,6 +160,8 @@ def _rotary_parts(cos_term, sin_mul, add_op):
     if hi.op is None or _half_of(hi.op, x) != "hi":
         return None
     seq_len, head_dim = x.shape[2], x.shape[3]
+    if not is_static(seq_len):
+        return None  # the tables are computed at run time for flexible lengths
     cos = np.ones((seq_len, head_dim), dtype=np.float32) if cos is None else cos
     tables = []
     for table in (cos, sin):
@@ -180,7 +192,8 @@ def _repeated_heads(reshape_op):
         return None
     x = expand.inputs["x"]
     b, heads, s, d = x.shape
-    if tuple(reshape_op.outputs[0].shape) != (b, heads * reps[2], s, d):
+    expected = (b, heads * reps[2], s, d)
+    if not all(same_length(a, e) for a, e in zip(reshape_op.outputs[0].shape, expected)):
         return None
     return x, reps[2]
 
@@ -198,10 +211,10 @@ def trace_heads(var, labels) -> HeadView | NoMatch:
             return NoMatch("an attention operand is a program input")
         if op.op_type == "reshape" and rank(op.inputs["x"]) == 3 and labels == SOURCE_SPLIT:
             source = op.inputs["x"]
-            if not has_static_shape(source) or not has_static_shape(var):
-                return NoMatch("the head split has a dynamic shape")
             b, s, heads, d = var.shape
-            if tuple(source.shape) != (b, s, heads * d):
+            if not (is_static(heads) and is_static(d) and is_static(source.shape[2])):
+                return NoMatch("the head split has a dynamic head count or size")
+            if source.shape[2] != heads * d or not (same_length(source.shape[0], b) and same_length(source.shape[1], s)):
                 return NoMatch("the head split is not (B, S, C) -> (B, S, H, d)")
             if single_consumer(source) is None:
                 return NoMatch("a projection feeding attention has other consumers")
@@ -301,7 +314,8 @@ def _output_chain(matmul_op):
             labels, var = tuple(labels[p] for p in perm), op.outputs[0]
         elif op.op_type == "reshape" and labels == SOURCE_SPLIT and rank(op.outputs[0]) == 3:
             b, s, heads, d = var.shape
-            if tuple(op.outputs[0].shape) != (b, s, heads * d):
+            merged = op.outputs[0].shape
+            if merged[2] != heads * d or not (same_length(merged[0], b) and same_length(merged[1], s)):
                 return NoMatch("the heads are not merged back to (B, S, C)")
             return op.outputs[0], ops
         else:
@@ -309,10 +323,11 @@ def _output_chain(matmul_op):
 
 
 def _check_terms(terms):
-    """The adds that produced the scores already proved each term broadcasts against them."""
+    """The adds that produced the scores already proved each term broadcasts against them;
+    the rewrite needs each term's rank and, to cut it per head, its head axis."""
     for term in terms:
-        if rank(term) > 4 or not has_static_shape(term):
-            return NoMatch("a mask or bias is not a static tensor of rank <= 4")
+        if rank(term) > 4 or (rank(term) == 4 and not is_static(term.shape[1])):
+            return NoMatch("a mask or bias is not a tensor of rank <= 4 with a known head axis")
     return None
 
 
@@ -329,11 +344,11 @@ def _assemble(operands, key_labels, terms, scale, output, ops) -> AttentionSite 
         return NoMatch("q, k and v head sizes differ")
     if key.heads != value.heads or key.repeats != value.repeats:
         return NoMatch("k and v have different heads")
-    if query.repeats != 1 or key.heads * key.repeats != query.heads or key.seq_len != value.seq_len:
-        return NoMatch("q, k and v heads or lengths do not agree")
+    if query.repeats != 1 or key.heads * key.repeats != query.heads:
+        return NoMatch("q, k and v heads do not agree")
     if value.rotary is not None or value.scale != 1.0:
         return NoMatch("v is rotated or scaled")
-    if query.source.shape[0] != key.source.shape[0]:
+    if not same_length(query.source.shape[0], key.source.shape[0]):
         return NoMatch("q and k batch sizes differ")
     failed = _check_terms(terms)
     if failed is not None:
@@ -346,8 +361,8 @@ def _assemble(operands, key_labels, terms, scale, output, ops) -> AttentionSite 
 def match_attention(softmax_op) -> AttentionSite | NoMatch:
     """The attention block whose softmax is ``softmax_op``, or why it is not one."""
     x = softmax_op.inputs["x"]
-    if rank(x) != 4 or not has_static_shape(x):
-        return NoMatch("softmax input is not a static rank-4 tensor")
+    if rank(x) != 4:
+        return NoMatch("softmax input is not a rank-4 tensor")
     if int(constant_value(softmax_op.inputs["axis"])) % 4 != 3:
         return NoMatch("softmax is not over the last axis")
     chain = _scores_chain(softmax_op)

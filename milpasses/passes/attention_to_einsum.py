@@ -8,7 +8,7 @@ from coremltools.converters.mil import Builder as mb
 from milpasses.passes.attention_match import AttentionSite, HeadView, match_attention, match_sdpa
 from milpasses.passes.base import AnePass, register
 from milpasses.passes.layout import enter, leave, left_from
-from milpasses.passes.matching import NoMatch, constant_value, rank, single_consumer
+from milpasses.passes.matching import NoMatch, constant_value, is_static, rank, single_consumer
 
 MODES = ("split_einsum", "split_einsum_v2", "batched", "off")
 #: The one einsum MIL has: contract axis -1 of the first operand with axis -3 of the second.
@@ -97,7 +97,10 @@ class attention_to_einsum(AnePass):
     not dropped); ``batched`` keeps the heads together in one einsum pair over
     ``(B, d, H, S)`` views (reshapes and transposes remain); ``off`` leaves attention alone.
 
-    Does not fire when: the softmax is not over the last axis of a static rank-4 tensor; the
+    Flexible sequence lengths (EnumeratedShapes) are fine: only the channel split needs fixed
+    sizes; ``split_einsum_v2`` chunks only a fixed length, and ``batched`` needs a fixed batch.
+
+    Does not fire when: the softmax is not over the last axis of a rank-4 tensor; the
     scores or the output pass through an op it does not understand (DeBERTa's disentangled
     attention, rank-3 per-head matmuls); an intermediate has other consumers; a scale is
     applied after a mask; a mask or bias does not broadcast per head; a boolean sdpa mask.
@@ -144,9 +147,15 @@ class attention_to_einsum(AnePass):
         self._terms = {}  # id(mask var) -> its (B, Sk, H, Sq) form, shared by every block using it
         self.rewrite_each(block, ("softmax", "scaled_dot_product_attention"), self._match, self._rewrite)
 
+    def _match(self, op) -> AttentionSite | NoMatch:
+        site = match_attention(op) if op.op_type == "softmax" else match_sdpa(op)
+        if site and self.mode == "batched" and not self._batchable(site):
+            return NoMatch("batched mode needs a fixed batch, and a fixed length for grouped-query attention")
+        return site
+
     @staticmethod
-    def _match(op) -> AttentionSite | NoMatch:
-        return match_attention(op) if op.op_type == "softmax" else match_sdpa(op)
+    def _batchable(site: AttentionSite) -> bool:
+        return is_static(site.query.source.shape[0]) and (site.key.repeats == 1 or is_static(site.query.seq_len))
 
     def _rewrite(self, block, site: AttentionSite) -> None:
         folded = site.scale == 1.0 or self._fold_scale(block, site)
@@ -228,9 +237,10 @@ class attention_to_einsum(AnePass):
     def _per_head(self, site: AttentionSite, q, k, v, terms, name: str):
         heads, kv_heads = site.heads, site.key.heads
         sq = site.query.seq_len
-        chunked = self.mode == "split_einsum_v2" and sq >= self.query_chunk
-        chunks = [self.query_chunk] * (sq // self.query_chunk) + ([sq % self.query_chunk] if sq % self.query_chunk else [])
-        chunks = chunks if chunked else [sq]
+        chunks = [sq]
+        if self.mode == "split_einsum_v2" and is_static(sq) and sq >= self.query_chunk:
+            whole, rest = divmod(sq, self.query_chunk)
+            chunks = [self.query_chunk] * whole + ([rest] if rest else [])
         q_heads = _split(q, heads, 1, f"{name}_q_heads")
         k_heads = _split(mb.transpose(x=k, perm=[0, 3, 2, 1], name=f"{name}_k_transposed"), kv_heads, 3, f"{name}_k_heads")
         v_heads = _split(v, kv_heads, 1, f"{name}_v_heads")
@@ -255,7 +265,7 @@ class attention_to_einsum(AnePass):
         """``term`` (B, Sk, H or 1, Sq or 1) cut per head and per query chunk: [head][chunk]."""
         is_constant = isinstance(term, np.ndarray)
         shape = term.shape
-        by_query = shape[3] > 1 and len(chunks) > 1
+        by_query = len(chunks) > 1 and shape[3] != 1
         bounds = np.cumsum([0] + chunks)
         if is_constant:
             head_values = [term[:, :, h:h + 1] if shape[2] > 1 else term for h in range(heads)]
@@ -270,20 +280,20 @@ class attention_to_einsum(AnePass):
         return result
 
     def _batched(self, site: AttentionSite, q, k, v, terms, name: str):
-        """One einsum pair over all heads: q as (B, d, Hkv, n * Sq), k as (B, Sk, Hkv, d)."""
+        """One einsum pair over all heads: q as (B, d, Hkv, n * Sq), k as (B, Sk, Hkv, d). The
+        reshapes leave the sequence axis to -1, so flexible lengths work too."""
         batch, d = site.query.source.shape[0], site.query.head_dim
         kv_heads, repeats = site.key.heads, site.key.repeats
-        sq, sk = site.query.seq_len, site.key.seq_len
         if repeats == 1:
-            q4 = mb.transpose(x=mb.reshape(x=q, shape=[batch, kv_heads, d, sq], name=f"{name}_q_split"),
+            q4 = mb.transpose(x=mb.reshape(x=q, shape=[batch, kv_heads, d, -1], name=f"{name}_q_split"),
                               perm=[0, 2, 1, 3], name=f"{name}_q_heads")
         else:
-            q5 = mb.reshape(x=q, shape=[batch, kv_heads, repeats, d, sq], name=f"{name}_q_split")
+            q5 = mb.reshape(x=q, shape=[batch, kv_heads, repeats, d, -1], name=f"{name}_q_split")
             q5 = mb.transpose(x=q5, perm=[0, 3, 1, 2, 4], name=f"{name}_q_grouped")
-            q4 = mb.reshape(x=q5, shape=[batch, d, kv_heads, repeats * sq], name=f"{name}_q_heads")
-        k4 = mb.transpose(x=mb.reshape(x=k, shape=[batch, kv_heads, d, sk], name=f"{name}_k_split"),
+            q4 = mb.reshape(x=q5, shape=[batch, d, kv_heads, -1], name=f"{name}_q_heads")
+        k4 = mb.transpose(x=mb.reshape(x=k, shape=[batch, kv_heads, d, -1], name=f"{name}_k_split"),
                           perm=[0, 3, 1, 2], name=f"{name}_k_heads")
-        v4 = mb.transpose(x=mb.reshape(x=v, shape=[batch, kv_heads, d, sk], name=f"{name}_v_split"),
+        v4 = mb.transpose(x=mb.reshape(x=v, shape=[batch, kv_heads, d, -1], name=f"{name}_v_split"),
                           perm=[0, 2, 1, 3], name=f"{name}_v_heads")
         scores = mb.einsum(values=(k4, q4), equation=EQUATION, name=f"{name}_scores")
         for i, term in enumerate(terms):
@@ -294,9 +304,9 @@ class attention_to_einsum(AnePass):
         if repeats == 1:
             heads_first = mb.transpose(x=out, perm=[0, 2, 1, 3], name=f"{name}_out_heads")
         else:
-            out5 = mb.reshape(x=out, shape=[batch, d, kv_heads, repeats, sq], name=f"{name}_out_split")
+            out5 = mb.reshape(x=out, shape=[batch, d, kv_heads, repeats, -1], name=f"{name}_out_split")
             heads_first = mb.transpose(x=out5, perm=[0, 2, 3, 1, 4], name=f"{name}_out_heads")
-        return mb.reshape(x=heads_first, shape=[batch, channels, 1, sq], name=f"{name}_out_merged")
+        return mb.reshape(x=heads_first, shape=[batch, channels, 1, -1], name=f"{name}_out_merged")
 
     @staticmethod
     def _grouped_term(term, site: AttentionSite, name: str):

@@ -36,7 +36,17 @@ def rank(var) -> int:
 
 
 def has_static_shape(var) -> bool:
-    return all(isinstance(d, (int, np.integer)) for d in var.shape)
+    return all(is_static(d) for d in var.shape)
+
+
+def is_static(dim) -> bool:
+    return isinstance(dim, (int, np.integer))
+
+
+def same_length(a, b) -> bool:
+    """Two dims that are equal, or both symbolic (flexible shapes give every op its own
+    symbol; the ops between them are what proves they agree)."""
+    return a == b if is_static(a) and is_static(b) else not (is_static(a) or is_static(b))
 
 
 def single_consumer(var):
