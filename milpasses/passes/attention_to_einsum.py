@@ -174,14 +174,16 @@ class attention_to_einsum(AnePass):
             result = leave(out, 3, name)
         block.replace_uses_of_var_after_op(anchor_op=site.anchor, old_var=site.output, new_var=result)
         self.remove_dead(block, site.matched_ops)
-        self.report.rewritten[self._site_kind(site)] += 1
+        self.report.rewritten[self._site_kind(site, folded)] += 1
 
     @staticmethod
-    def _site_kind(site: AttentionSite) -> str:
+    def _site_kind(site: AttentionSite, folded: bool) -> str:
+        """"attention", with what set the block apart: sdpa, grouped-query, a scale that could
+        not be folded into the Q projection."""
         kind = "sdpa attention" if any(op.op_type == "scaled_dot_product_attention" for op in site.matched_ops) else "attention"
         if site.key.repeats > 1:
             kind += " (grouped-query)"
-        return kind
+        return kind if folded else kind + ", scale as a multiply"
 
     def _fold_scale(self, block, site: AttentionSite) -> bool:
         """Fold the score scale into the Q projection's weights and bias, if Q is a conv's
@@ -201,7 +203,6 @@ class attention_to_einsum(AnePass):
             scaled = mb.conv(weight=weight, bias=bias, name=f"{conv.name}_scaled", **arguments)
         block.replace_uses_of_var_after_op(anchor_op=conv, old_var=conv.outputs[0], new_var=scaled)
         self.remove_dead(block, [conv])
-        self.report.rewritten["scale folded into Q"] += 1
         return True
 
     @staticmethod
