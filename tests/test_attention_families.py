@@ -39,9 +39,11 @@ def _text_inputs(name, seq_len):
 
 
 def _cases(seq_lens):
-    """(family, mode, S); a family whose attention is left alone is the same in every mode."""
+    """(family, mode, S). A family whose attention is left alone is the same in every mode and
+    is checked at the short lengths only (DeBERTa at 600 costs half a minute and tests nothing
+    of ours)."""
     return [(name, mode, seq_len) for name in TEXT for mode in MODES for seq_len in seq_lens
-            if name not in UNMATCHED or mode == MODES[0]]
+            if name not in UNMATCHED or (mode == MODES[0] and seq_len <= 7)]
 
 
 def _assert_attention_rewritten(name, mlmodel, report):
@@ -71,7 +73,8 @@ def test_text_fp16_is_accurate_on_padded_and_unpadded_rows_and_finite_with_one_t
     assert psnr(expected[valid], actual[valid]) >= 60.0
 
 
-@pytest.mark.parametrize("name, mode, seq_len", _cases(SEQ_LENS))
+# fp32 exactness at the extremes: one token, a short odd length, and 600 (a 512 chunk plus 88).
+@pytest.mark.parametrize("name, mode, seq_len", _cases((1, 7, 600)))
 def test_text_fp32_equals_torch(name, mode, seq_len):
     mlmodel, _ = _converted(name, mode, seq_len, "fp32")
     inputs = _text_inputs(name, seq_len)
