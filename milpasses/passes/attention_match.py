@@ -87,6 +87,19 @@ def _positive_axes(perm, length: int) -> list[int]:
     return [int(p) % length for p in perm]
 
 
+def _scaling(op):
+    """If ``op`` multiplies an activation by a scalar constant (``mul`` either way round, or
+    ``real_div`` by the constant): (factor, the activation), else None."""
+    if op.op_type not in ("mul", "real_div"):
+        return None
+    x, y = op.inputs["x"], op.inputs["y"]
+    if _scalar(y) is not None and is_activation(x):
+        return (_scalar(y) if op.op_type == "mul" else 1.0 / _scalar(y)), x
+    if op.op_type == "mul" and _scalar(x) is not None and is_activation(y):
+        return _scalar(x), y
+    return None
+
+
 def _other_operand(op, var):
     """For a binary op with ``var`` as one operand, the other one."""
     x, y = op.inputs["x"], op.inputs["y"]
@@ -227,13 +240,9 @@ def trace_heads(var, labels) -> HeadView | NoMatch:
             for out_axis, in_axis in enumerate(perm):
                 before[in_axis] = labels[out_axis]
             labels, var = tuple(before), op.inputs["x"]
-        elif op.op_type in ("mul", "real_div") and _scalar(op.inputs["y"]) is not None and is_activation(op.inputs["x"]):
-            factor = _scalar(op.inputs["y"])
-            scale *= factor if op.op_type == "mul" else 1.0 / factor
-            var = op.inputs["x"]
-        elif op.op_type == "mul" and _scalar(op.inputs["x"]) is not None and is_activation(op.inputs["y"]):
-            scale *= _scalar(op.inputs["x"])
-            var = op.inputs["y"]
+        elif _scaling(op) is not None:
+            factor, var = _scaling(op)
+            scale *= factor
         elif op.op_type == "concat" and len(op.inputs["values"]) == 1:
             var = op.inputs["values"][0]
         elif op.op_type == "add" and rotary is None and labels == HEADS_FIRST:
@@ -263,13 +272,9 @@ def _scores_chain(softmax_op):
         ops.append(op)
         if op.op_type == "matmul":
             return op, scale, terms, ops
-        if op.op_type in ("mul", "real_div") and _scalar(op.inputs["y"]) is not None:
-            factor = _scalar(op.inputs["y"])
-            scale *= factor if op.op_type == "mul" else 1.0 / factor
-            var = op.inputs["x"]
-        elif op.op_type == "mul" and _scalar(op.inputs["x"]) is not None:
-            scale *= _scalar(op.inputs["x"])
-            var = op.inputs["y"]
+        if _scaling(op) is not None:
+            factor, var = _scaling(op)
+            scale *= factor
         elif op.op_type == "add":
             if scale != 1.0:
                 return NoMatch("the scores are scaled after a mask or bias is added")
@@ -289,11 +294,8 @@ def _leads_to_scores(var) -> bool:
     while op is not None:
         if op.op_type == "matmul":
             return is_activation(op.inputs["x"]) and is_activation(op.inputs["y"])
-        if op.op_type in ("mul", "real_div"):
-            scalar_side = "y" if _scalar(op.inputs["y"]) is not None else "x"
-            if _scalar(op.inputs[scalar_side]) is None:
-                return False
-            op = op.inputs["x" if scalar_side == "y" else "y"].op
+        if _scaling(op) is not None:
+            op = _scaling(op)[1].op
         elif op.op_type == "add":
             return any(_leads_to_scores(v) for v in (op.inputs["x"], op.inputs["y"]))
         else:

@@ -213,13 +213,14 @@ class attention_to_einsum(AnePass):
         if view.rotary is None:
             return x
         d, heads = view.head_dim, view.heads
+        # rotate_half negates each head's first half; the sign goes into the sin table.
         sign = np.where(np.arange(d) < d // 2, -1.0, 1.0).astype(np.float32)[:, None]
         cos = np.tile(view.rotary.cos.T, (heads, 1))[None, :, None, :]
         sin = np.tile(view.rotary.sin.T * sign, (heads, 1))[None, :, None, :]
         halves = mb.split(x=x, num_splits=2 * heads, axis=1, name=f"{name}_halves")
         swapped = mb.concat(values=[halves[i ^ 1] for i in range(2 * heads)], axis=1, name=f"{name}_swapped")
-        return mb.add(x=mb.mul(x=x, y=cos.astype(np.float32), name=f"{name}_cos"),
-                      y=mb.mul(x=swapped, y=sin.astype(np.float32), name=f"{name}_sin"), name=f"{name}_rotated")
+        return mb.add(x=mb.mul(x=x, y=cos, name=f"{name}_cos"), y=mb.mul(x=swapped, y=sin, name=f"{name}_sin"),
+                      name=f"{name}_rotated")
 
     def _keys_first(self, term, name: str):
         """A mask or bias broadcasting against (B, H, Sq, Sk), as (B, Sk, H, Sq)."""
@@ -263,22 +264,24 @@ class attention_to_einsum(AnePass):
 
     @staticmethod
     def _term_parts(term, heads: int, chunks: list, name: str):
-        """``term`` (B, Sk, H or 1, Sq or 1) cut per head and per query chunk: [head][chunk]."""
-        is_constant = isinstance(term, np.ndarray)
-        shape = term.shape
-        by_query = len(chunks) > 1 and shape[3] != 1
-        bounds = np.cumsum([0] + chunks)
-        if is_constant:
-            head_values = [term[:, :, h:h + 1] if shape[2] > 1 else term for h in range(heads)]
-            return [[v[..., lo:hi] if by_query else v for lo, hi in zip(bounds[:-1], bounds[1:])] for v in head_values]
-        head_vars = _split(term, heads, 2, f"{name}_heads") if shape[2] > 1 else [term] * heads
-        unique = {}
-        result = []
-        for h, var in enumerate(head_vars):
-            if id(var) not in unique:
-                unique[id(var)] = _split(var, chunks, 3, f"{name}_h{h}_chunks") if by_query else [var] * len(chunks)
-            result.append(unique[id(var)])
-        return result
+        """``term`` (B, Sk, H or 1, Sq or 1) cut per head and per query chunk: [head][chunk].
+        A term shared by every head is cut into chunks once."""
+        by_query = len(chunks) > 1 and term.shape[3] != 1
+        per_head = term.shape[2] > 1
+
+        def chunked(part, tag):
+            if not by_query:
+                return [part] * len(chunks)
+            if isinstance(part, np.ndarray):
+                bounds = np.cumsum([0] + chunks)
+                return [part[..., lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+            return _split(part, chunks, 3, f"{name}{tag}_chunks")
+
+        if not per_head:
+            return [chunked(term, "")] * heads
+        if isinstance(term, np.ndarray):
+            return [chunked(term[:, :, h:h + 1], f"_h{h}") for h in range(heads)]
+        return [chunked(part, f"_h{h}") for h, part in enumerate(_split(term, heads, 2, f"{name}_heads"))]
 
     def _batched(self, site: AttentionSite, q, k, v, terms, name: str):
         """One einsum pair over all heads: q as (B, d, Hkv, n * Sq), k as (B, Sk, Hkv, d). The
