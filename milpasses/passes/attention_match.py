@@ -1,15 +1,20 @@
-"""Recognising the attention core as the torch frontend emits it. Nothing here mutates a program.
+"""Finding an attention region from its two ends. Nothing here mutates a program.
 
-The frontend's multi-head attention is, per block::
+A region is everything between where Q, K and V are cut into heads and where the heads are
+merged back::
 
-    q, k, v: (B, S, C)                  projections (1x1 convs by now, left to rank 3)
-    reshape to (B, S, H, d), transpose to (B, H, S, d)   [rotary, GQA repeat, K^T on the way]
-    scores = matmul(q, k^T) * scale (+ mask) (+ bias)    softmax over the last axis
-    out    = matmul(weights, v), transpose to (B, S, H, d), reshape to (B, S, C)
+    roots:     reshape (B, S, C) -> (B, S, c1, c2, ...)     one per projection, or one fused
+    operands:  any ops with a transport rule (head_rules)   rotary, q/k norms, GQA repeats, slices
+    core:      scores = matmul(q, k^T)                      (B, H, Sq, Sk)
+    epilogue:  scales, masks and biases (add, select), soft-caps (tanh), in any order
+               softmax over the keys
+    values:    matmul(weights, v), layout ops, reshape to (B, Sq, C)
 
-The matcher walks up from each ``softmax`` (and from iOS18's ``scaled_dot_product_attention``)
-and records what it found: for q, k and v a :class:`HeadView` naming the rank-3 tensor the heads
-are cut from; the additive terms; the scale; and the (B, S, C) var the block's result replaces.
+The matcher walks up from each ``softmax`` (and each iOS18 ``scaled_dot_product_attention``)
+to the scores, down to the merged output, then up from q, k and v: an op on the way belongs to
+the region when it has a transport rule and reads a region tensor, and the walk stops at head
+splits. It then runs every rule in a dry run, so a site is returned only when each op of its
+region can be carried; otherwise a NoMatch names the op that could not.
 """
 
 from __future__ import annotations
@@ -20,249 +25,89 @@ from dataclasses import dataclass
 import numpy as np
 from coremltools.converters.mil.mil import types
 
+from milpasses.passes import head_rules
+from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, DryRun, HeadForm, Placeholder, root_form
 from milpasses.passes.matching import (
     NoMatch,
     constant_value,
     is_activation,
+    is_block_output,
     is_static,
     rank,
-    same_length,
     single_consumer,
 )
 
-#: Labels of a head view's axes: batch, head, sequence, head channel.
-HEADS_FIRST = ("b", "h", "s", "d")  # (B, H, S, d): q and v as matmul operands
-KEY_TRANSPOSED = ("b", "h", "d", "s")  # (B, H, d, S): k as the right operand of q @ k^T
-SOURCE_SPLIT = ("b", "s", "h", "d")  # (B, S, H, d): the reshape of a (B, S, C) projection
+EPILOGUE_BINARY = {"add", "sub", "mul", "real_div", "maximum", "minimum"}
+EPILOGUE_UNARY = {"tanh", "sigmoid", "clip", "identity"}
 
 
 @dataclass(frozen=True)
-class Rotary:
-    """Rotary position embedding ``x * cos + rotate_half(x) * sin`` on a (B, H, S, d) view."""
+class EpilogueStep:
+    """One op between the scores and the softmax, applied per head: ``chain`` names the input
+    that carries the scores; ``others`` are the remaining inputs (terms, conditions, constants)."""
 
-    cos: np.ndarray  # (S, d)
-    sin: np.ndarray  # (S, d)
-
-
-@dataclass(frozen=True)
-class HeadView:
-    """A (B, H, S, d) view of the heads of a rank-3 ``source`` (B, S, heads * head_dim)."""
-
-    source: object
-    heads: int
-    head_dim: int
-    scale: float = 1.0  # constant factors met between the source and the attention
-    rotary: Rotary | None = None
-    repeats: int = 1  # grouped-query attention: each source head serves this many query heads
-
-    @property
-    def seq_len(self) -> int:
-        return self.source.shape[1]
+    kind: str  # the MIL op type
+    chain: str
+    others: dict
 
 
 @dataclass(frozen=True)
 class AttentionSite:
-    query: HeadView
-    key: HeadView
-    value: HeadView
-    terms: tuple  # additive vars broadcasting against the (B, H, Sq, Sk) scores
-    scale: float  # applied to q . k before the terms are added
+    roots: tuple  # (reshape op, (B, S, C) source var)
+    region_ops: tuple  # operand-path ops, in block order
+    query: object  # operand vars of the core
+    key: object
+    value: object
+    key_transposed: bool  # the key operand is (..., d, Sk)
+    steps: tuple  # EpilogueStep, scores to softmax
+    scale: float  # scalar factors met before anything else on the scores
+    heads: int
+    head_dim: int
+    kv_of_head: tuple  # for each query head, its K/V head
     output: object  # the (B, Sq, C) var the rewritten attention replaces
-    anchor: object  # the op producing ``output``
-    matched_ops: tuple  # ops of the original attention core, dead once ``output`` is replaced
+    output_order: np.ndarray  # per output channel, its position in the per-head concat (h * d + j)
+    anchor: object
+    matched_ops: tuple
+    query_root: object = None  # the (B, S, C) source a scale can be folded into, if any
+    sdpa: bool = False
 
     @property
-    def heads(self) -> int:
-        return self.query.heads
+    def kv_heads(self) -> int:
+        return len(set(self.kv_of_head))
+
+    @property
+    def grouped(self) -> bool:
+        """K/V heads read in contiguous groups: query head h reads K/V head h // repeats."""
+        repeats = self.heads // self.kv_heads
+        return all(kv == h // repeats for h, kv in enumerate(self.kv_of_head))
 
 
 def _scalar(var) -> float | None:
     value = constant_value(var)
-    if value is None or np.asarray(value).size != 1:
-        return None
-    return float(np.asarray(value).reshape(()))
+    return float(np.asarray(value).reshape(())) if value is not None and np.size(value) == 1 else None
 
 
-def _positive_axes(perm, length: int) -> list[int]:
-    return [int(p) % length for p in perm]
+# --- the scores side ---------------------------------------------------------------------------
+
+def _leads_to_scores(var, depth: int = 0) -> bool:
+    """Whether ``var`` is computed from a matmul of two activations through epilogue ops only."""
+    op = var.op
+    if op is None or depth > 16:
+        return False
+    if op.op_type == "matmul":
+        return is_activation(op.inputs["x"]) and is_activation(op.inputs["y"])
+    if op.op_type in EPILOGUE_BINARY:
+        return any(_leads_to_scores(op.inputs[n], depth + 1) for n in ("x", "y"))
+    if op.op_type in EPILOGUE_UNARY:
+        return _leads_to_scores(op.inputs["x"], depth + 1)
+    if op.op_type == "select":
+        return any(_leads_to_scores(op.inputs[n], depth + 1) for n in ("a", "b"))
+    return False
 
 
-def _scaling(op):
-    """If ``op`` multiplies an activation by a scalar constant (``mul`` either way round, or
-    ``real_div`` by the constant): (factor, the activation), else None."""
-    if op.op_type not in ("mul", "real_div"):
-        return None
-    x, y = op.inputs["x"], op.inputs["y"]
-    if _scalar(y) is not None and is_activation(x):
-        return (_scalar(y) if op.op_type == "mul" else 1.0 / _scalar(y)), x
-    if op.op_type == "mul" and _scalar(x) is not None and is_activation(y):
-        return _scalar(x), y
-    return None
-
-
-def _other_operand(op, var):
-    """For a binary op with ``var`` as one operand, the other one."""
-    x, y = op.inputs["x"], op.inputs["y"]
-    return y if x is var else x
-
-
-def _half_of(op, x) -> str | None:
-    """'lo' or 'hi' if ``op`` slices the first or second half of ``x``'s last axis, else None."""
-    if op.op_type != "slice_by_index" or op.inputs["x"] is not x:
-        return None
-    out = op.outputs[0]
-    d = x.shape[-1]
-    if not is_static(d) or d % 2 or out.shape[-1] != d // 2:
-        return None
-    if not all(same_length(a, b) for a, b in zip(out.shape[:-1], x.shape[:-1])):
-        return None
-    stride = constant_value(op.inputs.get("stride"))
-    if stride is not None and any(int(s) != 1 for s in stride):
-        return None
-    begin = constant_value(op.inputs["begin"])
-    if begin is None or any(int(b) for b in begin[:-1]):
-        return None
-    return {0: "lo", d // 2: "hi"}.get(int(begin[-1]))
-
-
-def _rotary_input(add_op):
-    """If ``add_op`` is ``x * cos + rotate_half(x) * sin`` on (B, H, S, d): (x, Rotary), else None.
-
-    ``rotate_half(x)`` is ``concat([-x[..., d/2:], x[..., :d/2]], axis=-1)``, as HF's Llama and
-    Qwen write it; other rotations (interleaved pairs) are not recognised. Where every cos is 1
-    (a single position 0) DEFAULT has already removed ``x * cos``, leaving ``x`` itself.
-    """
-    terms = [add_op.inputs["x"], add_op.inputs["y"]]
-    for first, second in (terms, terms[::-1]):
-        found = _rotary_parts(first, second.op, add_op)
-        if found is not None:
-            return found
-    return None
-
-
-def _constant_and_activation(mul_op):
-    x, y = mul_op.inputs["x"], mul_op.inputs["y"]
-    if constant_value(x) is not None and is_activation(y):
-        return constant_value(x), y
-    if constant_value(y) is not None and is_activation(x):
-        return constant_value(y), x
-    return None, None
-
-
-def _rotary_parts(cos_term, sin_mul, add_op):
-    if sin_mul is None or sin_mul.op_type != "mul":
-        return None
-    cos_mul = cos_term.op
-    if cos_mul is not None and cos_mul.op_type == "mul":
-        cos, x = _constant_and_activation(cos_mul)
-    else:
-        cos, x, cos_mul = None, cos_term, add_op
-    sin, rotated = _constant_and_activation(sin_mul)
-    if sin is None or x is None or rank(x) != 4 or rotated.op is None:
-        return None
-    concat = rotated.op
-    values = concat.inputs.get("values") if concat.op_type == "concat" else None
-    if values is None or len(values) != 2 or int(constant_value(concat.inputs["axis"])) % 4 != 3:
-        return None
-    negated, lo = values
-    if negated.op is None or negated.op.op_type != "mul" or lo.op is None or _half_of(lo.op, x) != "lo":
-        return None
-    minus_one, hi = _constant_and_activation(negated.op)
-    if minus_one is None or np.asarray(minus_one).size != 1 or float(np.asarray(minus_one).reshape(())) != -1.0:
-        return None
-    if hi.op is None or _half_of(hi.op, x) != "hi":
-        return None
-    seq_len, head_dim = x.shape[2], x.shape[3]
-    if not is_static(seq_len):
-        return None  # the tables are computed at run time for flexible lengths
-    cos = np.ones((seq_len, head_dim), dtype=np.float32) if cos is None else cos
-    tables = []
-    for table in (cos, sin):
-        table = np.asarray(table, dtype=np.float32)
-        if table.ndim > 4 or any(int(n) != 1 for n in table.shape[:-2]) or table.shape[-2:] != (seq_len, head_dim):
-            return None
-        tables.append(table.reshape(seq_len, head_dim))
-    users = {id(op) for op in x.child_ops}
-    if users != {id(cos_mul), id(lo.op), id(hi.op)}:
-        return None
-    return x, Rotary(*tables)
-
-
-def _repeated_heads(reshape_op):
-    """If ``reshape_op`` ends HF's ``repeat_kv`` (expand_dims, tile, reshape): (x, repeats)."""
-    tile = reshape_op.inputs["x"].op
-    if tile is None or tile.op_type != "tile" or single_consumer(tile.outputs[0]) is None:
-        return None
-    expand = tile.inputs["x"].op
-    if expand is None or expand.op_type != "expand_dims" or single_consumer(expand.outputs[0]) is None:
-        return None
-    axes = constant_value(expand.inputs["axes"])
-    reps = constant_value(tile.inputs["reps"])
-    if axes is None or [int(a) % 5 for a in axes] != [2] or reps is None:
-        return None
-    reps = [int(r) for r in reps]
-    if len(reps) != 5 or reps[:2] != [1, 1] or reps[3:] != [1, 1]:
-        return None
-    x = expand.inputs["x"]
-    b, heads, s, d = x.shape
-    expected = (b, heads * reps[2], s, d)
-    if not all(same_length(a, e) for a, e in zip(reshape_op.outputs[0].shape, expected)):
-        return None
-    return x, reps[2]
-
-
-def trace_heads(var, labels) -> HeadView | NoMatch:
-    """Walk up from ``var`` (an attention operand whose axes are ``labels``) to the rank-3
-    tensor its heads are cut from, through transposes, scalar scales, single-value concats,
-    rotary embedding and grouped-query repeats. Every op passed must have one consumer."""
-    labels = tuple(labels)
-    scale, rotary, repeats = 1.0, None, 1
-    shared = None  # the rotary input, read by the rotation's three ops
-    while True:
-        op = var.op
-        if op is None:
-            return NoMatch("an attention operand is a program input")
-        if op.op_type == "reshape" and rank(op.inputs["x"]) == 3 and labels == SOURCE_SPLIT:
-            source = op.inputs["x"]
-            b, s, heads, d = var.shape
-            if not (is_static(heads) and is_static(d) and is_static(source.shape[2])):
-                return NoMatch("the head split has a dynamic head count or size")
-            if source.shape[2] != heads * d or not (same_length(source.shape[0], b) and same_length(source.shape[1], s)):
-                return NoMatch("the head split is not (B, S, C) -> (B, S, H, d)")
-            if single_consumer(source) is None:
-                return NoMatch("a projection feeding attention has other consumers")
-            return HeadView(source, heads, d, scale, rotary, repeats)
-        if var is not shared and single_consumer(var) is None:
-            return NoMatch(f"'{op.op_type}' inside the attention has several consumers")
-        if op.op_type == "transpose":
-            perm = _positive_axes(constant_value(op.inputs["perm"]), 4)
-            before = [None] * 4
-            for out_axis, in_axis in enumerate(perm):
-                before[in_axis] = labels[out_axis]
-            labels, var = tuple(before), op.inputs["x"]
-        elif _scaling(op) is not None:
-            factor, var = _scaling(op)
-            scale *= factor
-        elif op.op_type == "concat" and len(op.inputs["values"]) == 1:
-            var = op.inputs["values"][0]
-        elif op.op_type == "add" and rotary is None and labels == HEADS_FIRST:
-            found = _rotary_input(op)
-            if found is None:
-                return NoMatch("an add on an attention operand is not a rotary embedding")
-            var, rotary = found
-            shared = var
-        elif op.op_type == "reshape" and repeats == 1 and labels == HEADS_FIRST and rank(op.inputs["x"]) == 5:
-            found = _repeated_heads(op)
-            if found is None:
-                return NoMatch("a rank-5 reshape on an attention operand is not a head repeat")
-            var, repeats = found
-        else:
-            return NoMatch(f"'{op.op_type}' on an attention operand is not understood")
-
-
-def _scores_chain(softmax_op):
-    """From the softmax input up to ``q @ k^T``: (matmul, scale, terms, ops) or NoMatch."""
-    var, scale, terms, ops = softmax_op.inputs["x"], 1.0, [], []
+def _epilogue(softmax_op):
+    """From the softmax input up to ``q @ k^T``: (matmul, scale, steps, ops) or NoMatch."""
+    var, steps, ops = softmax_op.inputs["x"], [], []
     while True:
         op = var.op
         if op is None:
@@ -271,93 +116,254 @@ def _scores_chain(softmax_op):
             return NoMatch("attention scores have several consumers")
         ops.append(op)
         if op.op_type == "matmul":
-            return op, scale, terms, ops
-        if _scaling(op) is not None:
-            factor, var = _scaling(op)
-            scale *= factor
-        elif op.op_type == "add":
-            if scale != 1.0:
-                return NoMatch("the scores are scaled after a mask or bias is added")
-            chain = [v for v in (op.inputs["x"], op.inputs["y"]) if _leads_to_scores(v)]
-            if len(chain) != 1:
-                return NoMatch("cannot tell the scores from the additive term")
-            var = chain[0]
-            terms.append(_other_operand(op, var))
-        else:
-            return NoMatch(f"'{op.op_type}' between the scores and the softmax is not understood")
+            break
+        names = {"select": ("a", "b")}.get(op.op_type, ("x", "y") if op.op_type in EPILOGUE_BINARY else ("x",))
+        if op.op_type not in EPILOGUE_BINARY | EPILOGUE_UNARY | {"select"}:
+            return NoMatch(f"'{op.op_type}' between the scores and the softmax has no rule")
+        chain = [n for n in names if _leads_to_scores(op.inputs[n])]
+        if len(chain) != 1:
+            return NoMatch(f"cannot tell the scores from the other operand of '{op.op_type}'")
+        others = {k: v for k, v in op.inputs.items() if k != chain[0]}
+        if op.op_type in EPILOGUE_BINARY | {"select"}:
+            for name, other in others.items():
+                if name in ("x", "y", "a", "b", "cond") and rank(other) > 4:
+                    return NoMatch("a mask or bias has more than 4 axes")
+        steps.append(EpilogueStep(op.op_type, chain[0], others))
+        var = op.inputs[chain[0]]
+    steps.reverse()
+    scale = 1.0
+    while steps and _folds(steps[0]):
+        step = steps.pop(0)
+        factor = _scalar(step.others[_other_name(step)])
+        scale *= factor if step.kind == "mul" else 1.0 / factor
+    return op, scale, tuple(steps), ops
 
 
-def _leads_to_scores(var) -> bool:
-    """Whether ``var`` is the scores themselves: a matmul of two activations, reached only
-    through scalar scales and adds (a mask or bias never is)."""
-    op = var.op
-    while op is not None:
-        if op.op_type == "matmul":
-            return is_activation(op.inputs["x"]) and is_activation(op.inputs["y"])
-        if _scaling(op) is not None:
-            op = _scaling(op)[1].op
-        elif op.op_type == "add":
-            return any(_leads_to_scores(v) for v in (op.inputs["x"], op.inputs["y"]))
-        else:
-            return False
-    return False
+def _other_name(step) -> str:
+    return "y" if step.chain == "x" else "x"
 
 
-def _output_chain(matmul_op):
-    """From ``weights @ v`` (B, H, Sq, d) down to the reshape to (B, Sq, C): (output, ops)."""
-    var, labels, ops = matmul_op.outputs[0], HEADS_FIRST, []
+def _folds(step) -> bool:
+    """A scalar factor right on the scores, which moves into the query."""
+    kind = step.kind
+    if kind not in ("mul", "real_div") or (kind == "real_div" and step.chain != "x"):
+        return False
+    factor = _scalar(step.others[_other_name(step)])
+    return factor is not None and factor != 0.0
+
+
+# --- the output side ---------------------------------------------------------------------------
+
+def _output_order(values_matmul_out, lead_roles, heads: int, head_dim: int):
+    """Down from the per-head output (..., Sq, d) through layout ops to (B, Sq, C):
+    (output var, per-channel order, ops) or NoMatch."""
+    roles = tuple(lead_roles) + (SEQ, CHANNEL)
+    lead_shape = [s for s, r in zip(values_matmul_out.shape, roles) if r == CHANNEL][:-1]
+    positions = np.arange(heads * head_dim).reshape(tuple(lead_shape) + (head_dim,))
+    form = HeadForm(roles, np.zeros_like(positions), positions, (), None, None)
+    var, ops = values_matmul_out, []
     while True:
+        if rank(var) == 3 and form.axes == (BATCH, SEQ, CHANNEL):
+            return var, form.chan.ravel(), ops
         op = single_consumer(var)
         if op is None:
             return NoMatch("the attention output has several consumers")
+        if op.op_type not in ("transpose", "reshape", "concat", "expand_dims", "squeeze"):
+            return NoMatch(f"'{op.op_type}' after the attention output has no rule")
+        result = head_rules.apply(op, [form], DryRun(), None)
+        if isinstance(result, NoMatch):
+            return result
         ops.append(op)
-        if op.op_type == "transpose":
-            perm = _positive_axes(constant_value(op.inputs["perm"]), 4)
-            labels, var = tuple(labels[p] for p in perm), op.outputs[0]
-        elif op.op_type == "reshape" and labels == SOURCE_SPLIT and rank(op.outputs[0]) == 3:
-            b, s, heads, d = var.shape
-            merged = op.outputs[0].shape
-            if merged[2] != heads * d or not (same_length(merged[0], b) and same_length(merged[1], s)):
-                return NoMatch("the heads are not merged back to (B, S, C)")
-            return op.outputs[0], ops
-        else:
-            return NoMatch(f"'{op.op_type}' after the attention output is not understood")
+        form, var = result[0], op.outputs[0]
 
 
-def _check_terms(terms):
-    """The adds that produced the scores already proved each term broadcasts against them;
-    the rewrite needs each term's rank and, to cut it per head, its head axis."""
-    for term in terms:
-        if rank(term) > 4 or (rank(term) == 4 and not is_static(term.shape[1])):
-            return NoMatch("a mask or bias is not a tensor of rank <= 4 with a known head axis")
+# --- the operand side --------------------------------------------------------------------------
+
+def _is_head_split(op) -> bool:
+    """A reshape of a (B, S, C) float activation that keeps B and S and factors C."""
+    if op.op_type != "reshape":
+        return False
+    x, out = op.inputs["x"], op.outputs[0]
+    if rank(x) != 3 or rank(out) < 4 or not types.is_float(x.dtype) or not is_activation(x):
+        return False
+    channels = x.shape[2]
+    tail = out.shape[2:]
+    if not (is_static(channels) and all(is_static(d) for d in tail)) or int(np.prod(tail)) != channels:
+        return False
+    return all(a == b if is_static(a) and is_static(b) else not (is_static(a) or is_static(b))
+               for a, b in zip(x.shape[:2], out.shape[:2]))
+
+
+class _Region:
+    """The ops between head splits and the core operands, found by walking up."""
+
+    def __init__(self):
+        self.ops = {}  # id(op) -> op
+        self.roots = {}  # id(reshape op) -> reshape op
+        self._known = {}  # id(var) -> whether it is a region tensor
+
+    def holds(self, var) -> bool:
+        key = id(var)
+        if key in self._known:
+            return self._known[key]
+        self._known[key] = False
+        op = var.op
+        if op is None or var.val is not None:
+            return False
+        if _is_head_split(op):
+            self.roots[id(op)] = op
+            self._known[key] = True
+            return True
+        if op.op_type not in head_rules.RULES:
+            return False
+        inputs = [v for name in head_rules.TENSOR_INPUTS[op.op_type] for v in _as_list(op.inputs.get(name))]
+        found = [self.holds(v) for v in inputs]
+        if any(found):
+            self.ops[id(op)] = op
+            self._known[key] = True
+        return self._known[key]
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class _DryExternals:
+    """Run-time tables (activations from outside the region) as the dry run sees them."""
+
+    def lay_out(self, var, form, out_axes, builder, name):
+        return external_layout(var, form, out_axes) or Placeholder(name)
+
+
+def external_layout(var, form: HeadForm, out_axes) -> NoMatch | None:
+    """Why a run-time operand cannot be laid out against the heads, or None when it can: it
+    must vary only along the batch, the sequence and the innermost channel axis."""
+    if rank(var) > len(out_axes):
+        return NoMatch("a run-time operand has more axes than the region tensor")
+    shape = (1,) * (len(out_axes) - rank(var)) + tuple(var.shape)
+    channel = [i for i, role in enumerate(out_axes) if role == CHANNEL]
+    if any(shape[i] != 1 for i in channel[:-1]):
+        return NoMatch("a run-time operand varies per head")
     return None
 
 
-def _assemble(operands, key_labels, terms, scale, output, ops) -> AttentionSite | NoMatch:
-    """The site, from the (q, k, v) operand vars of the attention core, once their heads are traced."""
-    q, k, v = operands
-    query, key, value = trace_heads(q, HEADS_FIRST), trace_heads(k, key_labels), trace_heads(v, HEADS_FIRST)
-    for view in (query, key, value):
-        if not view:
-            return view
-    if key.source is value.source:
-        return NoMatch("key and value share one projection")
-    if not (query.head_dim == key.head_dim == value.head_dim):
-        return NoMatch("q, k and v head sizes differ")
-    if key.heads != value.heads or key.repeats != value.repeats:
-        return NoMatch("k and v have different heads")
-    if query.repeats != 1 or key.heads * key.repeats != query.heads:
-        return NoMatch("q, k and v heads do not agree")
-    if value.rotary is not None or value.scale != 1.0:
-        return NoMatch("v is rotated or scaled")
-    if not same_length(query.source.shape[0], key.source.shape[0]):
-        return NoMatch("q and k batch sizes differ")
-    failed = _check_terms(terms)
-    if failed is not None:
+def _forms(region: _Region, block_ops):
+    """Dry-run every rule in block order: {id(var): HeadForm} or NoMatch."""
+    forms = {}
+    builder, externals = DryRun(), _DryExternals()
+    for root in region.roots.values():
+        source = root.inputs["x"]
+        forms[id(root.outputs[0])] = root_form(source, Placeholder(source.name), root.outputs[0].shape[2:], id(source))
+    for op in block_ops:
+        if id(op) not in region.ops:
+            continue
+        names = head_rules.TENSOR_INPUTS[op.op_type]
+        operands = [forms.get(id(v)) for name in names for v in _as_list(op.inputs.get(name))]
+        result = head_rules.apply(op, operands, builder, externals)
+        if isinstance(result, NoMatch):
+            return NoMatch(f"{result.reason} (at '{op.name}')")
+        for out, form in zip(op.outputs, result):
+            forms[id(out)] = form
+    return forms
+
+
+def _check_consumers(region: _Region, core_ops) -> NoMatch | None:
+    inside = set(region.ops) | {id(op) for op in core_ops} | set(region.roots)
+    for op in list(region.ops.values()) + list(region.roots.values()):
+        for out in op.outputs:
+            if is_block_output(out) or any(id(child) not in inside for child in out.child_ops):
+                return NoMatch(f"'{op.op_type}' inside the attention has consumers outside it")
+    for root in region.roots.values():
+        source = root.inputs["x"]
+        if any(id(child) not in inside for child in source.child_ops) or is_block_output(source):
+            return NoMatch("a projection feeding attention has other consumers")
+    return None
+
+
+def per_head_rows(form: HeadForm, lead_axes: list, d_axis: int, heads_shape: tuple):
+    """The form's channels as (heads, d) rows, broadcasting size-1 head axes."""
+    channel = form.channel_axes()
+    order = [channel.index(a) for a in lead_axes] + [channel.index(d_axis)]
+    src, chan = np.transpose(form.src, order), np.transpose(form.chan, order)
+    target = tuple(heads_shape) + (src.shape[-1],)
+    if any(s not in (1, t) for s, t in zip(src.shape, target)):
+        return None
+    src, chan = np.broadcast_to(src, target), np.broadcast_to(chan, target)
+    heads = int(np.prod(heads_shape)) if heads_shape else 1
+    return src.reshape(heads, -1), chan.reshape(heads, -1)
+
+
+def _operand_axes(form: HeadForm, key_transposed: bool):
+    """(lead channel axes, d axis) of a core operand whose last two axes are (S, d), or (d, S)."""
+    n = len(form.axes)
+    seq_axis, d_axis = (n - 1, n - 2) if key_transposed else (n - 2, n - 1)
+    if form.axes[seq_axis] != SEQ or form.axes[d_axis] != CHANNEL:
+        return None
+    lead = [i for i in range(n) if i not in (seq_axis, d_axis)]
+    if sum(form.axes[i] == BATCH for i in lead) != 1:
+        return None
+    return [i for i in lead if form.axes[i] == CHANNEL], d_axis
+
+
+def _assemble(block, core, key_transposed, steps, scale, values_out, matched, sdpa=False):
+    q_var, k_var, v_var = core
+    region = _Region()
+    for var in core:
+        if not region.holds(var):
+            return NoMatch("an attention operand is not cut into heads from a (B, S, C) tensor")
+    failed = _check_consumers(region, matched)
+    if failed:
         return failed
-    output_var, output_ops = output
-    total = scale * query.scale * key.scale
-    return AttentionSite(query, key, value, tuple(terms), total, output_var, output_var.op, tuple(ops) + tuple(output_ops))
+    forms = _forms(region, block.operations)
+    if isinstance(forms, NoMatch):
+        return forms
+    q, k, v = (forms[id(var)] for var in core)
+    q_axes, k_axes, v_axes = _operand_axes(q, False), _operand_axes(k, key_transposed), _operand_axes(v, False)
+    if q_axes is None or k_axes is None or v_axes is None:
+        return NoMatch("q, k or v is not laid out as (batch, heads, sequence, head_dim)")
+    if not (len(q_axes[0]) == len(k_axes[0]) == len(v_axes[0])):
+        return NoMatch("q, k and v have different head axes")
+    heads_shape = tuple(q.src.shape[q.channel_axes().index(a)] for a in q_axes[0])
+    q_rows, k_rows, v_rows = (per_head_rows(f, *axes, heads_shape) for f, axes in ((q, q_axes), (k, k_axes), (v, v_axes)))
+    if k_rows is None or v_rows is None:
+        return NoMatch("k or v heads do not broadcast against the query heads")
+    head_dim = q_rows[0].shape[1]
+    if k_rows[0].shape[1] != head_dim:
+        return NoMatch("q and k head sizes differ")
+    kv_of_head = _kv_heads(k_rows, v_rows)
+    if kv_of_head is None:
+        return NoMatch("k and v do not share their head grouping")
+    if v.scale != 1.0:
+        return NoMatch("v carries a scalar factor")
+    heads = len(kv_of_head)
+    lead_roles = [q.axes[i] for i in range(len(q.axes) - 2)]
+    output = _output_order(values_out, lead_roles, heads, v_rows[0].shape[1])
+    if isinstance(output, NoMatch):
+        return output
+    out_var, order, out_ops = output
+    region_ops = tuple(op for op in block.operations if id(op) in region.ops)
+    sources = {id(root.inputs["x"]): root.inputs["x"] for root in region.roots.values()}
+    foldable = q.linear and len(q.roots) == 1 and q.roots.isdisjoint(k.roots | v.roots)
+    query_root = sources[next(iter(q.roots))] if foldable else None
+    all_ops = tuple(matched) + tuple(out_ops) + region_ops + tuple(region.roots.values())
+    return AttentionSite(
+        roots=tuple((op, op.inputs["x"]) for op in region.roots.values()), region_ops=region_ops,
+        query=q_var, key=k_var, value=v_var, key_transposed=key_transposed, steps=steps,
+        scale=scale * q.scale * k.scale, heads=heads, head_dim=head_dim, kv_of_head=tuple(kv_of_head),
+        output=out_var, output_order=order, anchor=out_var.op, matched_ops=all_ops, query_root=query_root,
+        sdpa=sdpa)
+
+
+def _kv_heads(k_rows, v_rows):
+    """Each query head's K/V head: heads reading the same K and V channels share one."""
+    seen, kv_of_head = {}, []
+    for h in range(k_rows[0].shape[0]):
+        key = (k_rows[0][h].tobytes(), k_rows[1][h].tobytes(), v_rows[0][h].tobytes(), v_rows[1][h].tobytes())
+        kv_of_head.append(seen.setdefault(key, len(seen)))
+    k_keys = {(k_rows[0][h].tobytes(), k_rows[1][h].tobytes()) for h in range(len(kv_of_head))}
+    return kv_of_head if len(k_keys) == len(seen) else None
 
 
 def match_attention(softmax_op) -> AttentionSite | NoMatch:
@@ -367,23 +373,22 @@ def match_attention(softmax_op) -> AttentionSite | NoMatch:
         return NoMatch("softmax input is not a rank-4 tensor")
     if int(constant_value(softmax_op.inputs["axis"])) % 4 != 3:
         return NoMatch("softmax is not over the last axis")
-    chain = _scores_chain(softmax_op)
+    chain = _epilogue(softmax_op)
     if not chain:
         return chain
-    scores, scale, terms, ops = chain
+    scores, scale, steps, ops = chain
+    if constant_value(scores.inputs["transpose_x"]):
+        return NoMatch("the scores matmul transposes q")
     weights_user = single_consumer(softmax_op.outputs[0])
     if weights_user is None or weights_user.op_type != "matmul" or weights_user.inputs["x"] is not softmax_op.outputs[0]:
         return NoMatch("the softmax does not feed one matmul with the values")
     if any(constant_value(weights_user.inputs[f]) for f in ("transpose_x", "transpose_y")):
         return NoMatch("the weights-by-values matmul transposes an operand")
-    if constant_value(scores.inputs["transpose_x"]):
-        return NoMatch("the scores matmul transposes q")
-    key_labels = HEADS_FIRST if constant_value(scores.inputs["transpose_y"]) else KEY_TRANSPOSED
-    output = _output_chain(weights_user)
-    if not output:
-        return output
-    operands = (scores.inputs["x"], scores.inputs["y"], weights_user.inputs["y"])
-    return _assemble(operands, key_labels, terms, scale, output, ops + [softmax_op, weights_user])
+    key_transposed = not constant_value(scores.inputs["transpose_y"])
+    core = (scores.inputs["x"], scores.inputs["y"], weights_user.inputs["y"])
+    block = softmax_op.enclosing_block
+    return _assemble(block, core, key_transposed, steps, scale, weights_user.outputs[0],
+                     ops + [softmax_op, weights_user])
 
 
 def match_sdpa(op) -> AttentionSite | NoMatch:
@@ -393,9 +398,7 @@ def match_sdpa(op) -> AttentionSite | NoMatch:
     mask = op.inputs.get("attn_mask")
     if mask is not None and types.is_bool(mask.dtype):
         return NoMatch("a boolean attn_mask is not rewritten")
-    output = _output_chain(op)
-    if not output:
-        return output
-    operands = (op.inputs["query"], op.inputs["key"], op.inputs["value"])
+    core = (op.inputs["query"], op.inputs["key"], op.inputs["value"])
+    steps = () if mask is None else (EpilogueStep("add", "x", {"y": mask}),)
     scale = 1.0 / math.sqrt(op.inputs["query"].shape[-1])
-    return _assemble(operands, HEADS_FIRST, [] if mask is None else [mask], scale, output, [op])
+    return _assemble(op.enclosing_block, core, False, steps, scale, op.outputs[0], [op], sdpa=True)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.passes.attention_match import AttentionSite, HeadView, match_attention, match_sdpa
+from milpasses.passes import head_rules
+from milpasses.passes.attention_match import AttentionSite, external_layout, match_attention, match_sdpa, per_head_rows
 from milpasses.passes.base import AnePass, register
+from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, Build, HeadForm, materialise, root_form
 from milpasses.passes.layout import enter, leave, left_from
 from milpasses.passes.matching import NoMatch, constant_value, is_static, rank, single_consumer
 
@@ -15,6 +19,9 @@ MODES = ("split_einsum", "split_einsum_v2", "batched", "off")
 EQUATION = "nchw,nwhu->nchu"
 #: Scores (B, H, Sq, Sk) -> (B, Sk, H, Sq): keys on the channel axis, queries on the last.
 TO_KEYS_FIRST = [0, 3, 1, 2]
+#: One head's score tensor must stay below this many elements: at 2^20 and above the ANE gives
+#: wrong numbers (community finding, eeANE's ATTENTION_SCORE_ELEMENT_LIMIT; see ANE_NOTES).
+SCORE_ELEMENT_LIMIT = 1 << 20
 
 
 def _split(x, parts, axis: int, name: str) -> list:
@@ -145,32 +152,34 @@ class attention_to_einsum(AnePass):
         if self.mode == "off":
             return
         self._terms = {}  # id(mask var) -> its (B, Sk, H, Sq) form, shared by every block using it
+        self._tables = {}  # run-time tables laid out for the heads, shared by every block using them
         self.rewrite_each(block, ("softmax", "scaled_dot_product_attention"), self._match, self._rewrite)
 
     def _match(self, op) -> AttentionSite | NoMatch:
         site = match_attention(op) if op.op_type == "softmax" else match_sdpa(op)
         if site and self.mode == "batched" and not self._batchable(site):
-            return NoMatch("batched mode needs a fixed batch, and a fixed length for grouped-query attention")
+            return NoMatch("batched mode needs a fixed batch, K/V heads read in contiguous groups, "
+                           "and a fixed length for grouped-query attention")
         return site
 
-    @staticmethod
-    def _batchable(site: AttentionSite) -> bool:
-        return is_static(site.query.source.shape[0]) and (site.key.repeats == 1 or is_static(site.query.seq_len))
+    def _batchable(self, site: AttentionSite) -> bool:
+        batch, sq = site.output.shape[0], site.output.shape[1]
+        fits = not (is_static(sq) and self._chunks(site) != [sq])
+        return is_static(batch) and site.grouped and fits and (site.kv_heads == site.heads or is_static(sq))
 
     def _rewrite(self, block, site: AttentionSite) -> None:
         folded = site.scale == 1.0 or self._fold_scale(block, site)
         name = site.anchor.name
         with mb.set_before_op(before_op=site.anchor):
-            q = self._to_bc1s(site.query, f"{name}_q")
+            q, k, v = self._operands(site, name)
             if not folded:
                 q = mb.mul(x=q, y=np.float32(site.scale), name=f"{name}_q_scaled")
-            k = self._to_bc1s(site.key, f"{name}_k")
-            v = self._to_bc1s(site.value, f"{name}_v")
-            terms = [self._keys_first(term, f"{name}_term{i}") for i, term in enumerate(site.terms)]
+            steps = [self._step_inputs(step, f"{name}_step{i}") for i, step in enumerate(site.steps)]
             if self.mode == "batched":
-                out = self._batched(site, q, k, v, terms, name)
+                out = self._batched(site, q, k, v, steps, name)
             else:
-                out = self._per_head(site, q, k, v, terms, name)
+                out = self._per_head(site, q, k, v, steps, name)
+            out = self._in_output_order(site, out, name)
             result = leave(out, 3, name)
         block.replace_uses_of_var_after_op(anchor_op=site.anchor, old_var=site.output, new_var=result)
         self.remove_dead(block, site.matched_ops)
@@ -180,15 +189,15 @@ class attention_to_einsum(AnePass):
     def _site_kind(site: AttentionSite, folded: bool) -> str:
         """"attention", with what set the block apart: sdpa, grouped-query, a scale that could
         not be folded into the Q projection."""
-        kind = "sdpa attention" if any(op.op_type == "scaled_dot_product_attention" for op in site.matched_ops) else "attention"
-        if site.key.repeats > 1:
+        kind = "sdpa attention" if site.sdpa else "attention"
+        if site.kv_heads < site.heads:
             kind += " (grouped-query)"
         return kind if folded else kind + ", scale as a multiply"
 
     def _fold_scale(self, block, site: AttentionSite) -> bool:
-        """Fold the score scale into the Q projection's weights and bias, if Q is a conv's
-        output (or a channel range of one) read only by this attention."""
-        found = _scaled_conv_of(site.query.source)
+        """Fold the score scale into the Q projection's weights and bias, if Q is a linear
+        function of one conv's output (or a channel range of one) that nothing else reads."""
+        found = None if site.query_root is None else _scaled_conv_of(site.query_root)
         if found is None:
             return False
         conv, lo, hi = found
@@ -205,22 +214,65 @@ class attention_to_einsum(AnePass):
         self.remove_dead(block, [conv])
         return True
 
-    @staticmethod
-    def _to_bc1s(view: HeadView, name: str):
-        x = left_from(view.source)
-        if x is None:
-            x = enter(view.source, name)
-        if view.rotary is None:
-            return x
-        d, heads = view.head_dim, view.heads
-        # rotate_half negates each head's first half; the sign goes into the sin table.
-        sign = np.where(np.arange(d) < d // 2, -1.0, 1.0).astype(np.float32)[:, None]
-        cos = np.tile(view.rotary.cos.T, (heads, 1))[None, :, None, :]
-        sin = np.tile(view.rotary.sin.T * sign, (heads, 1))[None, :, None, :]
-        halves = mb.split(x=x, num_splits=2 * heads, axis=1, name=f"{name}_halves")
-        swapped = mb.concat(values=[halves[i ^ 1] for i in range(2 * heads)], axis=1, name=f"{name}_swapped")
-        return mb.add(x=mb.mul(x=x, y=cos, name=f"{name}_cos"), y=mb.mul(x=swapped, y=sin, name=f"{name}_sin"),
-                      name=f"{name}_rotated")
+    def _operands(self, site: AttentionSite, name: str):
+        """Q as (B, H*d, 1, Sq), K and V as (B, Hkv*d, 1, Sk): the region's rules run on the
+        real program, then each operand's heads are gathered in head order (each K/V head once)."""
+        builder, forms = Build(), {}
+        for root, source in site.roots:
+            x = left_from(source)
+            x = enter(source, f"{root.name}_source") if x is None else x
+            forms[id(root.outputs[0])] = root_form(source, x, root.outputs[0].shape[2:], id(source))
+        externals = _Tables(self._tables)
+        for op in site.region_ops:
+            names = head_rules.TENSOR_INPUTS[op.op_type]
+            operands = [forms.get(id(v)) for n in names for v in _as_list(op.inputs.get(n))]
+            for out, form in zip(op.outputs, head_rules.apply(op, operands, builder, externals)):
+                forms[id(out)] = form
+        q, k, v = (forms[id(var)] for var in (site.query, site.key, site.value))
+        kv_first = [site.kv_of_head.index(g) for g in range(site.kv_heads)]
+        gathered = []
+        for form, key_transposed, heads, tag in ((q, False, None, "q"), (k, site.key_transposed, kv_first, "k"),
+                                                 (v, False, kv_first, "v")):
+            src, chan = _rows(form, key_transposed, site.heads)
+            if heads is not None:
+                src, chan = src[heads], chan[heads]
+            rows = HeadForm((BATCH, CHANNEL, CHANNEL, SEQ), src, chan, form.sources, form.batch, form.seq)
+            gathered.append(materialise(rows, builder, f"{name}_{tag}"))
+        return gathered
+
+    def _in_output_order(self, site: AttentionSite, out, name: str):
+        """The per-head concat rearranged in the order the model merges its heads."""
+        order = site.output_order
+        if np.array_equal(order, np.arange(order.size)):
+            return out
+        form = HeadForm((BATCH, CHANNEL, SEQ), np.zeros_like(order), order, (_Sourced(out, order.size),), None, None)
+        return materialise(form, Build(), f"{name}_merged")
+
+    def _chunks(self, site: AttentionSite) -> list:
+        """Query chunk lengths: ``query_chunk`` in split_einsum_v2, and in every mode short
+        enough that one head's scores stay under SCORE_ELEMENT_LIMIT elements."""
+        sq, sk = site.output.shape[1], _key_length(site)
+        if not is_static(sq):
+            return [sq]
+        chunk = sq
+        if self.mode == "split_einsum_v2":
+            chunk = min(chunk, self.query_chunk)
+        if is_static(sk) and chunk * sk >= SCORE_ELEMENT_LIMIT:
+            fitting = (SCORE_ELEMENT_LIMIT - 1) // sk
+            chunk = min(chunk, max(1, fitting - fitting % 32 if fitting >= 32 else fitting))
+        whole, rest = divmod(sq, chunk)
+        return [chunk] * whole + ([rest] if rest else [])
+
+    def _step_inputs(self, step, name: str) -> dict:
+        """Each non-score input of an epilogue step: a scalar as it is, a tensor keys-first."""
+        inputs = {}
+        for key, var in step.others.items():
+            value = constant_value(var)
+            if value is not None and np.size(value) == 1 or rank(var) == 0:
+                inputs[key] = var
+            else:
+                inputs[key] = self._keys_first(var, f"{name}_{key}")
+        return inputs
 
     def _keys_first(self, term, name: str):
         """A mask or bias broadcasting against (B, H, Sq, Sk), as (B, Sk, H, Sq)."""
@@ -236,27 +288,26 @@ class attention_to_einsum(AnePass):
             self._terms[id(term)] = result
         return result
 
-    def _per_head(self, site: AttentionSite, q, k, v, terms, name: str):
-        heads, kv_heads = site.heads, site.key.heads
-        sq = site.query.seq_len
-        chunks = [sq]
-        if self.mode == "split_einsum_v2" and is_static(sq) and sq >= self.query_chunk:
-            whole, rest = divmod(sq, self.query_chunk)
-            chunks = [self.query_chunk] * whole + ([rest] if rest else [])
+    def _per_head(self, site: AttentionSite, q, k, v, steps, name: str):
+        heads, kv_heads = site.heads, site.kv_heads
+        chunks = self._chunks(site)
         q_heads = _split(q, heads, 1, f"{name}_q_heads")
         k_heads = _split(mb.transpose(x=k, perm=[0, 3, 2, 1], name=f"{name}_k_transposed"), kv_heads, 3, f"{name}_k_heads")
         v_heads = _split(v, kv_heads, 1, f"{name}_v_heads")
-        term_parts = [self._term_parts(t, heads, chunks, f"{name}_term{i}") for i, t in enumerate(terms)]
+        step_parts = [{key: self._term_parts(t, heads, chunks, f"{name}_step{i}_{key}") if _is_tensor(t) else t
+                       for key, t in inputs.items()} for i, inputs in enumerate(steps)]
         outputs = []
         for h in range(heads):
-            group = h // site.key.repeats
+            group = site.kv_of_head[h]
             q_chunks = _split(q_heads[h], chunks, 3, f"{name}_h{h}_q_chunks")
             pieces = []
             for c, q_chunk in enumerate(q_chunks):
                 tag = f"{name}_h{h}" + (f"_c{c}" if len(chunks) > 1 else "")
                 scores = mb.einsum(values=(k_heads[group], q_chunk), equation=EQUATION, name=f"{tag}_scores")
-                for i, parts in enumerate(term_parts):
-                    scores = mb.add(x=scores, y=parts[h][c], name=f"{tag}_scores_{i}")
+                for i, (step, parts) in enumerate(zip(site.steps, step_parts)):
+                    arguments = {key: p[h][c] if isinstance(p, list) else p for key, p in parts.items()}
+                    arguments[step.chain] = scores
+                    scores = getattr(mb, step.kind)(**arguments, name=f"{tag}_scores_{i}")
                 weights = mb.softmax(x=scores, axis=1, name=f"{tag}_weights")
                 pieces.append(mb.einsum(values=(v_heads[group], weights), equation=EQUATION, name=f"{tag}_out"))
             outputs.append(_concat(pieces, 3, f"{name}_h{h}_out"))
@@ -283,11 +334,11 @@ class attention_to_einsum(AnePass):
             return [chunked(term[:, :, h:h + 1], f"_h{h}") for h in range(heads)]
         return [chunked(part, f"_h{h}") for h, part in enumerate(_split(term, heads, 2, f"{name}_heads"))]
 
-    def _batched(self, site: AttentionSite, q, k, v, terms, name: str):
+    def _batched(self, site: AttentionSite, q, k, v, steps, name: str):
         """One einsum pair over all heads: q as (B, d, Hkv, n * Sq), k as (B, Sk, Hkv, d). The
         reshapes leave the sequence axis to -1, so flexible lengths work too."""
-        batch, d = site.query.source.shape[0], site.query.head_dim
-        kv_heads, repeats = site.key.heads, site.key.repeats
+        batch, d = site.output.shape[0], site.head_dim
+        kv_heads, repeats = site.kv_heads, site.heads // site.kv_heads
         if repeats == 1:
             q4 = mb.transpose(x=mb.reshape(x=q, shape=[batch, kv_heads, d, -1], name=f"{name}_q_split"),
                               perm=[0, 2, 1, 3], name=f"{name}_q_heads")
@@ -300,8 +351,11 @@ class attention_to_einsum(AnePass):
         v4 = mb.transpose(x=mb.reshape(x=v, shape=[batch, kv_heads, d, -1], name=f"{name}_v_split"),
                           perm=[0, 2, 1, 3], name=f"{name}_v_heads")
         scores = mb.einsum(values=(k4, q4), equation=EQUATION, name=f"{name}_scores")
-        for i, term in enumerate(terms):
-            scores = mb.add(x=scores, y=self._grouped_term(term, site, f"{name}_term{i}"), name=f"{name}_scores_{i}")
+        for i, (step, inputs) in enumerate(zip(site.steps, steps)):
+            arguments = {key: self._grouped_term(t, site, f"{name}_step{i}_{key}") if _is_tensor(t) else t
+                         for key, t in inputs.items()}
+            arguments[step.chain] = scores
+            scores = getattr(mb, step.kind)(**arguments, name=f"{name}_scores_{i}")
         weights = mb.softmax(x=scores, axis=1, name=f"{name}_weights")
         out = mb.einsum(values=(v4, weights), equation=EQUATION, name=f"{name}_out")  # (B, d, Hkv, n*Sq)
         channels = kv_heads * repeats * d
@@ -315,10 +369,10 @@ class attention_to_einsum(AnePass):
     @staticmethod
     def _grouped_term(term, site: AttentionSite, name: str):
         """``term`` (B, Sk, H or 1, Sq or 1) against grouped scores (B, Sk, Hkv, n * Sq)."""
-        repeats = site.key.repeats
+        repeats = site.heads // site.kv_heads
         if repeats == 1:
             return term
-        kv_heads, sq = site.key.heads, site.query.seq_len
+        kv_heads, sq = site.kv_heads, site.output.shape[1]
         shape = list(term.shape)
         if shape[2] == 1 and shape[3] == 1:
             return term
@@ -330,3 +384,77 @@ class attention_to_einsum(AnePass):
         if shape[2] == 1:
             return mb.tile(x=term, reps=[1, 1, 1, repeats], name=f"{name}_grouped")
         return mb.reshape(x=term, shape=shape[:2] + [kv_heads, repeats * sq], name=f"{name}_grouped")
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _is_tensor(value) -> bool:
+    if isinstance(value, np.ndarray):
+        return value.ndim == 4
+    return rank(value) == 4
+
+
+def _key_length(site: AttentionSite):
+    return site.key.shape[-1] if site.key_transposed else site.key.shape[-2]
+
+
+def _rows(form: HeadForm, key_transposed: bool, heads: int):
+    """The operand's channels as (heads, d) rows; a head axis of size 1 serves every head."""
+    n = len(form.axes)
+    seq_axis, d_axis = (n - 1, n - 2) if key_transposed else (n - 2, n - 1)
+    lead = [i for i in range(n) if i not in (seq_axis, d_axis) and form.axes[i] == CHANNEL]
+    channel = form.channel_axes()
+    sizes = [form.src.shape[channel.index(axis)] for axis in lead]
+    return per_head_rows(form, lead, d_axis, _query_heads(sizes, heads))
+
+
+def _query_heads(sizes, heads: int) -> tuple:
+    """Head axis sizes as the query has them, for an operand whose head axes may be 1."""
+    total = int(np.prod(sizes)) if sizes else 1
+    if total == heads:
+        return tuple(sizes)
+    ones = [i for i, s in enumerate(sizes) if s == 1]
+    result = list(sizes)
+    if ones:
+        result[ones[0]] = heads // total
+    return tuple(result)
+
+
+@dataclass(frozen=True)
+class _Sourced:
+    """A var with its channel count, as a HeadForm source."""
+
+    var: object
+    size: int
+
+
+class _Tables:
+    """Run-time operands of the region (rotary tables computed from positions), laid out as
+    (B|1, C, 1, S|1) for the heads once and shared by every block."""
+
+    def __init__(self, cache: dict):
+        self._cache = cache
+
+    def lay_out(self, var, form, out_axes, builder, name):
+        failed = external_layout(var, form, out_axes)
+        if failed:
+            return failed
+        key = (id(var), tuple(out_axes), form.channel_shape)
+        if key in self._cache:
+            return self._cache[key]
+        n = len(out_axes)
+        x = var if rank(var) == n else mb.expand_dims(x=var, axes=list(range(n - rank(var))), name=f"{name}_rank")
+        channel = [i for i, role in enumerate(out_axes) if role == CHANNEL]
+        batch, seq = out_axes.index(BATCH), out_axes.index(SEQ)
+        x = mb.transpose(x=x, perm=[batch] + channel + [seq], name=f"{name}_heads_last")
+        inner = x.shape[-2]
+        x = mb.reshape(x=x, shape=[x.shape[0] if is_static(x.shape[0]) else -1, inner, 1, -1], name=f"{name}_bc1s")
+        repeat = form.channels // inner
+        if repeat > 1:
+            x = mb.tile(x=x, reps=[1, repeat, 1, 1], name=f"{name}_per_head")
+        self._cache[key] = x
+        return x
