@@ -201,6 +201,7 @@ class _Region:
         self.ops = {}  # id(op) -> op
         self.roots = {}  # id(reshape op) -> reshape op
         self._known = {}  # id(var) -> whether it is a region tensor
+        self.stopped_at = []  # ops without a rule met on the way up, nearest first
 
     def holds(self, var) -> bool:
         key = id(var)
@@ -215,6 +216,7 @@ class _Region:
             self._known[key] = True
             return True
         if op.op_type not in head_rules.RULES:
+            self.stopped_at.append(op)
             return False
         inputs = [v for name in head_rules.TENSOR_INPUTS[op.op_type] for v in _as_list(op.inputs.get(name))]
         found = [self.holds(v) for v in inputs]
@@ -312,6 +314,9 @@ def _assemble(block, core, key_transposed, steps, scale, values_out, matched, sd
     region = _Region()
     for var in core:
         if not region.holds(var):
+            if region.stopped_at and region.stopped_at[0].op_type != "matmul":
+                op = region.stopped_at[0]
+                return NoMatch(f"'{op.op_type}' on an attention operand has no rule (at '{op.name}')")
             return NoMatch("an attention operand is not cut into heads from a (B, S, C) tensor")
     failed = _check_consumers(region, matched)
     if failed:
@@ -335,8 +340,6 @@ def _assemble(block, core, key_transposed, steps, scale, values_out, matched, sd
     kv_of_head = _kv_heads(k_rows, v_rows)
     if kv_of_head is None:
         return NoMatch("k and v do not share their head grouping")
-    if v.scale != 1.0:
-        return NoMatch("v carries a scalar factor")
     heads = len(kv_of_head)
     lead_roles = [q.axes[i] for i in range(len(q.axes) - 2)]
     output = _output_order(values_out, lead_roles, heads, v_rows[0].shape[1])

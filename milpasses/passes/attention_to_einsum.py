@@ -236,7 +236,9 @@ class attention_to_einsum(AnePass):
             src, chan = _rows(form, key_transposed, site.heads)
             if heads is not None:
                 src, chan = src[heads], chan[heads]
-            rows = HeadForm((BATCH, CHANNEL, CHANNEL, SEQ), src, chan, form.sources, form.batch, form.seq)
+            # q's and k's factors are in site.scale already; v's is applied here.
+            rows = HeadForm((BATCH, CHANNEL, CHANNEL, SEQ), src, chan, form.sources, form.batch, form.seq,
+                            scale=form.scale if tag == "v" else 1.0)
             gathered.append(materialise(rows, builder, f"{name}_{tag}"))
         return gathered
 
