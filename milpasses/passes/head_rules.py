@@ -10,6 +10,7 @@ reshape                       refactors channel axes (head splits, GQA merges, f
                               batch and sequence axes must pass unchanged
 expand_dims, squeeze          adds or drops a size-1 channel axis
 tile                          repeats channel entries (GQA/MQA): the repeats are never copied
+gather                        constant indices on a channel axis (Falcon picks its K/V head)
 slice_by_index, slice_by_size a channel range or stride (partial and interleaved rotary, fused
                               QKV cut by slices, MQA's one K/V head)
 split                         several channel ranges (fused QKV)
@@ -223,6 +224,20 @@ def split(op, forms, builder):
     return results
 
 
+def gather(op, forms, builder):
+    """A gather with constant indices on a channel axis picks heads (Falcon's one K/V head)."""
+    form = forms[0]
+    indices = constant_value(op.inputs["indices"])
+    axis = _axis(op, "axis", len(form.axes))
+    position = _channel_position(form, axis)
+    batch_dims = constant_value(op.inputs.get("batch_dims"))
+    if indices is None or position is None or (batch_dims is not None and int(batch_dims) != 0):
+        return NoMatch("a gather on an attention operand is not by constant indices on a channel axis")
+    indices = np.asarray(indices, dtype=np.int64) % form.channel_shape[position]
+    axes = list(form.axes[:axis]) + [CHANNEL] * indices.ndim + list(form.axes[axis + 1:])
+    return form.with_channels(axes, np.take(form.src, indices, axis=position), np.take(form.chan, indices, axis=position))
+
+
 def _joined(forms, join, axes, builder, name):
     """Forms of one channel map made of several: sources merged; pending scales that differ
     are applied first (rotate_half joins -x2 with x1)."""
@@ -401,6 +416,7 @@ RULES = {
     "slice_by_index": slice_by_index,
     "slice_by_size": slice_by_size,
     "split": split,
+    "gather": gather,
     "concat": concat,
     "stack": stack,
     **{kind: unary for kind in UNARY},
