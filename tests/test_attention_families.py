@@ -41,9 +41,11 @@ def _text_inputs(name, seq_len):
 def _cases(seq_lens):
     """(family, mode, S). A family whose attention is left alone is the same in every mode and
     is checked at the short lengths only (DeBERTa at 600 costs half a minute and tests nothing
-    of ours)."""
+    of ours); the families added with the transport rules run at 7 and 128 (their rules are
+    length-independent; the long lengths are covered by the older families)."""
     return [(name, mode, seq_len) for name in TEXT for mode in MODES for seq_len in seq_lens
-            if name not in UNMATCHED or (mode == MODES[0] and seq_len <= 7)]
+            if (name not in UNMATCHED or (mode == MODES[0] and seq_len <= 7))
+            and (name not in F.RULE_FAMILIES or seq_len in (7, 128))]
 
 
 def _assert_attention_rewritten(name, mlmodel, report):
@@ -51,7 +53,7 @@ def _assert_attention_rewritten(name, mlmodel, report):
     if name in UNMATCHED:
         assert report.sites_rewritten == 0 and report.sites_skipped == F.LAYERS
         return
-    assert report.rewritten["attention"] + report.rewritten["attention (grouped-query)"] == F.LAYERS
+    assert report.sites_rewritten == F.LAYERS and not report.skipped
     assert not [op for op in ops if op.op_type == "matmul"]
     assert all(op.inputs["axis"].val == 1 for op in ops if op.op_type == "softmax")
 
@@ -68,9 +70,14 @@ def test_text_fp16_is_accurate_on_padded_and_unpadded_rows_and_finite_with_one_t
     expected = F.torch_reference(name, inputs, _model(name))
     actual = simulate(mlmodel, inputs)["last_hidden_state"]
     assert np.all(np.isfinite(actual))
-    assert psnr(expected[0], actual[0]) >= 60.0  # the unpadded row
     valid = F.valid_tokens(inputs)
-    assert psnr(expected[valid], actual[valid]) >= 60.0
+    bar = 60.0
+    if name in F.RULE_FAMILIES:  # the issue's bar: 60 dB, or within 1 dB of DEFAULT where it is below 61
+        default = F.convert(name, "fp16", batch=3, seq_len=seq_len, model=_model(name))
+        default_db = psnr(expected[valid], simulate(default, inputs)["last_hidden_state"][valid])
+        bar = min(bar, default_db - 1.0) if default_db < 61.0 else bar
+    assert psnr(expected[0], actual[0]) >= bar  # the unpadded row
+    assert psnr(expected[valid], actual[valid]) >= bar
 
 
 # fp32 exactness at the extremes: one token, a short odd length, and 600 (a 512 chunk plus 88).
