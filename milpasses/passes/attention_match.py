@@ -29,6 +29,7 @@ from milpasses.passes import head_rules
 from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, DryRun, HeadForm, Placeholder, root_form
 from milpasses.passes.matching import (
     NoMatch,
+    as_list,
     constant_value,
     is_activation,
     is_block_output,
@@ -218,18 +219,12 @@ class _Region:
         if op.op_type not in head_rules.RULES:
             self.stopped_at.append(op)
             return False
-        inputs = [v for name in head_rules.TENSOR_INPUTS[op.op_type] for v in _as_list(op.inputs.get(name))]
+        inputs = [v for name in head_rules.TENSOR_INPUTS[op.op_type] for v in as_list(op.inputs.get(name))]
         found = [self.holds(v) for v in inputs]
         if any(found):
             self.ops[id(op)] = op
             self._known[key] = True
         return self._known[key]
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 class _DryExternals:
@@ -262,7 +257,7 @@ def _forms(region: _Region, block_ops):
         if id(op) not in region.ops:
             continue
         names = head_rules.TENSOR_INPUTS[op.op_type]
-        operands = [forms.get(id(v)) for name in names for v in _as_list(op.inputs.get(name))]
+        operands = [forms.get(id(v)) for name in names for v in as_list(op.inputs.get(name))]
         result = head_rules.apply(op, operands, builder, externals)
         if isinstance(result, NoMatch):
             return NoMatch(f"{result.reason} (at '{op.name}')")

@@ -12,7 +12,7 @@ from milpasses.passes.attention_match import AttentionSite, external_layout, mat
 from milpasses.passes.base import AnePass, register
 from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, Build, HeadForm, materialise, root_form
 from milpasses.passes.layout import enter, leave, left_from
-from milpasses.passes.matching import NoMatch, constant_value, is_static, rank, single_consumer
+from milpasses.passes.matching import NoMatch, as_list, constant_value, is_static, rank, single_consumer
 
 MODES = ("split_einsum", "split_einsum_v2", "batched", "off")
 #: The one einsum MIL has: contract axis -1 of the first operand with axis -3 of the second.
@@ -92,12 +92,16 @@ class attention_to_einsum(AnePass):
                 %oi = einsum(values=(%vh_i, %wi), equation="nchw,nwhu->nchu")    # (B, d, 1, Sq)
             %o_bc1s = concat(values=(%o0, ..., %oH-1), axis=1)
 
-    Recognised on the way: a fused QKV projection split on the channel axis (GPT-2); rotary
-    embeddings (``x * cos + rotate_half(x) * sin``, Llama, Qwen), applied in ``(B, C, 1, S)``
-    as a channel split, a concat that swaps each head's halves, and two multiplies; grouped-query
-    attention, whose per-head einsums read the shared K/V head (the repeated copy is never
-    built); any number of additive masks or per-head biases (T5's position bias); iOS18's
-    ``scaled_dot_product_attention``.
+    The region between the head splits and the core is found from its two ends and carried op
+    by op by the transport rules of ``head_rules`` (a table per op type: layout ops rearrange a
+    compile-time channel map, computing ops run once on (B, C, 1, S)), so every rotary variant
+    (half, partial, interleaved), per-head q/k norms, fused QKV cut by split, slice, gather or
+    unbind, grouped- and multi-query attention (each query head reads its K/V head; the repeat is
+    never built) and run-time rotary tables are carried without a per-family form. Between the
+    scores and the softmax, scales, additive masks and biases, ``select`` masks and soft-caps are
+    applied per head in their order; scalar factors on q, k and the raw scores are folded into
+    the Q projection when Q is a linear function of it, else one ``mul`` remains. In every mode
+    each head's score tensor stays under 2^20 elements: queries are chunked when Sq * Sk reaches it.
 
     Modes: ``split_einsum`` as above; ``split_einsum_v2`` also splits each head's queries into
     chunks of ``query_chunk`` when Sq >= ``query_chunk`` (a shorter last chunk is computed,
@@ -107,10 +111,11 @@ class attention_to_einsum(AnePass):
     Flexible sequence lengths (EnumeratedShapes) are fine: only the channel split needs fixed
     sizes; ``split_einsum_v2`` chunks only a fixed length, and ``batched`` needs a fixed batch.
 
-    Does not fire when: the softmax is not over the last axis of a rank-4 tensor; the
-    scores or the output pass through an op it does not understand (DeBERTa's disentangled
-    attention, rank-3 per-head matmuls); an intermediate has other consumers; a scale is
-    applied after a mask; a mask or bias does not broadcast per head; a boolean sdpa mask.
+    Does not fire when: the softmax is not over the last axis of a rank-4 tensor; an op in the
+    region has no transport rule (the reason names it and where it sits: DeBERTa's disentangled
+    attention, a (B*H, S, d) batched form); a region tensor is read outside the region; a
+    reshape mixes heads with the batch or sequence; a mask or bias has more than 4 axes; a
+    boolean sdpa mask.
 
     Options:
 
@@ -225,7 +230,7 @@ class attention_to_einsum(AnePass):
         externals = _Tables(self._tables)
         for op in site.region_ops:
             names = head_rules.TENSOR_INPUTS[op.op_type]
-            operands = [forms.get(id(v)) for n in names for v in _as_list(op.inputs.get(n))]
+            operands = [forms.get(id(v)) for n in names for v in as_list(op.inputs.get(n))]
             for out, form in zip(op.outputs, head_rules.apply(op, operands, builder, externals)):
                 forms[id(out)] = form
         q, k, v = (forms[id(var)] for var in (site.query, site.key, site.value))
@@ -386,12 +391,6 @@ class attention_to_einsum(AnePass):
         if shape[2] == 1:
             return mb.tile(x=term, reps=[1, 1, 1, repeats], name=f"{name}_grouped")
         return mb.reshape(x=term, shape=shape[:2] + [kv_heads, repeats * sq], name=f"{name}_grouped")
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _is_tensor(value) -> bool:

@@ -72,3 +72,10 @@ def op_with(var, op_type: str, **constant_inputs):
         if value is None or np.asarray(value).tolist() != expected:
             return None
     return op
+
+
+def as_list(value) -> list:
+    """An op input as a list of vars: a tuple input (concat's values) as it is, one var alone."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
