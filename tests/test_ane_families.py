@@ -54,6 +54,8 @@ def test_norms_run_over_the_channel_axis_of_rank4(name):
     norms = [op for op in ops if op.op_type == "layer_norm"]
     rms_means = [op for op in ops if op.op_type == "reduce_mean" and op.inputs["x"].op.op_type == "pow"]
     assert norms or rms_means
+    if name == "opt":  # the norm of its flattened (B*S, C) feed-forward stays rank 2 (see BOUNDARIES)
+        norms = [op for op in norms if op.inputs["x"].rank != 2]
     for op in norms + rms_means:
         assert op.inputs["axes"].val.tolist() == [1] and op.inputs["x"].rank == 4, op.name
 
