@@ -35,6 +35,8 @@ from milpasses.passes.matching import (
     is_block_output,
     is_static,
     rank,
+    same_length,
+    scalar_value,
     single_consumer,
 )
 
@@ -54,7 +56,7 @@ class EpilogueStep:
 
 @dataclass(frozen=True)
 class AttentionSite:
-    roots: tuple  # (reshape op, (B, S, C) source var)
+    roots: tuple  # the head-split reshapes of (B, S, C) sources
     region_ops: tuple  # operand-path ops, in block order
     query: object  # operand vars of the core
     key: object
@@ -62,7 +64,7 @@ class AttentionSite:
     key_transposed: bool  # the key operand is (..., d, Sk)
     steps: tuple  # EpilogueStep, scores to softmax
     scale: float  # scalar factors met before anything else on the scores
-    heads: int
+    heads_shape: tuple  # the query's head axes (one axis, or several for a rank-5 grouped form)
     head_dim: int
     kv_of_head: tuple  # for each query head, its K/V head
     output: object  # the (B, Sq, C) var the rewritten attention replaces
@@ -73,6 +75,10 @@ class AttentionSite:
     sdpa: bool = False
 
     @property
+    def heads(self) -> int:
+        return len(self.kv_of_head)
+
+    @property
     def kv_heads(self) -> int:
         return len(set(self.kv_of_head))
 
@@ -81,11 +87,6 @@ class AttentionSite:
         """K/V heads read in contiguous groups: query head h reads K/V head h // repeats."""
         repeats = self.heads // self.kv_heads
         return all(kv == h // repeats for h, kv in enumerate(self.kv_of_head))
-
-
-def _scalar(var) -> float | None:
-    value = constant_value(var)
-    return float(np.asarray(value).reshape(())) if value is not None and np.size(value) == 1 else None
 
 
 # --- the scores side ---------------------------------------------------------------------------
@@ -126,16 +127,15 @@ def _epilogue(softmax_op):
             return NoMatch(f"cannot tell the scores from the other operand of '{op.op_type}'")
         others = {k: v for k, v in op.inputs.items() if k != chain[0]}
         if op.op_type in EPILOGUE_BINARY | {"select"}:
-            for name, other in others.items():
-                if name in ("x", "y", "a", "b", "cond") and rank(other) > 4:
-                    return NoMatch("a mask or bias has more than 4 axes")
+            if any(rank(other) > 4 for other in others.values()):
+                return NoMatch("a mask or bias has more than 4 axes")
         steps.append(EpilogueStep(op.op_type, chain[0], others))
         var = op.inputs[chain[0]]
     steps.reverse()
     scale = 1.0
     while steps and _folds(steps[0]):
         step = steps.pop(0)
-        factor = _scalar(step.others[_other_name(step)])
+        factor = scalar_value(step.others[_other_name(step)])
         scale *= factor if step.kind == "mul" else 1.0 / factor
     return op, scale, tuple(steps), ops
 
@@ -149,7 +149,7 @@ def _folds(step) -> bool:
     kind = step.kind
     if kind not in ("mul", "real_div") or (kind == "real_div" and step.chain != "x"):
         return False
-    factor = _scalar(step.others[_other_name(step)])
+    factor = scalar_value(step.others[_other_name(step)])
     return factor is not None and factor != 0.0
 
 
@@ -191,8 +191,7 @@ def _is_head_split(op) -> bool:
     tail = out.shape[2:]
     if not (is_static(channels) and all(is_static(d) for d in tail)) or int(np.prod(tail)) != channels:
         return False
-    return all(a == b if is_static(a) and is_static(b) else not (is_static(a) or is_static(b))
-               for a, b in zip(x.shape[:2], out.shape[:2]))
+    return all(same_length(a, b) for a, b in zip(x.shape[:2], out.shape[:2]))
 
 
 class _Region:
@@ -246,16 +245,14 @@ def external_layout(var, form: HeadForm, out_axes) -> NoMatch | None:
     return None
 
 
-def _forms(region: _Region, block_ops):
-    """Dry-run every rule in block order: {id(var): HeadForm} or NoMatch."""
+def carry(roots, region_ops, builder, externals, root_var):
+    """Run the rules of ``region_ops`` (in block order) from the head-split ``roots``, whose
+    (B, S, C) sources become ``root_var(root, source)``: {id(var): HeadForm}, or NoMatch."""
     forms = {}
-    builder, externals = DryRun(), _DryExternals()
-    for root in region.roots.values():
+    for root in roots:
         source = root.inputs["x"]
-        forms[id(root.outputs[0])] = root_form(source, Placeholder(source.name), root.outputs[0].shape[2:], id(source))
-    for op in block_ops:
-        if id(op) not in region.ops:
-            continue
+        forms[id(root.outputs[0])] = root_form(source, root_var(root, source), root.outputs[0].shape[2:], id(source))
+    for op in region_ops:
         names = head_rules.TENSOR_INPUTS[op.op_type]
         operands = [forms.get(id(v)) for name in names for v in as_list(op.inputs.get(name))]
         result = head_rules.apply(op, operands, builder, externals)
@@ -279,8 +276,10 @@ def _check_consumers(region: _Region, core_ops) -> NoMatch | None:
     return None
 
 
-def per_head_rows(form: HeadForm, lead_axes: list, d_axis: int, heads_shape: tuple):
-    """The form's channels as (heads, d) rows, broadcasting size-1 head axes."""
+def operand_rows(form: HeadForm, key_transposed: bool, heads_shape: tuple):
+    """A core operand's channels as (heads, d) rows: (src, chan), or None when its head axes
+    do not broadcast against ``heads_shape`` (a head axis of size 1 serves every head)."""
+    lead_axes, d_axis = _operand_axes(form, key_transposed)
     channel = form.channel_axes()
     order = [channel.index(a) for a in lead_axes] + [channel.index(d_axis)]
     src, chan = np.transpose(form.src, order), np.transpose(form.chan, order)
@@ -316,7 +315,9 @@ def _assemble(block, core, key_transposed, steps, scale, values_out, matched, sd
     failed = _check_consumers(region, matched)
     if failed:
         return failed
-    forms = _forms(region, block.operations)
+    region_ops = tuple(op for op in block.operations if id(op) in region.ops)
+    forms = carry(region.roots.values(), region_ops, DryRun(), _DryExternals(),
+                  lambda root, source: Placeholder(source.name))
     if isinstance(forms, NoMatch):
         return forms
     q, k, v = (forms[id(var)] for var in core)
@@ -326,7 +327,8 @@ def _assemble(block, core, key_transposed, steps, scale, values_out, matched, sd
     if not (len(q_axes[0]) == len(k_axes[0]) == len(v_axes[0])):
         return NoMatch("q, k and v have different head axes")
     heads_shape = tuple(q.src.shape[q.channel_axes().index(a)] for a in q_axes[0])
-    q_rows, k_rows, v_rows = (per_head_rows(f, *axes, heads_shape) for f, axes in ((q, q_axes), (k, k_axes), (v, v_axes)))
+    q_rows, k_rows, v_rows = (operand_rows(f, transposed, heads_shape)
+                              for f, transposed in ((q, False), (k, key_transposed), (v, False)))
     if k_rows is None or v_rows is None:
         return NoMatch("k or v heads do not broadcast against the query heads")
     head_dim = q_rows[0].shape[1]
@@ -335,23 +337,20 @@ def _assemble(block, core, key_transposed, steps, scale, values_out, matched, sd
     kv_of_head = _kv_heads(k_rows, v_rows)
     if kv_of_head is None:
         return NoMatch("k and v do not share their head grouping")
-    heads = len(kv_of_head)
     lead_roles = [q.axes[i] for i in range(len(q.axes) - 2)]
-    output = _output_order(values_out, lead_roles, heads, v_rows[0].shape[1])
+    output = _output_order(values_out, lead_roles, len(kv_of_head), v_rows[0].shape[1])
     if isinstance(output, NoMatch):
         return output
     out_var, order, out_ops = output
-    region_ops = tuple(op for op in block.operations if id(op) in region.ops)
     sources = {id(root.inputs["x"]): root.inputs["x"] for root in region.roots.values()}
     foldable = q.linear and len(q.roots) == 1 and q.roots.isdisjoint(k.roots | v.roots)
     query_root = sources[next(iter(q.roots))] if foldable else None
     all_ops = tuple(matched) + tuple(out_ops) + region_ops + tuple(region.roots.values())
     return AttentionSite(
-        roots=tuple((op, op.inputs["x"]) for op in region.roots.values()), region_ops=region_ops,
-        query=q_var, key=k_var, value=v_var, key_transposed=key_transposed, steps=steps,
-        scale=scale * q.scale * k.scale, heads=heads, head_dim=head_dim, kv_of_head=tuple(kv_of_head),
-        output=out_var, output_order=order, anchor=out_var.op, matched_ops=all_ops, query_root=query_root,
-        sdpa=sdpa)
+        roots=tuple(region.roots.values()), region_ops=region_ops, query=q_var, key=k_var, value=v_var,
+        key_transposed=key_transposed, steps=steps, scale=scale * q.scale * k.scale, heads_shape=heads_shape,
+        head_dim=head_dim, kv_of_head=tuple(kv_of_head), output=out_var, output_order=order, anchor=out_var.op,
+        matched_ops=all_ops, query_root=query_root, sdpa=sdpa)
 
 
 def _kv_heads(k_rows, v_rows):

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.passes import head_rules
-from milpasses.passes.attention_match import AttentionSite, external_layout, match_attention, match_sdpa, per_head_rows
+from milpasses.passes.attention_match import (
+    AttentionSite,
+    carry,
+    external_layout,
+    match_attention,
+    match_sdpa,
+    operand_rows,
+)
 from milpasses.passes.base import AnePass, register
-from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, Build, HeadForm, materialise, root_form
+from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, Build, HeadForm, Source, materialise
 from milpasses.passes.layout import enter, leave, left_from
-from milpasses.passes.matching import NoMatch, as_list, constant_value, is_static, rank, single_consumer
+from milpasses.passes.matching import NoMatch, constant_value, is_static, rank, single_consumer
 
 MODES = ("split_einsum", "split_einsum_v2", "batched", "off")
 #: The one einsum MIL has: contract axis -1 of the first operand with axis -3 of the second.
@@ -222,23 +226,14 @@ class attention_to_einsum(AnePass):
     def _operands(self, site: AttentionSite, name: str):
         """Q as (B, H*d, 1, Sq), K and V as (B, Hkv*d, 1, Sk): the region's rules run on the
         real program, then each operand's heads are gathered in head order (each K/V head once)."""
-        builder, forms = Build(), {}
-        for root, source in site.roots:
-            x = left_from(source)
-            x = enter(source, f"{root.name}_source") if x is None else x
-            forms[id(root.outputs[0])] = root_form(source, x, root.outputs[0].shape[2:], id(source))
-        externals = _Tables(self._tables)
-        for op in site.region_ops:
-            names = head_rules.TENSOR_INPUTS[op.op_type]
-            operands = [forms.get(id(v)) for n in names for v in as_list(op.inputs.get(n))]
-            for out, form in zip(op.outputs, head_rules.apply(op, operands, builder, externals)):
-                forms[id(out)] = form
+        builder = Build()
+        forms = carry(site.roots, site.region_ops, builder, _Tables(self._tables), _in_bc1s)
         q, k, v = (forms[id(var)] for var in (site.query, site.key, site.value))
         kv_first = [site.kv_of_head.index(g) for g in range(site.kv_heads)]
         gathered = []
         for form, key_transposed, heads, tag in ((q, False, None, "q"), (k, site.key_transposed, kv_first, "k"),
                                                  (v, False, kv_first, "v")):
-            src, chan = _rows(form, key_transposed, site.heads)
+            src, chan = operand_rows(form, key_transposed, site.heads_shape)
             if heads is not None:
                 src, chan = src[heads], chan[heads]
             # q's and k's factors are in site.scale already; v's is applied here.
@@ -252,7 +247,7 @@ class attention_to_einsum(AnePass):
         order = site.output_order
         if np.array_equal(order, np.arange(order.size)):
             return out
-        form = HeadForm((BATCH, CHANNEL, SEQ), np.zeros_like(order), order, (_Sourced(out, order.size),), None, None)
+        form = HeadForm((BATCH, CHANNEL, SEQ), np.zeros_like(order), order, (Source(out, order.size),), None, None)
         return materialise(form, Build(), f"{name}_merged")
 
     def _chunks(self, site: AttentionSite) -> list:
@@ -393,6 +388,12 @@ class attention_to_einsum(AnePass):
         return mb.reshape(x=term, shape=shape[:2] + [kv_heads, repeats * sq], name=f"{name}_grouped")
 
 
+def _in_bc1s(root, source):
+    """A head split's (B, S, C) source in (B, C, 1, S): the conv output it left, or entered."""
+    left = left_from(source)
+    return enter(source, f"{root.name}_source") if left is None else left
+
+
 def _is_tensor(value) -> bool:
     if isinstance(value, np.ndarray):
         return value.ndim == 4
@@ -401,36 +402,6 @@ def _is_tensor(value) -> bool:
 
 def _key_length(site: AttentionSite):
     return site.key.shape[-1] if site.key_transposed else site.key.shape[-2]
-
-
-def _rows(form: HeadForm, key_transposed: bool, heads: int):
-    """The operand's channels as (heads, d) rows; a head axis of size 1 serves every head."""
-    n = len(form.axes)
-    seq_axis, d_axis = (n - 1, n - 2) if key_transposed else (n - 2, n - 1)
-    lead = [i for i in range(n) if i not in (seq_axis, d_axis) and form.axes[i] == CHANNEL]
-    channel = form.channel_axes()
-    sizes = [form.src.shape[channel.index(axis)] for axis in lead]
-    return per_head_rows(form, lead, d_axis, _query_heads(sizes, heads))
-
-
-def _query_heads(sizes, heads: int) -> tuple:
-    """Head axis sizes as the query has them, for an operand whose head axes may be 1."""
-    total = int(np.prod(sizes)) if sizes else 1
-    if total == heads:
-        return tuple(sizes)
-    ones = [i for i, s in enumerate(sizes) if s == 1]
-    result = list(sizes)
-    if ones:
-        result[ones[0]] = heads // total
-    return tuple(result)
-
-
-@dataclass(frozen=True)
-class _Sourced:
-    """A var with its channel count, as a HeadForm source."""
-
-    var: object
-    size: int
 
 
 class _Tables:

@@ -93,12 +93,12 @@ class DryRun:
     building = False
 
     def __getattr__(self, op_type):
-        return lambda name, **_: Placeholder(name) if op_type != "split" else _SplitPlaceholder(name)
+        return lambda name, **_: Placeholder(name)
 
-
-class _SplitPlaceholder(Placeholder):
-    def __getitem__(self, index):
-        return Placeholder(f"{self.name}_{index}")
+    @staticmethod
+    def split(x, name, num_splits=None, split_sizes=None, **_):
+        count = num_splits if split_sizes is None else len(split_sizes)
+        return [Placeholder(f"{name}_{i}") for i in range(count)]
 
 
 class Build:
@@ -145,14 +145,14 @@ def _gather(form: HeadForm, builder, name: str):
     runs = _runs(form.src, form.chan)
     if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == form.sources[runs[0][0]].size:
         return form.sources[runs[0][0]].var
+    if not builder.building:  # matching only needs to know the op can be carried
+        return Placeholder(name)
     if form.channels / len(runs) >= MIN_RUN:
         return _split_and_concat(form, runs, builder, name)
     return _selection_conv(form, builder, name)
 
 
 def _split_and_concat(form, runs, builder, name):
-    if not builder.building:
-        return Placeholder(name)
     bounds = {}
     for s, c, n in runs:
         bounds.setdefault(s, {0, form.sources[s].size}).update((c, c + n))
@@ -164,15 +164,13 @@ def _split_and_concat(form, runs, builder, name):
 def _selection_conv(form, builder, name):
     """Gather scattered channels with a 0/1 conv, grouped per outer channel block when every
     block reads one block of the (concatenated) sources."""
-    if not builder.building:
-        return Placeholder(name)
     offsets = np.cumsum([0] + [s.size for s in form.sources])
     wanted = (offsets[form.src] + form.chan).ravel()
     total = int(offsets[-1])
     x = form.sources[0].var if len(form.sources) == 1 else mb.concat(
         values=[s.var for s in form.sources], axis=1, name=f"{name}_sources")
     groups = _groups(wanted, total, form.channel_shape)
-    per_out, per_in = len(wanted) // groups, total // groups
+    per_in = total // groups
     weight = np.zeros((len(wanted), per_in, 1, 1), dtype=np.float32)
     weight[np.arange(len(wanted)), wanted % per_in, 0, 0] = 1.0
     return mb.conv(x=x, weight=weight, groups=groups, name=name)

@@ -35,15 +35,13 @@ from dataclasses import replace
 import numpy as np
 
 from milpasses.passes.head_form import (
-    BATCH,
     CHANNEL,
-    SEQ,
     HeadForm,
     constant_to_form,
     materialise,
     materialised,
 )
-from milpasses.passes.matching import NoMatch, constant_value, is_static, rank
+from milpasses.passes.matching import NoMatch, constant_value, is_static, rank, scalar_value
 
 UNARY = {"gelu", "silu", "relu", "relu6", "sigmoid", "tanh", "erf", "rsqrt", "sqrt", "exp", "square", "abs",
          "inverse", "clip", "softsign", "leaky_relu", "elu", "softplus", "sin", "cos", "sign", "log", "floor",
@@ -291,25 +289,20 @@ def unary(op, forms, builder):
     return replace(materialised(out, form), linear=False)
 
 
-def _scalar(var) -> float | None:
-    value = constant_value(var)
-    return float(np.asarray(value).reshape(())) if value is not None and np.size(value) == 1 else None
-
-
 def binary(op, forms, builder, externals):
     """An elementwise binary op with one or two operands from the region."""
     x_form, y_form = forms
-    out_axes = x_form.axes if x_form is not None and len(x_form.axes) == rank(op.outputs[0]) else y_form.axes
     kind = op.op_type
+    if any(f is not None and len(f.axes) != rank(op.outputs[0]) for f in forms):
+        return NoMatch(f"'{kind}' broadcasts an attention operand to a higher rank")
     if x_form is not None and y_form is not None:
-        return _binary_of_forms(op, x_form, y_form, out_axes, builder)
+        return _binary_of_forms(op, x_form, y_form, builder)
     form, other_name = (x_form, "y") if x_form is not None else (y_form, "x")
+    out_axes = form.axes
     other = op.inputs[other_name]
-    factor = _scalar(other)
+    factor = scalar_value(other)
     if factor is not None and (kind == "mul" or (kind == "real_div" and other_name == "y")):
         return replace(form, scale=form.scale * (factor if kind == "mul" else 1.0 / factor))
-    if len(out_axes) != len(form.axes):
-        return NoMatch(f"'{kind}' broadcasts an attention operand to a higher rank")
     value = constant_value(other)
     if value is not None:
         laid_out = constant_to_form(value, form, out_axes)
@@ -326,7 +319,7 @@ def binary(op, forms, builder, externals):
                    linear=form.linear and keeps_scale)
 
 
-def _binary_of_forms(op, x_form, y_form, out_axes, builder):
+def _binary_of_forms(op, x_form, y_form, builder):
     kind = op.op_type
     if x_form.channel_shape == y_form.channel_shape:
         full = x_form
@@ -364,8 +357,6 @@ def broadcast_channels(small: HeadForm, full: HeadForm, builder, name: str):
     groups = int(np.prod(shape_small))
     repeat = full.channels // groups
     x = materialise(small, builder, f"{name}_in")
-    if not builder.building:
-        return x
     weight = np.ones((groups * repeat, 1, 1, 1), dtype=np.float32)
     return builder.conv(x=x, weight=weight, groups=groups, name=name)
 
@@ -389,13 +380,10 @@ def reduction(op, forms, builder):
         out = builder.conv(x=x, weight=weight, groups=groups, name=f"{op.name}_heads")
         scale, linear = form.scale, form.linear
     else:
-        if builder.building:
-            parts = list(builder.split(x=x, num_splits=groups, axis=1, name=f"{op.name}_split")) if groups > 1 else [x]
-            reduced = [getattr(builder, op.op_type)(x=p, axes=[1], keep_dims=True, name=f"{op.name}_h{i}")
-                       for i, p in enumerate(parts)]
-            out = reduced[0] if groups == 1 else builder.concat(values=reduced, axis=1, name=f"{op.name}_heads")
-        else:
-            out = builder.concat(name=f"{op.name}_heads")
+        parts = builder.split(x=x, num_splits=groups, axis=1, name=f"{op.name}_split") if groups > 1 else [x]
+        reduced = [getattr(builder, op.op_type)(x=p, axes=[1], keep_dims=True, name=f"{op.name}_h{i}")
+                   for i, p in enumerate(parts)]
+        out = reduced[0] if groups == 1 else builder.concat(values=reduced, axis=1, name=f"{op.name}_heads")
         scale, linear = 1.0, False
     axes_out = list(form.axes)
     if not keep:

@@ -23,6 +23,12 @@ def constant_value(var) -> np.ndarray | None:
     return None if var is None else var.val
 
 
+def scalar_value(var) -> float | None:
+    """The value of a compile-time constant holding one element, else None."""
+    value = constant_value(var)
+    return float(np.asarray(value).reshape(())) if value is not None and np.size(value) == 1 else None
+
+
 def is_activation(var) -> bool:
     return var is not None and var.val is None
 
