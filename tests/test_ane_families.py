@@ -71,22 +71,32 @@ def test_layout_ops_stand_only_at_region_boundaries(name):
 @pytest.mark.parametrize("name", list(F.FAMILIES))
 def test_fp32_program_equals_default_and_torch(name):
     inputs = F.sample_inputs(name)
-    expected = F.torch_reference(name, inputs)
+    valid = F.valid_tokens(inputs)  # padded queries are undefined (see finite_masks)
+    expected = F.torch_reference(name, inputs)[valid]
     ane = simulate(converted_ane(name, "fp32"), inputs)["last_hidden_state"]
-    default = simulate(F.converted(name, "fp32"), inputs)["last_hidden_state"]
+    assert np.all(np.isfinite(ane))
+    ane = ane[valid]
+    default = simulate(F.converted(name, "fp32"), inputs)["last_hidden_state"][valid]
     scale = np.max(np.abs(expected))
     assert np.max(np.abs(ane - expected)) / scale < 1e-5
     assert np.max(np.abs(ane - default)) / scale < 1e-5
 
 
 @pytest.mark.parametrize("name", list(F.FAMILIES))
-def test_fp16_psnr_within_1_db_of_default(name):
+def test_fp16_psnr_within_1_db_of_default_or_above_60(name):
     # DeBERTa's DEFAULT fp16 program is NaN on a padded batch (its -inf mask); compare unpadded.
     inputs = F.sample_inputs(name, padded=name != "deberta_v2")
-    expected = F.torch_reference(name, inputs)
-    ane = psnr(expected, simulate(converted_ane(name, "fp16"), inputs)["last_hidden_state"])
-    default = psnr(expected, simulate(F.converted(name, "fp16"), inputs)["last_hidden_state"])
-    assert ane >= default - 1.0
+    valid = F.valid_tokens(inputs)
+    expected = F.torch_reference(name, inputs)[valid]
+    ane = psnr(expected, simulate(converted_ane(name, "fp16"), inputs)["last_hidden_state"][valid])
+    default = psnr(expected, simulate(F.converted(name, "fp16"), inputs)["last_hidden_state"][valid])
+    if name in F.RULE_FAMILIES and default >= 61.0:
+        # Issue 11's bar for the transport-rule families: 60 dB, or within 1 dB of DEFAULT.
+        # Measured: Gemma 2 65.5 against 66.7 (its RMSNorm guard costs 0.8 dB), ModernBERT
+        # 65.9 against 67.9, its GeGLU feed-forward drifting further from the reordered attention.
+        assert ane >= 60.0
+    else:
+        assert ane >= default - 1.0
 
 
 @pytest.mark.parametrize("name", list(F.FAMILIES))

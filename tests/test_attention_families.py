@@ -86,7 +86,10 @@ def test_text_fp32_equals_torch(name, mode, seq_len):
     mlmodel, _ = _converted(name, mode, seq_len, "fp32")
     inputs = _text_inputs(name, seq_len)
     expected = F.torch_reference(name, inputs, _model(name))
-    assert _relative_error(simulate(mlmodel, inputs)["last_hidden_state"], expected) < 1e-5
+    actual = simulate(mlmodel, inputs)["last_hidden_state"]
+    assert np.all(np.isfinite(actual))
+    valid = F.valid_tokens(inputs)  # a padded query outside every valid key's window is undefined
+    assert _relative_error(actual[valid], expected[valid]) < 1e-5
 
 
 @pytest.mark.parametrize("precision", ("fp32", "fp16"))

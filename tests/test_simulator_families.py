@@ -43,9 +43,12 @@ def test_fp32_program_matches_torch(name, references):
 @pytest.mark.parametrize("name", list(F.FAMILIES))
 def test_fp16_program_reaches_psnr_against_torch(name, references):
     inputs, expected = references(name, padded=name != "deberta_v2")
-    actual = simulate(F.converted(name, "fp16"), inputs)["last_hidden_state"]
+    # A padded query whose sliding window holds no valid key (ModernBERT's local attention)
+    # softmaxes a row of fp16 -inf: NaN, on a padding output that no valid token reads.
+    valid = F.valid_tokens(inputs)
+    actual = simulate(F.converted(name, "fp16"), inputs)["last_hidden_state"][valid]
     assert np.all(np.isfinite(actual))
-    assert psnr(expected, actual) >= FP16_MIN_PSNR_DB
+    assert psnr(expected[valid], actual) >= FP16_MIN_PSNR_DB
 
 
 def test_fp16_program_is_less_exact_than_fp32():

@@ -88,9 +88,10 @@ class finite_masks(AnePass):
             %m = select(cond=%keep, a=0.0, b=-1e4)
             %s = softmax(x=add(x=%scores, y=%m), axis=-1)
 
-    A masked position adds ``-1e4``, whose exponential is 0 in fp16 and fp32, so unmasked
-    positions compute exactly what they did; a fully masked row softmaxes to a uniform
-    distribution, as PyTorch's finfo.min masking does, instead of NaN.
+    A masked position adds ``-1e4``, whose exponential is 0 in fp16 and fp32, so every query
+    with at least one unmasked key computes exactly what it did. A query whose every key is
+    masked (a padded token outside a sliding window) softmaxes its raw scores instead of the
+    uniform row PyTorch's finfo.min gives: a padding output, finite, that no valid token reads.
 
     It fires on a float constant with values beyond the fp16 range when every op reading it is
     a ``select``, ``fill``, ``band_part`` or ``clip``, or carries it (add, sub, mul, layout ops)
