@@ -17,27 +17,6 @@ def bert_dir(tmp_path_factory):
     return save_fixture(tmp_path_factory.mktemp("models") / "bert", "bert")
 
 
-def test_readme_command_converts_the_bundled_minilm(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert main(["convert", "-o", "all-MiniLM-L6-v2.mlpackage", "--seq-len", "32"]) == 0
-    program = load_program(tmp_path / "all-MiniLM-L6-v2.mlpackage").functions["main"]
-    assert [v.name for v in program.outputs] == ["last_hidden_state", "sentence_embedding"]
-    assert "linear" not in [op.op_type for op in program.operations]
-    report = json.loads((tmp_path / "all-MiniLM-L6-v2.report.json").read_text())
-    assert report["model"] == "all-MiniLM-L6-v2 (bundled)" and report["verified"]
-    assert {e["output"] for e in report["psnr"]} == {"last_hidden_state", "sentence_embedding"}
-    assert all(e["psnr_db"] >= 60.0 for e in report["psnr"])
-    passes = {p["pass"]: p for p in report["passes"]}
-    assert passes["ane::linear_to_conv"]["rewritten"] == {"linear": 36}  # 6 layers x (Q, K, V, O, up, down)
-    assert report["ops_before"]["linear"] == 36 and "linear" not in report["ops_after"]
-    assert report["package_bytes"] > 40 * 2**20  # 22.7 M fp16 weights
-    assert "| sentence_embedding | 32 |" in (tmp_path / "all-MiniLM-L6-v2.report.md").read_text()
-    out = capsys.readouterr().out
-    assert "MLModel.predict skipped" in out or "MLModel.predict (CPU_AND_NE)" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "all-MiniLM-L6-v2.mlpackage", "all-MiniLM-L6-v2.report.json", "all-MiniLM-L6-v2.report.md"]
-
-
 def test_json_prints_the_report_alone(tmp_path, bert_dir, capsys):
     output = tmp_path / "bert.mlpackage"
     assert main(["convert", str(bert_dir), "-o", str(output), "--seq-len", "8", "--offline", "--json",
