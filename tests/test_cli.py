@@ -186,3 +186,11 @@ def test_verbose_and_quiet_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--verbose", "--quiet"])
     assert "choose one" in capsys.readouterr().err
+
+
+def test_the_options_are_read_before_any_library_is_imported():
+    """So that --help is quick and the libraries' import notices can be held back."""
+    probe = ("import sys, milpasses, milpasses.convert, milpasses.cli; milpasses.cli.build_parser(); "
+             "print(sorted({'torch', 'coremltools', 'transformers'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

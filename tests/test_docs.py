@@ -95,7 +95,7 @@ def test_every_block_runs(document, stand_ins, tmp_path, monkeypatch, capsys):
 def test_readme_starts_with_the_set_up_commands_and_the_drop_in_within_30_lines():
     lines = (ROOT / "README.md").read_text().splitlines()
     first, second = setup_commands()
-    assert lines[2:4] == [first, second]
+    assert lines[3:5] == [first, second]
     # CI runs the second verbatim; the first sets up the same way (pip's -q aside), then converts.
     assert second in (ROOT / ".ci" / "run").read_text()
     setup = second.rsplit(" && ", 1)[0]
