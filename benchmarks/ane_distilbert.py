@@ -3,7 +3,7 @@ Apple Neural Engine" describes (ANE_NOTES, "Apple's reference recipe"), for timi
 conversion against what ane_pipeline() does automatically. Written here from that description.
 
 - The body runs in (B, C, 1, S); every projection is a 1x1 Conv2d.
-- Attention is split per head: a channel slice of Q, K transposed once to (B, S, 1, C) and sliced
+- Attention is split per head: Q split on channels, K transposed once to (B, S, 1, C) and split
   on its last axis, scores ``einsum('bchq,bkhc->bkhq')`` in (B, Sk, 1, Sq) with the padding mask
   added as (B, Sk, 1, 1) and the softmax over axis 1, output ``einsum('bkhq,bchk->bchq')``, heads
   concatenated on the channel axis.
@@ -43,14 +43,14 @@ class SplitHeadAttention(nn.Module):
         self.q, self.k, self.v, self.out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x, mask):
-        q, v = self.q(x), self.v(x)
-        k = self.k(x).transpose(1, 3)  # (B, S, 1, C): the one transpose per block
         d = self.head_dim
+        queries = self.q(x).split(d, dim=1)  # (B, d, 1, Sq) each
+        keys = self.k(x).transpose(1, 3).split(d, dim=3)  # (B, Sk, 1, d): the one transpose per block
+        values = self.v(x).split(d, dim=1)  # (B, d, 1, Sk)
         heads = []
-        for i in range(self.heads):
-            part = slice(i * d, (i + 1) * d)
-            scores = torch.einsum("bchq,bkhc->bkhq", q[:, part], k[..., part]) * d ** -0.5 + mask
-            heads.append(torch.einsum("bkhq,bchk->bchq", scores.softmax(dim=1), v[:, part]))
+        for q, k, v in zip(queries, keys, values):
+            scores = torch.einsum("bchq,bkhc->bkhq", q, k) * d ** -0.5 + mask
+            heads.append(torch.einsum("bkhq,bchk->bchq", scores.softmax(dim=1), v))
         return self.out(torch.cat(heads, dim=1))
 
 
