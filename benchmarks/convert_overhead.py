@@ -25,13 +25,13 @@ def plain_convert_seconds(seq_len: int) -> float:
     import torch
 
     from milpasses.bundled import bundled_model_dir, load_bundled
-    from milpasses.convert import _sentence_pooling
+    from milpasses.convert.load import sentence_pooling
     from milpasses.tracing import TaskOutputs
 
     model, tokenizer = load_bundled()
     names = ("input_ids", "attention_mask", "token_type_ids")
     outputs = ("last_hidden_state", "sentence_embedding")
-    module = TaskOutputs(model, names, outputs, _sentence_pooling(str(bundled_model_dir()))).eval()
+    module = TaskOutputs(model, names, outputs, sentence_pooling(str(bundled_model_dir()))).eval()
     batch = tokenizer(["Hello world."], padding="max_length", max_length=seq_len, return_tensors="np")
     examples = tuple(torch.from_numpy(batch[n].astype(np.int64)) for n in names)
     with torch.no_grad():

@@ -8,16 +8,19 @@ simulating the converted program, that it computes what the PyTorch model comput
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import logging
-import os
 import sys
 from pathlib import Path
 
+from milpasses.console import Console, HeldOutput, add_verbose_option
+
 
 class UserError(Exception):
-    """A problem with what the user asked for: reported in one line, exit status 2."""
+    """A problem with what the user asked for: reported in one line, exit status 2. With
+    ``show_library_output`` a library failed on the model, and what it printed is shown too."""
+
+    def __init__(self, message: str, show_library_output: bool = False):
+        super().__init__(message)
+        self.show_library_output = show_library_output
 
 
 def _default_output(model: str | None) -> Path:
@@ -28,28 +31,24 @@ def _default_output(model: str | None) -> Path:
 
 
 def convert_command(args) -> int:
-    from milpasses.convert import ConversionError, check_output, convert, save
+    from milpasses.convert import ConversionError, LibraryFailure, check_output, convert, save
 
+    console = args.console
     output = Path(args.output) if args.output else _default_output(args.model)
-    quiet = args.quiet or args.json
     try:
         check_output(output, args.overwrite)
-        # coremltools and transformers draw progress bars and warnings on stderr: --quiet and
-        # --json keep only our own errors there.
-        silence = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
-        with silence:
-            mlmodel, report = convert(
-                args.model, task=args.task, seq_len=args.seq_len, seq_lens=args.seq_lens, batch=args.batch,
-                attention=args.attention, target=args.target, precision=args.precision, offline=args.offline,
-                trust_remote_code=args.trust_remote_code, min_psnr_db=args.min_psnr,
-                progress=None if quiet else _progress)
+        mlmodel, report = convert(
+            args.model, task=args.task, seq_len=args.seq_len, seq_lens=args.seq_lens, batch=args.batch,
+            attention=args.attention, target=args.target, precision=args.precision, offline=args.offline,
+            trust_remote_code=args.trust_remote_code, min_psnr_db=args.min_psnr, progress=console)
         if args.strict and not report.passed:
-            if not quiet:
+            if not (args.quiet or args.json):
                 print(report.table())
-            print(f"milpasses: error: verification failed: {report.failure()}; nothing written (--strict)",
-                  file=sys.stderr)
+            console.error(f"verification failed: {report.failure()}; nothing written (--strict)")
             return 1
-        save(mlmodel, report, output, args.overwrite)
+        written = save(mlmodel, report, output, args.overwrite)
+    except LibraryFailure as error:
+        raise UserError(str(error), show_library_output=True) from error
     except ConversionError as error:
         raise UserError(str(error)) from error
     except OSError as error:
@@ -58,15 +57,11 @@ def convert_command(args) -> int:
         print(report.to_json())
     elif not args.quiet:
         print(report.table())
-        print(f"\nwrote {output}, report.json and report.md beside it")
+        print("\nwrote " + "\n      ".join(str(path) for path in written))
     if not report.passed:
-        print(f"milpasses: warning: verification failed: {report.failure()}; the package may not compute "
-              f"what the PyTorch model computes (see report.md)", file=sys.stderr)
+        console.warning(f"verification failed: {report.failure()}; the package may not compute what the "
+                        f"PyTorch model computes (see {written[2]})")
     return 0
-
-
-def _progress(message: str) -> None:
-    print(f"milpasses: {message} ...", file=sys.stderr, flush=True)
 
 
 def _positive_int(text: str) -> int:
@@ -119,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     output = convert.add_mutually_exclusive_group()
     output.add_argument("--quiet", action="store_true", help="print only errors")
     output.add_argument("--json", action="store_true", help="print only the report, as JSON")
+    add_verbose_option(convert)
     convert.set_defaults(run=convert_command)
     from milpasses.analyze.cli import add_analyze_parser
 
@@ -126,24 +122,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """coremltools and transformers log notices as they are imported; --quiet and --json
-    promise only errors (or the report), so they are told before anything imports them."""
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if {"--quiet", "--json"} & set(argv):
-        _quiet_libraries()
-    args = build_parser().parse_args(argv)
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    quiet = getattr(args, "quiet", False)
+    if args.verbose and quiet:
+        parser.error("--verbose shows what the libraries print and --quiet hides everything but errors: choose one")
+    args.console = Console(None if quiet or args.json else sys.stderr, errors=sys.stderr)
+    if args.verbose:
+        return _run(args, held=None)
+    with HeldOutput() as held:
+        try:
+            return _run(args, held)
+        except Exception:  # a failure of ours or of a library: what the libraries printed may explain it
+            held.release()
+            _show_held(args.console, held, "before it failed")
+            raise
+
+
+def _run(args, held: HeldOutput | None) -> int:
     try:
         return args.run(args)
     except UserError as error:
-        print(f"milpasses: error: {error}", file=sys.stderr)
+        args.console.error(str(error))
+        if error.show_library_output and held is not None:
+            _show_held(args.console, held, "before the error")
         return 2
+
+
+def _show_held(console: Console, held: HeldOutput, when: str) -> None:
+    """The last lines the libraries printed, held back until now (--verbose shows them as they come)."""
+    lines = held.tail()
+    if lines:
+        print(f"milpasses: the last {len(lines)} lines coremltools, torch and transformers printed {when} "
+              f"(--verbose shows them all as they come):", file=console.errors)
+        print("\n".join(f"  {line}" for line in lines), file=console.errors, flush=True)
 
 
 if __name__ == "__main__":

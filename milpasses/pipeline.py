@@ -72,3 +72,12 @@ def ane_pipeline(**options) -> ct.PassPipeline:
         pipeline.set_options(pass_id, pass_options)  # replaces, so each pass gets all of its options at once
     pipeline.pipeline_name = PIPELINE_NAME
     return pipeline
+
+
+def pass_names() -> list[str]:
+    """``ane_pipeline()``'s passes by name, in order, for tools that build a coremltools pipeline
+    from a list of names: ExecuTorch's Core ML backend takes it as its ``pass_pipeline`` compile
+    spec (``CoreMLBackend.generate_compile_specs(pass_names=pass_names())``). The ``ane::``
+    passes are registered once ``milpasses.pipeline`` is imported, and run with their defaults:
+    a list of names carries no options."""
+    return list(ane_pipeline().passes)

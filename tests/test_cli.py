@@ -17,26 +17,6 @@ def bert_dir(tmp_path_factory):
     return save_fixture(tmp_path_factory.mktemp("models") / "bert", "bert")
 
 
-def test_readme_command_converts_the_bundled_minilm(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert main(["convert", "-o", "all-MiniLM-L6-v2.mlpackage", "--seq-len", "32"]) == 0
-    program = load_program(tmp_path / "all-MiniLM-L6-v2.mlpackage").functions["main"]
-    assert [v.name for v in program.outputs] == ["last_hidden_state", "sentence_embedding"]
-    assert "linear" not in [op.op_type for op in program.operations]
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["model"] == "all-MiniLM-L6-v2 (bundled)" and report["verified"]
-    assert {e["output"] for e in report["psnr"]} == {"last_hidden_state", "sentence_embedding"}
-    assert all(e["psnr_db"] >= 60.0 for e in report["psnr"])
-    passes = {p["pass"]: p for p in report["passes"]}
-    assert passes["ane::linear_to_conv"]["rewritten"] == {"linear": 36}  # 6 layers x (Q, K, V, O, up, down)
-    assert report["ops_before"]["linear"] == 36 and "linear" not in report["ops_after"]
-    assert report["package_bytes"] > 40 * 2**20  # 22.7 M fp16 weights
-    assert "| sentence_embedding | 32 |" in (tmp_path / "report.md").read_text()
-    out = capsys.readouterr().out
-    assert "MLModel.predict skipped" in out or "MLModel.predict (CPU_AND_NE)" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["all-MiniLM-L6-v2.mlpackage", "report.json", "report.md"]
-
-
 def test_json_prints_the_report_alone(tmp_path, bert_dir, capsys):
     output = tmp_path / "bert.mlpackage"
     assert main(["convert", str(bert_dir), "-o", str(output), "--seq-len", "8", "--offline", "--json",
@@ -44,7 +24,7 @@ def test_json_prints_the_report_alone(tmp_path, bert_dir, capsys):
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert report["task"] == "feature-extraction" and report["inputs"]["input_ids"] == [[1, 8]]
-    assert report == json.loads((tmp_path / "report.json").read_text())
+    assert report == json.loads((tmp_path / "bert.report.json").read_text())
     assert captured.err == ""
 
 
@@ -64,10 +44,10 @@ def test_below_the_threshold_without_strict_warns(tmp_path, bert_dir, capsys):
     assert main(["convert", str(bert_dir), "-o", str(output), "--seq-len", "8", "--offline", "--quiet",
                  "--min-psnr", "1000"]) == 0
     assert "warning: verification failed: PSNR of pooler_output at sequence length 8 is" in capsys.readouterr().err
-    assert json.loads((tmp_path / "report.json").read_text())["verified"] is False
+    assert json.loads((tmp_path / "bert.report.json").read_text())["verified"] is False
 
 
-@pytest.mark.parametrize("taken", ["taken.mlpackage", "report.json", "report.md"])
+@pytest.mark.parametrize("taken", ["taken.mlpackage", "taken.report.json", "taken.report.md"])
 def test_existing_output_or_report_is_refused_and_kept(tmp_path, capsys, taken):
     (tmp_path / taken).mkdir() if taken.endswith(".mlpackage") else (tmp_path / taken).write_text("mine")
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -80,11 +60,11 @@ def test_overwrite_replaces_package_and_reports(tmp_path, bert_dir):
     output = tmp_path / "bert.mlpackage"
     output.mkdir()
     (output / "stale.txt").write_text("old")
-    (tmp_path / "report.json").write_text("old")
+    (tmp_path / "bert.report.json").write_text("old")
     assert main(["convert", str(bert_dir), "-o", str(output), "--seq-len", "8", "--offline", "--quiet",
                  "--overwrite", "--min-psnr", "55"]) == 0
     assert not (output / "stale.txt").exists()
-    assert json.loads((tmp_path / "report.json").read_text())["verified"] is True
+    assert json.loads((tmp_path / "bert.report.json").read_text())["verified"] is True
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -146,3 +126,70 @@ def test_quiet_prints_nothing_at_all_from_a_fresh_process(tmp_path, bert_dir):
                            "--seq-len", "8", "--offline", "--quiet", "--min-psnr", "50"], capture_output=True, text=True, cwd=tmp_path)
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
     assert output.is_dir()
+
+
+def test_two_conversions_into_one_folder_keep_their_own_reports(tmp_path, bert_dir):
+    for name, seq_len in (("short", "8"), ("long", "16")):
+        assert main(["convert", str(bert_dir), "-o", str(tmp_path / f"{name}.mlpackage"), "--seq-len", seq_len,
+                     "--offline", "--quiet", "--min-psnr", "55"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "long.mlpackage", "long.report.json", "long.report.md", "short.mlpackage", "short.report.json",
+        "short.report.md"]
+    for name, seq_len in (("short", 8), ("long", 16)):
+        assert json.loads((tmp_path / f"{name}.report.json").read_text())["inputs"]["input_ids"] == [[1, seq_len]]
+        assert f"| input_ids | 1x{seq_len} |" in (tmp_path / f"{name}.report.md").read_text()
+
+
+def test_verbose_shows_the_libraries_output_beside_the_stage_lines(tmp_path, bert_dir, capsys, monkeypatch):
+    """Without --verbose the same output is held back: tests/test_docs.py runs the README's first
+    command in a fresh process and finds only milpasses' lines."""
+    from coremltools.converters.mil.frontend.torch import ops
+
+    def noisy(context, node):  # a library talking during the conversion, as coremltools' own converters do
+        print("a library's notice", file=sys.stderr)
+        return gelu(context, node)
+
+    gelu = ops._TORCH_OPS_REGISTRY.name_to_func_mapping["gelu"]
+    monkeypatch.setitem(ops._TORCH_OPS_REGISTRY.name_to_func_mapping, "gelu", noisy)
+    assert main(["convert", str(bert_dir), "--seq-len", "8", "--offline", "--min-psnr", "55",
+                 "-o", str(tmp_path / "loud.mlpackage"), "--verbose"]) == 0
+    captured = capsys.readouterr()
+    assert "a library's notice" in captured.err and "Running MIL ane pipeline" in captured.err
+    stages = [line.split(" ... ")[0] for line in captured.err.splitlines() if line.startswith("milpasses: ")]
+    assert stages == ["milpasses: loading the model", "milpasses: tracing", "milpasses: converting with ane_pipeline()",
+                      "milpasses: verifying: simulating the program at 8, beside a DEFAULT-pipeline conversion for "
+                      "comparison"]
+    assert captured.out.splitlines()[-3:] == [f"wrote {tmp_path / 'loud.mlpackage'}",
+                                              f"      {tmp_path / 'loud.report.json'}",
+                                              f"      {tmp_path / 'loud.report.md'}"]
+
+
+def test_a_library_failure_shows_what_the_library_printed(tmp_path, bert_dir, capsys, monkeypatch):
+    from coremltools.converters.mil.frontend.torch import ops
+
+    def broken(context, node):
+        print("coremltools was here", file=sys.stderr)
+        raise RuntimeError("something inside coremltools broke")
+
+    monkeypatch.setitem(ops._TORCH_OPS_REGISTRY.name_to_func_mapping, "gelu", broken)
+    assert main(["convert", str(bert_dir), "-o", str(tmp_path / "m.mlpackage"), "--seq-len", "8",
+                 "--offline"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    failure = next(i for i, line in enumerate(err) if line.startswith("milpasses: error:"))
+    assert "coremltools could not convert bert: something inside coremltools broke" in err[failure]
+    assert any("coremltools was here" in line for line in err[failure + 1:])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verbose_and_quiet_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", "--verbose", "--quiet"])
+    assert "choose one" in capsys.readouterr().err
+
+
+def test_the_options_are_read_before_any_library_is_imported():
+    """So that --help is quick and the libraries' import notices can be held back."""
+    probe = ("import sys, milpasses, milpasses.convert, milpasses.cli; milpasses.cli.build_parser(); "
+             "print(sorted({'torch', 'coremltools', 'transformers'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

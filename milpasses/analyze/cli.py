@@ -9,11 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from milpasses.analyze import compute_plan, render
-from milpasses.analyze.cost import CHIPS, DEFAULT_CHIP
-from milpasses.analyze.report import analyze
+from milpasses.analyze import compute_plan
+from milpasses.analyze.chips import CHIPS, DEFAULT_CHIP
+from milpasses.console import Console, add_verbose_option
 
 
 class UserError(Exception):
@@ -40,6 +38,7 @@ def add_analyze_parser(commands) -> None:
     parser.add_argument("--device", action="store_true",
                         help="macOS only: show Core ML's own MLComputePlan device and cost beside each op")
     parser.add_argument("--seq-len", type=int, default=128, help="sequence length when converting a model")
+    add_verbose_option(parser)
     parser.set_defaults(run=analyze_command)
 
 
@@ -93,6 +92,7 @@ def _load_hf_model(text: str | None):
 def _convert(model, described: str, seq_len: int, pipelines: tuple[str, ...]):
     """{pipeline label: fp16 iOS16 MLModel} for a text model traced at batch 1, ``seq_len`` tokens."""
     import coremltools as ct
+    import numpy as np
     import torch
 
     from milpasses.pipeline import ane_pipeline
@@ -112,10 +112,11 @@ def _convert(model, described: str, seq_len: int, pipelines: tuple[str, ...]):
         return {name: convert_traced(traced, inputs, "fp16", makers[name]()) for name in pipelines}
     except Exception as error:  # tracing and conversion fail in many ways; name the model and the cause
         raise UserError(f"could not trace and convert {described}: {type(error).__name__}: "
-                        f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}") from error
+                        f"{str(error).strip().splitlines()[0] if str(error).strip() else ''} (--verbose shows "
+                        f"what coremltools and torch printed)") from error
 
 
-def _programs(args) -> tuple[dict, str]:
+def _programs(args, console: Console) -> tuple[dict, str]:
     """{label: MLModel or package path} to analyse, and what they were made from."""
     if args.model is not None and _is_package_argument(args.model):
         if args.compare:
@@ -130,12 +131,16 @@ def _programs(args) -> tuple[dict, str]:
         return {str(path): path}, "Core ML package"
     if args.seq_len < 1:
         raise UserError(f"--seq-len must be a positive integer, got {args.seq_len}")
-    model, described = _load_hf_model(args.model)
+    with console.stage("loading the model"):
+        model, described = _load_hf_model(args.model)
     pipelines = ("DEFAULT", "ane_pipeline()") if args.compare else ("ane_pipeline()",)
-    return _convert(model, described, args.seq_len, pipelines), described
+    with console.stage(f"tracing and converting with {' and '.join(pipelines)}"):
+        return _convert(model, described, args.seq_len, pipelines), described
 
 
 def _analyze_or_explain(label: str, source, chip: str):
+    from milpasses.analyze.report import analyze
+
     try:
         return analyze(source, chip)
     except (FileNotFoundError, ValueError, TypeError) as error:
@@ -154,14 +159,17 @@ def _device_plan(source) -> dict:
 
 
 def analyze_command(args) -> int:
+    console = getattr(args, "console", None) or Console(None if args.json else sys.stderr, errors=sys.stderr)
     try:
-        return _run(args)
+        return _run(args, console)
     except UserError as error:
-        print(f"milpasses: error: {error}", file=sys.stderr)
+        console.error(str(error))
         return 2
 
 
-def _run(args) -> int:
+def _run(args, console: Console) -> int:
+    from milpasses.analyze import render
+
     if args.device:
         try:
             compute_plan.require_macos()
@@ -171,8 +179,9 @@ def _run(args) -> int:
     if html_output is not None:
         _check_html_output(html_output, args.overwrite)
 
-    sources, described = _programs(args)
-    analyses = {label: _analyze_or_explain(label, source, args.chip) for label, source in sources.items()}
+    sources, described = _programs(args, console)
+    with console.stage("predicting where each op runs"):
+        analyses = {label: _analyze_or_explain(label, source, args.chip) for label, source in sources.items()}
     plans = {label: _device_plan(source) for label, source in sources.items()} if args.device else {}
 
     if args.json:

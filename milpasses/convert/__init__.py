@@ -1,0 +1,111 @@
+"""``convert()``: a Hugging Face model to an ANE-ready ML Program, verified by simulation.
+
+A conversion goes through these stages, one module each, in this order:
+
+- ``options``: what may be asked for (tasks, targets, precisions, attention modes), checked first;
+- ``load``: the model in eager attention, its tokenizer, its inputs and lengths;
+- ``samples``: inputs for tracing and verifying (real sentences, question/context pairs, images);
+- ``trace``: the module ``torch.jit.trace`` records, with the task's outputs;
+- ``coreml``: ``ct.convert`` with ``ane_pipeline()``, and DEFAULT's op counts for comparison;
+- ``verify``: the converted program simulated against the PyTorch fp32 model;
+- ``report``: :class:`ConversionReport`, printed and written;
+- ``saving``: the package and its reports, named after it, staged and renamed.
+
+This module runs them (:func:`convert`) and holds the public names. It stays light: torch and
+coremltools are imported when :func:`convert` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable
+
+from milpasses.console import Console, as_console
+from milpasses.convert.options import (
+    ATTENTION_MODES,
+    BUNDLED_NAME,
+    DEFAULT_MIN_PSNR_DB,
+    DEFAULT_SEQ_LEN,
+    PRECISIONS,
+    TARGETS,
+    TASKS,
+    ConversionError,
+    LibraryFailure,
+    Task,
+)
+from milpasses.convert.report import ConversionReport
+from milpasses.convert.samples import SAMPLE_QUESTIONS
+from milpasses.convert.saving import check_output, report_paths, save
+
+__all__ = ["ATTENTION_MODES", "BUNDLED_NAME", "DEFAULT_MIN_PSNR_DB", "DEFAULT_SEQ_LEN", "PRECISIONS",
+           "SAMPLE_QUESTIONS", "TARGETS", "TASKS", "ConversionError", "ConversionReport", "LibraryFailure",
+           "Task", "check_output", "convert", "report_paths", "save"]
+
+
+def convert(model=None, task: str = "feature-extraction", seq_len: int | None = None,
+            seq_lens: list[int] | tuple[int, ...] | None = None, batch: int = 1,
+            attention: str | None = None, target: str = "iOS16", precision: str = "fp16",
+            offline: bool = False, trust_remote_code: bool = False,
+            min_psnr_db: float = DEFAULT_MIN_PSNR_DB,
+            progress: Console | Callable[[str], None] | None = None):
+    """Convert ``model`` for the ANE and verify it; returns ``(mlmodel, report)``.
+
+    ``model`` is a hub id, a local directory, a loaded ``PreTrainedModel``, or None for the
+    bundled all-MiniLM-L6-v2 (always offline). ``seq_lens`` (several lengths) gives the sequence
+    inputs ``ct.EnumeratedShapes``; ``seq_len`` one fixed length (128 by default). ``attention``
+    is handed to ``ane_pipeline`` only when given. ``progress`` shows the stages: a
+    :class:`milpasses.console.Console`, or a function called with each stage's description.
+    Raises :class:`ConversionError` for anything the user can fix; the report's ``passed`` says
+    whether every output reached ``min_psnr_db``.
+    """
+    import milpasses
+    from milpasses.convert import coreml, load, trace, verify
+    from milpasses.convert.options import check_options
+    from milpasses.passes import last_reports
+
+    options = check_options(task, seq_len, seq_lens, batch, attention, target, precision, offline,
+                            trust_remote_code, min_psnr_db)
+    pipeline = coreml.pipeline_for(options)
+    console, seconds = as_console(progress), {}
+
+    with _stage(console, seconds, "load", "loading the model"):
+        loaded = load.load(model, options)
+    with _stage(console, seconds, "trace", "tracing"):
+        traced = trace.trace(loaded, options)
+    with _stage(console, seconds, "convert", "converting with ane_pipeline()"):
+        mlmodel = coreml.convert_traced(traced, pipeline, options, loaded.model.config.model_type)
+    recorded = options.recorded(takes_images=loaded.modality == "vision")
+    report = ConversionReport(model=loaded.description, task=task, inputs=traced.shapes,
+                              outputs=traced.output_names, options=recorded, min_psnr_db=min_psnr_db,
+                              passes=[r.as_dict() for r in last_reports().values()],
+                              ops_after=coreml.histogram(mlmodel._mil_program))
+
+    # DEFAULT's histogram is pure-Python pass work; the verification is mostly torch arithmetic,
+    # which releases the GIL. Run side by side, they share the cores.
+    lengths = verify.verified_lengths(loaded.lengths)
+    described = ", ".join(str(n) for n in lengths) if lengths != [None] else "the sample images"
+    with _stage(console, seconds, "verify", f"verifying: simulating the program at {described}, beside a "
+                f"DEFAULT-pipeline conversion for comparison", verify.simulation_steps(lengths, batch)) as step:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            baseline = pool.submit(coreml.default_histogram, traced, options)
+            verify.verify(mlmodel, traced, loaded, options, lengths, report, step)
+            report.ops_before, seconds["baseline"] = baseline.result()
+    report.seconds = {k: round(seconds[k], 3) for k in ("load", "trace", "convert", "baseline", "verify")}
+
+    mlmodel.user_defined_metadata["milpasses.version"] = milpasses.__version__
+    mlmodel.user_defined_metadata["milpasses.task"] = task
+    mlmodel.user_defined_metadata["milpasses.source_model"] = loaded.description
+    mlmodel.user_defined_metadata["milpasses.options"] = json.dumps(recorded)
+    mlmodel.short_description = f"{loaded.description} ({task}), converted for the ANE by milpasses"
+    return mlmodel, report
+
+
+@contextmanager
+def _stage(console: Console, seconds: dict, key: str, description: str, steps: int | None = None):
+    started = time.perf_counter()
+    with console.stage(description, steps) as step:
+        yield step
+    seconds[key] = time.perf_counter() - started

@@ -1,0 +1,151 @@
+"""The report of a conversion: what was converted and how, what each pass did, and how close the
+converted program comes to PyTorch; printed as a table, written as JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from milpasses.convert.options import DEFAULT_MIN_PSNR_DB
+
+
+@dataclass
+class ConversionReport:
+    model: str
+    task: str
+    inputs: dict[str, list[list[int]]]  # input name -> its shapes (several with --seq-lens)
+    outputs: list[str]
+    options: dict
+    samples: str = ""
+    ops_before: dict[str, int] = field(default_factory=dict)  # DEFAULT pipeline, fp32 program
+    ops_after: dict[str, int] = field(default_factory=dict)  # ane_pipeline
+    passes: list[dict] = field(default_factory=list)
+    psnr: list[dict] = field(default_factory=list)  # {"output", "seq_len", "psnr_db"}
+    device_check: str = ""
+    verification_error: str = ""  # why the program could not be simulated, if it could not
+    fp16_findings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    package_bytes: int | None = None
+    min_psnr_db: float = DEFAULT_MIN_PSNR_DB
+
+    @property
+    def worst_psnr_db(self) -> float:
+        return min((entry["psnr_db"] for entry in self.psnr), default=-math.inf)
+
+    @property
+    def passed(self) -> bool:
+        return not self.verification_error and self.worst_psnr_db >= self.min_psnr_db
+
+    def failure(self) -> str:
+        """Why verification failed, in one line ("" when it passed)."""
+        if self.verification_error:
+            return f"the converted program could not be simulated: {self.verification_error}"
+        if not self.passed:
+            worst = min(self.psnr, key=lambda entry: entry["psnr_db"])
+            length = "" if worst["seq_len"] is None else f" at sequence length {worst['seq_len']}"
+            return (f"PSNR of {worst['output']}{length} is {worst['psnr_db']:.1f} dB, below "
+                    f"{self.min_psnr_db:g} dB")
+        return ""
+
+    def as_dict(self) -> dict:
+        from milpasses import __version__
+
+        return {
+            "milpasses_version": __version__, "model": self.model, "task": self.task,
+            "inputs": self.inputs, "outputs": self.outputs, "options": self.options,
+            "samples": self.samples, "ops_before": self.ops_before, "ops_after": self.ops_after,
+            "passes": self.passes,
+            "psnr": [{**e, "psnr_db": _json_number(e["psnr_db"])} for e in self.psnr],
+            "min_psnr_db": self.min_psnr_db, "verified": self.passed,
+            "verification_error": self.verification_error,
+            "device_check": self.device_check, "fp16_findings": self.fp16_findings,
+            "seconds": self.seconds, "package_bytes": self.package_bytes,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2)
+
+    def table(self) -> str:
+        """The plain-text summary the CLI prints: what was converted and what the passes did, then
+        time and size, then, last, how close the converted program comes to PyTorch."""
+        lines = [f"model    {self.model}", f"task     {self.task}",
+                 "inputs   " + ", ".join(f"{n} {' | '.join(_shape(s) for s in shapes)}"
+                                        for n, shapes in self.inputs.items()),
+                 f"options  {_options_text(self.options)}", ""]
+        lines.append("ops (non-const)  DEFAULT (fp32) -> ane_pipeline: "
+                     f"{sum(self.ops_before.values())} -> {sum(self.ops_after.values())}; "
+                     + ", ".join(f"{op} {self.ops_before.get(op, 0)}->{self.ops_after.get(op, 0)}"
+                                 for op in _changed_ops(self.ops_before, self.ops_after)))
+        for report in self.passes:
+            skipped = "; ".join(f"{reason} x{n}" for reason, n in report["skipped"].items())
+            lines.append(f"{report['pass']}: {sum(report['rewritten'].values())} sites rewritten, "
+                         f"{sum(report['skipped'].values())} left alone"
+                         + (f" ({skipped})" if skipped else ""))
+        lines += ["", "seconds  " + ", ".join(f"{stage} {s:.1f}" for stage, s in self.seconds.items())]
+        if self.package_bytes is not None:
+            lines.append(f"package  {self.package_bytes / 2**20:.1f} MiB")
+        lines.append(f"device   {self.device_check}")
+        if self.fp16_findings:
+            lines.append(f"fp16 check: {len(self.fp16_findings)} finding(s)")
+            lines += [f"  {finding}" for finding in self.fp16_findings]
+        lines += ["", f"samples  {self.samples}",
+                  f"{'output':<20} {'seq_len':>7} {'PSNR dB':>8}  vs PyTorch fp32 (simulated)"]
+        for entry in self.psnr:
+            verdict = "ok" if entry["psnr_db"] >= self.min_psnr_db else f"BELOW {self.min_psnr_db:g}"
+            seq_len = "-" if entry["seq_len"] is None else entry["seq_len"]
+            lines.append(f"{entry['output']:<20} {seq_len:>7} {entry['psnr_db']:>8.1f}  {verdict}")
+        if self.verification_error:
+            lines.append(f"verification could not run: {self.verification_error}")
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        lines = [f"# {self.model} ({self.task})", "",
+                 f"Converted by milpasses with `ane_pipeline()`; verification {verdict} "
+                 f"(threshold {self.min_psnr_db:g} dB).", "",
+                 "## Shapes and options", "", "| input | shapes |", "|---|---|"]
+        lines += [f"| {n} | {', '.join(_shape(s) for s in shapes)} |" for n, shapes in self.inputs.items()]
+        lines += ["", "| option | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in self.options.items()]
+        lines += ["", "## PSNR against PyTorch fp32 (simulated program)", "", f"Samples: {self.samples}", "",
+                  "| output | seq_len | PSNR dB |", "|---|---|---|"]
+        lines += [f"| {e['output']} | {e['seq_len'] if e['seq_len'] is not None else '-'} | {e['psnr_db']:.1f} |"
+                  for e in self.psnr]
+        if self.verification_error:
+            lines += ["", f"Verification could not run: {self.verification_error}"]
+        lines += ["", f"Device check: {self.device_check}", ""]
+        if self.fp16_findings:
+            lines += ["fp16 check findings:", ""] + [f"- {f}" for f in self.fp16_findings] + [""]
+        lines += ["## Op histogram (non-const ops)", "",
+                  "DEFAULT: coremltools' default pipeline on the same traced model, counted on its fp32 "
+                  "program (the fp16 casting passes add at most a cast of a float input).", "",
+                  "| op | DEFAULT | ane_pipeline |", "|---|---|---|"]
+        for op in sorted(set(self.ops_before) | set(self.ops_after)):
+            lines.append(f"| {op} | {self.ops_before.get(op, 0)} | {self.ops_after.get(op, 0)} |")
+        lines += ["", "## Passes", "", "| pass | rewritten | left alone (why) |", "|---|---|---|"]
+        for report in self.passes:
+            rewritten = ", ".join(f"{k} x{n}" for k, n in report["rewritten"].items()) or "-"
+            skipped = ", ".join(f"{k} x{n}" for k, n in report["skipped"].items()) or "-"
+            lines.append(f"| {report['pass']} | {rewritten} | {skipped} |")
+        lines += ["", "## Time and size", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {stage} | {s:.2f} |" for stage, s in self.seconds.items()]
+        if self.package_bytes is not None:
+            lines += ["", f"Package size: {self.package_bytes / 2**20:.1f} MiB"]
+        return "\n".join(lines) + "\n"
+
+
+def _json_number(value: float):
+    return value if math.isfinite(value) else str(value)
+
+
+def _shape(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _options_text(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items() if v is not None)
+
+
+def _changed_ops(before: dict, after: dict) -> list[str]:
+    return [op for op in sorted(set(before) | set(after)) if before.get(op, 0) != after.get(op, 0)]
