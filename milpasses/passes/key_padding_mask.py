@@ -132,8 +132,8 @@ class key_padding_mask(AnePass):
                 if is_activation(operand) and rank(operand) == 4 and operand.shape[1] == 1:
                     masks.setdefault(operand.name, operand)
         for mask in masks.values():
-            if mask.op is None or mask.op.enclosing_block is None:
-                continue
+            if mask.op is not None and mask.op.enclosing_block is None:
+                continue  # removed by an earlier rewrite
             site = match_key_mask(mask)
             if not site:
                 self.skip(mask.name, site.reason)
