@@ -147,7 +147,11 @@ def _hf_model(family: str, layers: int):
         config = hf.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=768, intermediate_size=1152,
                                      num_hidden_layers=layers, num_attention_heads=3, num_key_value_heads=1,
                                      head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
-                                     layer_types=["sliding_attention"] * layers, use_bidirectional_attention=True,
+                                     # built as causal full attention: transformers' bidirectional
+                                     # window mask does not trace (RuntimeError in and_mask); the
+                                     # 512-token window never bites at S=128, and either mask costs
+                                     # one (1, 1, S, S) tensor, negligible beside the layers
+                                     layer_types=["full_attention"] * layers, use_bidirectional_attention=False,
                                      max_position_embeddings=2048)
         model_class = hf.Gemma3TextModel
     elif family in gpt2_sizes:

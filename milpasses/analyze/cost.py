@@ -242,7 +242,7 @@ class OpCost:
             return self.bytes
         limit = (parameters or PARAMETERS).on_chip_bytes
         spilled = sum(t for t in self.tensors if t > limit)
-        relayout = 2 * sum(t for t in self.relayout_tensors if t > limit)
+        relayout = self.relayout_bytes  # a relayout goes through DRAM, however small the tensor
         return self.weight_bytes + spilled + relayout
 
     def to_dict(self) -> dict:
