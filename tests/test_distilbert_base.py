@@ -8,6 +8,7 @@ import torch
 
 from fixtures import families as F
 from milpasses import ane_pipeline
+from milpasses.analyze import analyze
 from milpasses.passes.layout import LAYOUT_OPS, layout_census
 from milpasses.simulator import psnr, simulate
 from milpasses.tracing import convert_traced
@@ -55,3 +56,13 @@ def test_fp16_output_matches_torch_on_the_valid_tokens(distilbert):
     valid = inputs["attention_mask"].astype(bool)
     assert np.all(np.isfinite(actual))
     assert psnr(expected[valid], actual[valid]) >= 60.0
+
+
+def test_one_input_stage_then_the_ane_and_no_query_by_key_mask(distilbert):
+    mlmodel, _, _, _ = distilbert
+    analysis = analyze(mlmodel._mil_program, "A15")
+    assert [device for device, _ in analysis.partitions] == ["CPU", "ANE"]
+    assert all(analysis.ops[[r.name for r in analysis.ops].index(name)].input_stage
+               for name in analysis.partitions[0][1])
+    mask_tensors = [shape for r in analysis.ops if r.input_stage for shape in r.output_shapes]
+    assert mask_tensors and all(list(shape).count(SEQ_LEN) <= 1 for shape in mask_tensors)  # no Sq x Sk mask

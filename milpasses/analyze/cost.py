@@ -73,9 +73,9 @@ class CostParameters:
 
 #: The values in use: the fit of ``benchmarks/calibration.py`` on every point of its set.
 PARAMETERS = CostParameters(
-    ane_efficiency=0.35,
-    gpu_efficiency=0.35,
-    op_seconds=5e-6,
+    ane_efficiency=0.33,
+    gpu_efficiency=0.385,
+    op_seconds=0.63e-6,
     on_chip_bytes=2**20,
     dispatch_seconds=0.1e-3,
     switch_seconds=0.1e-3,
@@ -83,9 +83,10 @@ PARAMETERS = CostParameters(
 #: Which parameters ``benchmarks/calibration.py`` fits; the others are fixed from public sources.
 FITTED = ("ane_efficiency", "gpu_efficiency", "op_seconds")
 PARAMETER_SOURCES = {
-    "ane_efficiency": "fitted to the calibration set (benchmarks/calibration.py, leave-one-out quality there)",
-    "gpu_efficiency": "fitted to hft2ane's ANE-vs-GPU speed-ups on M1 (benchmarks/calibration.py)",
-    "op_seconds": "fitted to the calibration set (benchmarks/calibration.py)",
+    "ane_efficiency": "fitted to 15 published latencies (benchmarks/calibration.py; leave-one-out median "
+                      "error 1.2x, worst 2.5x)",
+    "gpu_efficiency": "fitted, with the above, to hft2ane's ANE-vs-GPU speed-ups on M1 (benchmarks/calibration.py)",
+    "op_seconds": "fitted with the above (benchmarks/calibration.py); small: the ANE fuses most elementwise ops",
     "on_chip_bytes": "assumed: 1 MiB of on-chip buffer, the order of what Apple's per-head split aims to stay "
                      "within (one head's S=512 score tile is 0.5 MiB); not published, not fitted",
     "dispatch_seconds": "ANE_NOTES: about 0.1 ms per ANE dispatch (community, M4)",
@@ -116,8 +117,9 @@ ASSUMPTIONS = (
     "reshape/squeeze/expand_dims are free when the ANE's padded layout does not change; "
     "transpose is a copy unless it only moves size-1 axes",
     "on the ANE, linear/matmul/layer_norm/softmax/reductions over the last (width) axis of a "
-    "rank >= 3 activation pay one relayout (read + write) of their input and output, because the "
-    "ANE reduces over channels (Apple's channels-first principle; the cost is our assumption)",
+    "rank >= 3 activation pay one relayout (read + write through DRAM, however small) of their input "
+    "and output, because the ANE reduces over channels (Apple's channels-first principle; the cost "
+    "is our assumption)",
     "a fixed cost per device partition and per switch between devices",
     "per-op FLOPs: 2 per multiply-add; elementwise 1 per output; gelu 8, softmax 5, "
     "layer_norm 8 per element",
