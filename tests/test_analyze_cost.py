@@ -158,7 +158,8 @@ def test_distilbert_estimate_against_apple_anchors(distilbert_programs, record_p
           f"{before.latency / after.latency:.2f}x vs Apple's {APPLE_BASELINE_MS / APPLE_OPTIMIZED_MS:.2f}x")
     record_property("a15_default_ms", before.latency * 1e3)
     record_property("a15_ane_pipeline_ms", after.latency * 1e3)
-    assert 0.5 <= baseline_error <= 2.0  # the goal: within 2x of Apple's measured baseline
+    assert 0.5 <= baseline_error <= 2.0  # within 2x of Apple's measured baseline (today: 0.56)
+    assert 2 / 3 <= optimized_error <= 1.5  # within 1.5x of Apple's optimized model (today: 0.90)
     assert after.latency < before.latency  # the same direction as Apple's rewrite
 
 
