@@ -194,9 +194,9 @@ def _strip_svg(analysis: Analysis) -> str:
     for r in order:
         starts.append(x)
         length = hairline + r.seconds * scale
+        tip = html.escape(f"{r.op_type} {r.name} on {r.device}: {r.seconds * 1e6:.1f} us")
         parts.append(f'<rect class="strip" x="{x:.2f}" y="{label_height}" width="{length:.2f}" height="{height}" '
-                     f'fill="{DEVICE_COLOURS[r.device]}"><title>{html.escape(f"{r.op_type} {r.name} on {r.device}: {r.seconds * 1e6:.1f} us")}'
-                     "</title></rect>")
+                     f'fill="{DEVICE_COLOURS[r.device]}"><title>{tip}</title></rect>')
         x += length
     for index, before, after in analysis.switches():
         at = starts[index]
