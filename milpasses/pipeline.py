@@ -17,14 +17,18 @@ PIPELINE_NAME = "ane"
 INSERT_BEFORE = "common::merge_consecutive_reshapes"
 # attention_to_einsum runs once the projections are convs, so that it reads q, k and v from
 # their (B, C, 1, S) outputs, and before bc1s_layout, which then cancels the boundaries it leaves.
-ANE_PASSES = ("ane::finite_masks", "ane::rms_norm_scale", "ane::linear_to_conv", "ane::attention_to_einsum",
-              "ane::bc1s_layout")
+# key_padding_mask runs before attention_to_einsum, which then reads a (B, 1, 1, Sk) mask term;
+# gather_to_reshape before it, so that the mask it proves key-only is built from reshapes.
+ANE_PASSES = ("ane::finite_masks", "ane::gather_to_reshape", "ane::key_padding_mask", "ane::rms_norm_scale", "ane::linear_to_conv",
+              "ane::attention_to_einsum", "ane::bc1s_layout")
 
 #: ane_pipeline() keyword -> (pass id, the pass's option name). Each option is a pass option,
 #: so ``pipeline.set_options(pass_id, {option: value})`` sets the same thing.
 OPTIONS = {
     "finite_masks": ("ane::finite_masks", "enabled"),
     "mask_value": ("ane::finite_masks", "mask_value"),
+    "gather_to_reshape": ("ane::gather_to_reshape", "enabled"),
+    "key_padding_mask": ("ane::key_padding_mask", "enabled"),
     "guard_rms_norm": ("ane::rms_norm_scale", "enabled"),
     "include_matmul": ("ane::linear_to_conv", "include_matmul"),
     "propagate_layout": ("ane::bc1s_layout", "enabled"),

@@ -88,7 +88,7 @@ def test_compare_converts_a_model_directory_both_ways(hf_model_dir, tmp_path, ca
                for name in ("DEFAULT", "ane_pipeline()")}
     assert document["speedup"] == pytest.approx(
         {chip: by_chip["DEFAULT"][chip] / by_chip["ane_pipeline()"][chip] for chip in by_chip["DEFAULT"]})
-    assert page.read_text().count("<svg") == 4  # per layer and per op, for each conversion
+    assert page.read_text().count("<svg") == 6  # execution strip, per layer and per op, for each conversion
 
 
 def test_compare_prints_the_predicted_speedup_for_the_bundled_model(capsys):
@@ -168,3 +168,17 @@ def test_picture_has_a_bar_per_layer_half_whose_times_add_up(package):
     assert sum(len(piece) for _, piece in segments) == len(analysis.ops)
     page = render.html_page({"ane": analysis})
     assert page.count("attention (") == F.LAYERS and "Per layer" in page
+
+
+def test_picture_opens_with_the_execution_strip_and_its_switches(package):
+    analysis = analyze(package)
+    page = render.html_page({"ane": analysis})
+    strip, layers = page.index('class="strip"'), page.index("Per layer")
+    assert strip < layers  # above the per-layer bars
+    assert page.count('<rect class="strip"') == len(analysis.ops)
+    assert page.count('<g class="switch">') == len(analysis.partitions) - 1 == len(analysis.switches())
+    order = analysis.execution_order()
+    assert sorted(r.name for r in order) == sorted(r.name for r in analysis.ops)
+    first_after_switch = [order[i].device for i, _, _ in analysis.switches()]
+    assert first_after_switch == [device for device, _ in analysis.partitions[1:]]
+    assert f"{len(analysis.partitions)} device partitions" in page

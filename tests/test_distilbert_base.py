@@ -8,6 +8,7 @@ import torch
 
 from fixtures import families as F
 from milpasses import ane_pipeline
+from milpasses.analyze import analyze
 from milpasses.passes.layout import LAYOUT_OPS, layout_census
 from milpasses.simulator import psnr, simulate
 from milpasses.tracing import convert_traced
@@ -29,7 +30,10 @@ def test_the_body_has_no_matmul_linear_or_reshape_and_attention_is_per_head(dist
     mlmodel, _, _, config = distilbert
     ops = [op for op in mlmodel._mil_program.functions["main"].operations if op.op_type != "const"]
     counts = Counter(op.op_type for op in ops)
-    assert counts["matmul"] == counts["linear"] == counts["reshape"] == 0
+    assert counts["matmul"] == counts["linear"] == 0
+    reshapes = [op for op in ops if op.op_type == "reshape"]
+    # one: the (B, S) padding mask to (B, 1, 1, S), in the input stage (transformers indexed it with a gather_nd)
+    assert len(reshapes) == 1 and reshapes[0].outputs[0].shape == (1, 1, 1, SEQ_LEN)
     softmaxes = [op for op in ops if op.op_type == "softmax"]
     assert len(softmaxes) == config.n_layers * config.n_heads == 72
     assert all(op.inputs["axis"].val == 1 for op in softmaxes)
@@ -41,12 +45,12 @@ def test_the_body_has_no_matmul_linear_or_reshape_and_attention_is_per_head(dist
 def test_layout_ops_are_the_two_boundaries_one_key_transpose_per_block_and_the_mask(distilbert):
     # MIL's einsum contracts axis -1 of one operand with axis -3 of the other, so K must be
     # transposed once per block (Apple's recipe does the same); the shared padding mask is
-    # turned keys-first once. Everything else stays in (B, C, 1, S).
+    # reshaped from its (B, S) input and turned keys-first once. Everything else stays in (B, C, 1, S).
     mlmodel, _, _, config = distilbert
     function = mlmodel._mil_program.functions["main"]
     layout = [op for op in function.operations if op.op_type in LAYOUT_OPS]
     assert layout_census(function)["boundary"] == 4
-    assert len(layout) == 4 + config.n_layers + 1
+    assert len(layout) == 4 + config.n_layers + 2
 
 
 def test_fp16_output_matches_torch_on_the_valid_tokens(distilbert):
@@ -55,3 +59,13 @@ def test_fp16_output_matches_torch_on_the_valid_tokens(distilbert):
     valid = inputs["attention_mask"].astype(bool)
     assert np.all(np.isfinite(actual))
     assert psnr(expected[valid], actual[valid]) >= 60.0
+
+
+def test_one_input_stage_then_the_ane_and_no_query_by_key_mask(distilbert):
+    mlmodel, _, _, _ = distilbert
+    analysis = analyze(mlmodel._mil_program, "A15")
+    assert [device for device, _ in analysis.partitions] == ["CPU", "ANE"]
+    assert all(analysis.ops[[r.name for r in analysis.ops].index(name)].input_stage
+               for name in analysis.partitions[0][1])
+    mask_tensors = [shape for r in analysis.ops if r.input_stage for shape in r.output_shapes]
+    assert mask_tensors and all(list(shape).count(SEQ_LEN) <= 1 for shape in mask_tensors)  # no Sq x Sk mask

@@ -1,14 +1,18 @@
-"""A roofline cost model of MIL ops on Apple chips: FLOPs, bytes moved, estimated time.
+"""A cost model of MIL ops on Apple chips: FLOPs, bytes moved, estimated time.
 
-Every number here is an assumption, listed in ``ASSUMPTIONS`` and printed with each estimate.
-The model answers "which program should be faster, and roughly by how much"; it is not a
-measurement and is not fitted to one.
+Per op on its predicted device: ``max(FLOPs / (efficiency x peak), DRAM bytes / bandwidth)``
+plus a fixed cost per op that does work, and per program a cost per device partition and per
+switch between devices. Peaks and bandwidths are Apple's published figures (ANE_NOTES); the
+few parameters no public spec gives are fitted to published on-device latencies by
+``benchmarks/calibration.py``, which also reports how well each point is predicted by a fit
+that leaves it out. ``PARAMETERS`` lists every value with where it came from; it is a model,
+not a measurement.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from coremltools.converters.mil.mil import types
@@ -18,32 +22,80 @@ from milpasses.analyze.rules import ANE, CPU, GPU
 
 ANE_ROW_ALIGNMENT = 64  # bytes: the ANE stores the last axis contiguous, padded to 64 bytes (Apple)
 
-# Off-ANE throughput is not in Apple's table; these are round figures for a few performance
-# cores running fp32 NEON (CPU) and a phone-class GPU, used for every chip.
+# Off-ANE CPU throughput is not in Apple's table: a round figure for a few performance cores
+# running fp32 NEON, used for every chip (only input preparation runs there in practice).
 CPU_FLOPS = 0.2 * TERA
-GPU_FLOPS = 1.0 * TERA
-DISPATCH_SECONDS = 0.1e-3  # per device partition submitted (ANE_NOTES: ~0.1 ms per ANE dispatch, M4, community)
-SWITCH_SECONDS = 0.1e-3  # per hand-over between devices (assumed: a dispatch's order)
+
+
+@dataclass(frozen=True)
+class CostParameters:
+    """The model's free numbers. ``PARAMETER_SOURCES`` says where each value comes from."""
+
+    ane_efficiency: float  # share of the ANE's fp16 peak an op reaches
+    gpu_efficiency: float  # share of the GPU's peak an op reaches through Core ML
+    op_seconds: float  # fixed cost of every op that does work (scheduling, synchronisation)
+    on_chip_bytes: int  # an ANE activation at most this large stays on chip: no DRAM traffic
+    dispatch_seconds: float  # per device partition submitted
+    switch_seconds: float  # per hand-over between devices
+
+    def replace(self, **changes) -> "CostParameters":
+        return CostParameters(**{f.name: changes.get(f.name, getattr(self, f.name)) for f in fields(self)})
+
+
+#: The values in use: the fit of ``benchmarks/calibration.py`` on every point of its set.
+PARAMETERS = CostParameters(
+    ane_efficiency=0.315,
+    gpu_efficiency=0.37,
+    op_seconds=0.49e-6,
+    on_chip_bytes=2**20,
+    dispatch_seconds=0.1e-3,
+    switch_seconds=0.1e-3,
+)
+#: Which parameters ``benchmarks/calibration.py`` fits; the others are fixed from public sources.
+FITTED = ("ane_efficiency", "gpu_efficiency", "op_seconds")
+PARAMETER_SOURCES = {
+    "ane_efficiency": "fitted to 16 published measurements from 5 sources (benchmarks/calibration.py; "
+                      "leave-one-out median error 1.16x, worst 2.5x)",
+    "gpu_efficiency": "fitted, with the above, to hft2ane's ANE-vs-GPU speed-ups on M1 (benchmarks/calibration.py)",
+    "op_seconds": "fitted with the above (benchmarks/calibration.py); small: the ANE fuses most elementwise ops",
+    "on_chip_bytes": "assumed: 1 MiB of on-chip buffer, the order of what Apple's per-head split aims to stay "
+                     "within (one head's S=512 score tile is 0.5 MiB); not published, not fitted",
+    "dispatch_seconds": "ANE_NOTES: about 0.1 ms per ANE dispatch (community, M4)",
+    "switch_seconds": "assumed equal to a dispatch (a hand-over waits for the other device's submission)",
+}
+
+
+def parameter_lines(parameters: CostParameters = PARAMETERS) -> list[str]:
+    units = {"ane_efficiency": ("{:.2f}", 1), "gpu_efficiency": ("{:.2f}", 1), "op_seconds": ("{:.1f} us", 1e6),
+             "on_chip_bytes": ("{:.0f} KiB", 1 / 1024), "dispatch_seconds": ("{:.2f} ms", 1e3),
+             "switch_seconds": ("{:.2f} ms", 1e3)}
+    lines = []
+    for name, (fmt, scale) in units.items():
+        lines.append(f"{name} = {fmt.format(getattr(parameters, name) * scale)}: {PARAMETER_SOURCES[name]}")
+    return lines
+
 
 ASSUMPTIONS = (
-    "roofline per op: time = max(FLOPs / peak, bytes / DRAM bandwidth) on its predicted device",
-    "ANE peak is Apple's fp16 figure (int8-counted TOPS halved for A17 Pro/M4); "
-    "bandwidths marked * in ANE_NOTES are derived, not published",
-    f"CPU {CPU_FLOPS / TERA:g} TFLOPS and GPU {GPU_FLOPS / TERA:g} TFLOPS on every chip (round guesses), "
-    "same DRAM bandwidth as the ANE",
+    "per op: time = max(FLOPs / (efficiency x peak), DRAM bytes / bandwidth) + a fixed cost per op that "
+    "does work; views and copies that only move size-1 axes are free",
+    "ANE peak is Apple's fp16 figure (int8-counted TOPS halved for A17 Pro/M4); bandwidths marked * in "
+    "ANE_NOTES are derived, not published; GPU peaks are Apple's for M1/M2, community figures elsewhere",
+    f"CPU {CPU_FLOPS / TERA:g} TFLOPS on every chip (a round guess); every device shares the DRAM bandwidth",
     "every weight is read from DRAM once per inference; a gather reads only the rows it looks up",
-    "every activation is read from and written to DRAM (worst case: nothing stays on chip)",
+    "on the ANE an activation no larger than the on-chip buffer stays on chip (Apple splits attention per "
+    "head for this); larger ones are written to and read from DRAM; off the ANE every activation moves",
     f"on the ANE the last axis of every activation is padded to {ANE_ROW_ALIGNMENT} bytes (Apple)",
     "reshape/squeeze/expand_dims are free when the ANE's padded layout does not change; "
     "transpose is a copy unless it only moves size-1 axes",
     "on the ANE, linear/matmul/layer_norm/softmax/reductions over the last (width) axis of a "
-    "rank >= 3 activation pay one relayout (read + write) of their input and output, because the "
-    "ANE reduces over channels (Apple's channels-first principle; the cost is our assumption)",
-    f"{DISPATCH_SECONDS * 1e3:g} ms per device partition and {SWITCH_SECONDS * 1e3:g} ms per "
-    "switch between devices (ANE_NOTES, community, M4)",
+    "rank >= 3 activation pay one relayout (read + write through DRAM, however small) of their input "
+    "and output, because the ANE reduces over channels (Apple's channels-first principle; the cost "
+    "is our assumption)",
+    "a fixed cost per device partition and per switch between devices",
     "per-op FLOPs: 2 per multiply-add; elementwise 1 per output; gelu 8, softmax 5, "
     "layer_norm 8 per element",
     "a flexible (symbolic) dimension is counted as 1",
+    "the parameters, each with its source: " + "; ".join(parameter_lines()),
 )
 
 VIEW_OPS = frozenset({"reshape", "squeeze", "expand_dims", "identity", "reshape_like"})
@@ -149,10 +201,32 @@ class OpCost:
     activation_bytes: int  # activations read and written, padded on the ANE
     weight_bytes: int  # constants read
     relayout_bytes: int  # extra traffic for a last-axis reduction on the ANE
+    tensors: tuple = ()  # the size of each activation read or written (activation_bytes is their sum)
+    relayout_tensors: tuple = ()  # the sizes of the input and output a relayout copies
+    launches: int = 0  # 1 for an op that does work, 0 for a free view
 
     @property
     def bytes(self) -> int:
         return self.activation_bytes + self.weight_bytes + self.relayout_bytes
+
+    def dram_bytes(self, device: str, parameters: CostParameters = None) -> int:
+        """Bytes that cross DRAM: weights, activations too large to stay on chip, and their relayouts."""
+        if device != ANE:
+            return self.bytes
+        limit = (parameters or PARAMETERS).on_chip_bytes
+        spilled = sum(t for t in self.tensors if t > limit)
+        relayout = self.relayout_bytes  # a relayout goes through DRAM, however small the tensor
+        return self.weight_bytes + spilled + relayout
+
+    def to_dict(self) -> dict:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "OpCost":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+FREE = OpCost(0, 0, 0, 0)
 
 
 def _gathered_weight_bytes(op) -> int:
@@ -163,20 +237,20 @@ def _gathered_weight_bytes(op) -> int:
 def op_cost(op, device: str) -> OpCost:
     size = padded_bytes if device == ANE else dense_bytes
     if op.op_type in VIEW_OPS and (device != ANE or _layout_unchanged_on_ane(op)):
-        return OpCost(0, 0, 0, 0)
+        return FREE
     if op.op_type == "transpose" and _transpose_is_view(op):
-        return OpCost(0, 0, 0, 0)
+        return FREE
     inputs = op.get_flattened_inputs()
     activations = [v for v in inputs if v.val is None and types.is_tensor(v.sym_type)]
-    moved = sum(size(v) for v in activations) + sum(size(v) for v in op.outputs if types.is_tensor(v.sym_type))
+    tensors = tuple(size(v) for v in activations) + tuple(size(v) for v in op.outputs if types.is_tensor(v.sym_type))
     if op.op_type in ("gather", "gather_nd", "gather_along_axis"):
         weights = _gathered_weight_bytes(op)
     else:
         weights = sum(dense_bytes(v) for v in inputs if is_weight(v))
-    relayout = 0
-    if device == ANE and op.op_type in LAST_AXIS_REDUCERS and _reduces_last_axis(op):
-        relayout = 2 * (size(activations[0]) + size(op.outputs[0])) if activations else 0
-    return OpCost(flops(op), moved, weights, relayout)
+    relayout_tensors = ()
+    if device == ANE and op.op_type in LAST_AXIS_REDUCERS and _reduces_last_axis(op) and activations:
+        relayout_tensors = (size(activations[0]), size(op.outputs[0]))
+    return OpCost(flops(op), sum(tensors), weights, 2 * sum(relayout_tensors), tensors, relayout_tensors, 1)
 
 
 def _reduces_last_axis(op) -> bool:
@@ -193,6 +267,17 @@ def _reduces_last_axis(op) -> bool:
     return rank - 1 in [int(a) % rank for a in np.atleast_1d(axes.val)]
 
 
-def op_seconds(cost: OpCost, device: str, chip: Chip) -> float:
-    peak = {ANE: chip.ane_fp16_flops, GPU: GPU_FLOPS, CPU: CPU_FLOPS}[device]
-    return max(cost.flops / peak, cost.bytes / chip.dram_bytes_per_s)
+def op_seconds(cost: OpCost, device: str, chip: Chip, parameters: CostParameters = None) -> float:
+    parameters = parameters or PARAMETERS
+    if not cost.launches:
+        return 0.0
+    peak = {ANE: chip.ane_fp16_flops * parameters.ane_efficiency,
+            GPU: chip.gpu_flops * parameters.gpu_efficiency, CPU: CPU_FLOPS}[device]
+    memory = cost.dram_bytes(device, parameters) / chip.dram_bytes_per_s
+    return max(cost.flops / peak, memory) + cost.launches * parameters.op_seconds
+
+
+def partition_seconds(partitions: int, parameters: CostParameters = None) -> tuple[float, float]:
+    """(dispatch, switch) seconds for a program cut into ``partitions`` device partitions."""
+    parameters = parameters or PARAMETERS
+    return partitions * parameters.dispatch_seconds, max(partitions - 1, 0) * parameters.switch_seconds

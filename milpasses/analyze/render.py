@@ -180,6 +180,37 @@ def _layer_svg(analysis: Analysis) -> str:
             '<h3>Per op</h3>')
 
 
+def _strip_svg(analysis: Analysis) -> str:
+    """The program in execution order as one strip: a segment per op as wide as its estimated
+    time (at least a hairline), coloured by device, with each switch between devices marked
+    and labelled with its estimated cost."""
+    width, height, label_height = 900, 22, 14
+    order = analysis.execution_order()
+    total = sum(r.seconds for r in order) or 1.0
+    hairline = 0.6
+    scale = (width - hairline * len(order)) / total
+    switch_cost = sum(costs.partition_seconds(2)) - costs.partition_seconds(1)[0]  # a dispatch and a hand-over
+    starts, x, parts = [], 0.0, []
+    for r in order:
+        starts.append(x)
+        length = hairline + r.seconds * scale
+        tip = html.escape(f"{r.op_type} {r.name} on {r.device}: {r.seconds * 1e6:.1f} us")
+        parts.append(f'<rect class="strip" x="{x:.2f}" y="{label_height}" width="{length:.2f}" height="{height}" '
+                     f'fill="{DEVICE_COLOURS[r.device]}"><title>{tip}</title></rect>')
+        x += length
+    for index, before, after in analysis.switches():
+        at = starts[index]
+        label = f"{before}→{after} {switch_cost * 1e3:.2f} ms"
+        parts.append(f'<g class="switch"><title>{html.escape(f"switch {label}: a dispatch and a hand-over")}</title>'
+                     f'<line x1="{at:.2f}" y1="0" x2="{at:.2f}" y2="{label_height + height + 4}" stroke="black" '
+                     f'stroke-width="2"/><text x="{at + 2:.2f}" y="10" font-size="10">{html.escape(label)}</text></g>')
+    partitions = " → ".join(f"{device} {len(names)}" for device, names in analysis.partitions)
+    return (f'<h3>Execution order: {len(analysis.partitions)} device partitions ({html.escape(partitions)}), '
+            f'{len(analysis.switches())} switches</h3>'
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 120}" height="{label_height + height + 6}" '
+            'font-family="monospace">' + "".join(parts) + "</svg>")
+
+
 def _svg(analysis: Analysis, title: str) -> str:
     bar_height, width, label_width = 14, 520, 320
     longest = max((r.seconds for r in analysis.ops), default=0) or 1
@@ -198,7 +229,7 @@ def _svg(analysis: Analysis, title: str) -> str:
     height = bar_height * len(analysis.ops)
     return (f'<h2>{html.escape(title)}</h2><p>Bar length: estimated time on {analysis.chip.name} '
             f'(longest op {longest * 1e6:.1f} us); estimated latency {analysis.latency * 1e3:.2f} ms.</p>'
-            + _layer_svg(analysis) + f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_width + width + 70}" height="{height}" '
+            + _strip_svg(analysis) + _layer_svg(analysis) + f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_width + width + 70}" height="{height}" '
             f'font-family="monospace">' + "".join(rows) + "</svg>")
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from coremltools.converters.mil.mil import types
 
 from milpasses.analyze import cost as costs
-from milpasses.analyze.rules import ANE, Context, Prediction, predict
+from milpasses.analyze.rules import ANE, COMMUNITY, GPU, Context, Prediction, predict
 from milpasses.simulator.core import load_program
 
 
@@ -44,11 +44,24 @@ class Analysis:
 
     @property
     def dispatch_seconds(self) -> float:
-        return len(self.partitions) * costs.DISPATCH_SECONDS
+        return costs.partition_seconds(len(self.partitions))[0]
 
     @property
     def switch_seconds(self) -> float:
-        return max(len(self.partitions) - 1, 0) * costs.SWITCH_SECONDS
+        return costs.partition_seconds(len(self.partitions))[1]
+
+    def switches(self) -> list[tuple[int, str, str]]:
+        """(index of the first op after the switch in execution order, from device, to device)."""
+        found, position = [], 0
+        for (before, names), (after, _) in zip(self.partitions, self.partitions[1:]):
+            position += len(names)
+            found.append((position, before, after))
+        return found
+
+    def execution_order(self) -> list[OpRecord]:
+        """The ops in the order of their partitions (the order the partitions were formed in)."""
+        by_name = {r.name: r for r in self.ops}
+        return [by_name[name] for _, names in self.partitions for name in names]
 
     @property
     def latency(self) -> float:
@@ -150,9 +163,20 @@ def _partitions(ops, devices: dict[str, str]) -> list[tuple[str, list[str]]]:
     return partitions
 
 
-def analyze(model, chip: str = costs.DEFAULT_CHIP, function_name: str = "main") -> Analysis:
+#: What an op Core ML would put on the ANE does when the ANE is excluded (``CPU_AND_GPU``).
+WITHOUT_ANE = Prediction(GPU, "compute units exclude the ANE; the GPU takes what the ANE would run", COMMUNITY,
+                         "Core ML runs fp16 ops on the GPU when the Neural Engine is not allowed",
+                         rule="compute_units")
+COMPUTE_UNITS = ("CPU_AND_NE", "CPU_AND_GPU")
+
+
+def analyze(model, chip: str = costs.DEFAULT_CHIP, function_name: str = "main",
+            compute_units: str = "CPU_AND_NE") -> Analysis:
     """Predict devices and costs for ``model`` (a Program, MLModel or .mlpackage path) on ``chip``,
-    with its estimated latency on every chip in ``cost.CHIPS``."""
+    with its estimated latency on every chip in ``cost.CHIPS``. ``compute_units="CPU_AND_GPU"``
+    predicts the program with the ANE excluded."""
+    if compute_units not in COMPUTE_UNITS:
+        raise ValueError(f"unknown compute units '{compute_units}'; choose one of {', '.join(COMPUTE_UNITS)}")
     if chip not in costs.CHIPS:
         raise ValueError(f"unknown chip '{chip}'; choose one of {', '.join(costs.CHIPS)}")
     program = load_program(model)
@@ -160,14 +184,15 @@ def analyze(model, chip: str = costs.DEFAULT_CHIP, function_name: str = "main") 
         raise ValueError(f"the program has no function '{function_name}'; it has {sorted(program.functions)}")
     function = program.functions[function_name]
     weights, enumerated = _weight_bytes(function), _enumerated_inputs(model, function)
-    latencies = {name: _analyze_function(function, target, weights, enumerated)
+    latencies = {name: _analyze_function(function, target, weights, enumerated, compute_units == "CPU_AND_NE")
                  for name, target in costs.CHIPS.items()}
     result = latencies[chip]
     result.latency_by_chip = {name: a.latency for name, a in latencies.items()}
     return result
 
 
-def _analyze_function(function, chip: costs.Chip, weight_bytes: int, enumerated: frozenset) -> Analysis:
+def _analyze_function(function, chip: costs.Chip, weight_bytes: int, enumerated: frozenset,
+                      ane_allowed: bool = True) -> Analysis:
     context = Context(opset=function.opset_version, is_mac=chip.is_mac, weight_bytes=weight_bytes,
                       enumerated_inputs=enumerated)
     ops = [op for op in function.operations if op.op_type != "const"]
@@ -175,6 +200,8 @@ def _analyze_function(function, chip: costs.Chip, weight_bytes: int, enumerated:
     records = []
     for op in ops:
         predictions = tuple(predict(op, context))
+        if not ane_allowed and predictions[0].device == ANE:
+            predictions = (WITHOUT_ANE,) + predictions
         device = predictions[0].device
         cost = costs.op_cost(op, device)
         records.append(OpRecord(

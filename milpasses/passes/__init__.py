@@ -4,6 +4,8 @@ from milpasses.passes import (  # noqa: F401  (registration)
     attention_to_einsum,
     bc1s_layout,
     finite_masks,
+    gather_to_reshape,
+    key_padding_mask,
     linear_to_conv,
     rms_norm_scale,
 )
