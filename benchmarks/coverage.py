@@ -63,7 +63,8 @@ SIZES = {
     "ffn_dim": FFN, "encoder_ffn_dim": FFN, "decoder_ffn_dim": FFN, "d_ff": FFN, "n_inner": FFN,
     "encoder_layers": LAYERS, "decoder_layers": LAYERS, "num_layers": LAYERS, "num_decoder_layers": LAYERS,
     "encoder_attention_heads": HEADS, "decoder_attention_heads": HEADS, "num_heads": HEADS,
-    "projection_dim": HIDDEN, "global_head_dim": HIDDEN // HEADS,
+    "projection_dim": HIDDEN, "global_head_dim": HIDDEN // HEADS, "embed_dim": HIDDEN,
+    "window_size": 4,  # windowed vision attention (Swin): the 4x4 patch grid is one window
     # mixture of experts: few small experts, and the dense-first layers kept to one
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "moe_intermediate_size": FFN // 2, "shared_expert_intermediate_size": FFN // 2, "n_shared_experts": 1,
@@ -109,8 +110,17 @@ def _config_kwargs(config_class, default) -> dict:
         current = getattr(default, name, None)
         if isinstance(current, (list, tuple)) and current and all(isinstance(v, int) for v in current):
             kwargs[name] = make(len(current))
-    if "head_dim" in kwargs and "num_attention_heads" not in kwargs and attribute_map.get("num_attention_heads"):
-        kwargs.pop("head_dim")
+    if "hidden_sizes" in kwargs and kwargs.get("hidden_size") and \
+            getattr(default, "hidden_size", None) == list(default.hidden_sizes)[-1]:
+        kwargs["hidden_size"] = kwargs["hidden_sizes"][-1]  # hidden_size is the last stage's width
+    if "depths" in kwargs:  # hierarchical vision: stages come from the lists, each halves the patch grid
+        kwargs.pop(attribute_map.get("num_hidden_layers", "num_hidden_layers"), None)
+        kwargs.pop(attribute_map.get("patch_size", "patch_size"), None)
+    if "qk_rope_head_dim" in kwargs:  # latent attention: head_dim is the rotary part; K/V heads are per query head
+        if getattr(default, "head_dim", None) == default.qk_rope_head_dim:
+            kwargs["head_dim"] = kwargs["qk_rope_head_dim"]
+        if "num_key_value_heads" in kwargs:
+            kwargs["num_key_value_heads"] = HEADS
     kwargs.update(_token_ids(default, kwargs.get(attribute_map.get("vocab_size", "vocab_size"), VOCAB)))
     for name, sub_class in (getattr(config_class, "sub_configs", None) or {}).items():
         sub_default = getattr(default, name, None)
@@ -738,6 +748,18 @@ def _meta(wall_seconds: float, timeout: float) -> dict:
             "coremltools": coremltools.__version__, "milpasses": milpasses.__version__, "commit": commit}
 
 
+def _finite(value):
+    """``value`` with infinite floats (a PSNR of an exact result) as the strings "inf" / "-inf",
+    NaN as null, so the JSON is standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
@@ -774,8 +796,8 @@ def main(argv=None) -> int:
     if out is None:
         print(markdown)
     else:
-        _write_atomically(out / "coverage.json", json.dumps({"meta": meta, "totals": totals(records),
-                                                            "records": records}, indent=1, default=str) + "\n")
+        document = {"meta": meta, "totals": totals(records), "records": _finite(records)}
+        _write_atomically(out / "coverage.json", json.dumps(document, indent=1, allow_nan=False) + "\n")
         _write_atomically(out / "coverage.md", markdown)
         print(f"wrote {out / 'coverage.md'} and {out / 'coverage.json'}")
     print(json.dumps(totals(records)))
