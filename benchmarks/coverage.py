@@ -51,6 +51,7 @@ RECYCLE = 20  # architectures per worker before it is replaced
 #: would take minutes; it is reported as not built rather than converted slowly.
 MAX_PARAMETERS = 3_000_000
 FP16_PSNR_BAR = 60.0
+CHECKPOINT_EVERY = 10  # architectures between rewrites of the output files (a partial sweep is kept)
 
 #: Size fields, by their standard name (translated through each config's attribute_map). Set
 #: only where the default config has the field with a non-None value (None means "derived").
@@ -520,8 +521,9 @@ def _failed(model_type: str, stage: str, message: str, seconds: float) -> dict:
 
 
 def run_sweep(names: list[str], jobs: int = 1, timeout: float = TIMEOUT, fp32: bool = False,
-              log=print) -> list[dict]:
-    """Records of ``names``, in order, each swept in a worker with ``timeout`` seconds."""
+              log=print, on_record=None) -> list[dict]:
+    """Records of ``names``, in order, each swept in a worker with ``timeout`` seconds.
+    ``on_record(records_so_far)`` is called after each one (a dict by name)."""
     context = multiprocessing.get_context("spawn")
     pending = collections.deque(names)
     records: dict[str, dict] = {}
@@ -548,6 +550,8 @@ def run_sweep(names: list[str], jobs: int = 1, timeout: float = TIMEOUT, fp32: b
                     records[worker.task] = _failed(worker.task, worker.stage, f"worker crashed (exit code {code})",
                                                    time.monotonic() - worker.started)
                 log(_progress_line(len(records), len(names), records[worker.task]))
+                if on_record is not None:
+                    on_record(records)
                 worker.task = None
                 worker.done += 1
                 if kind != "record" or worker.done >= RECYCLE:
@@ -561,6 +565,8 @@ def run_sweep(names: list[str], jobs: int = 1, timeout: float = TIMEOUT, fp32: b
                     records[worker.task] = _failed(worker.task, worker.stage, f"timed out after {timeout:.0f} s",
                                                    time.monotonic() - worker.started)
                     log(_progress_line(len(records), len(names), records[worker.task]))
+                    if on_record is not None:
+                        on_record(records)
                     worker.stop(kill=True)
                     workers[index] = worker = _Worker(context, fp32)
                     if pending:
@@ -647,6 +653,11 @@ def render_markdown(records: list[dict], meta: dict) -> str:
         f"milpasses {meta['milpasses']} at `{meta['commit']}`). Regenerate with "
         "`nice -n 19 python benchmarks/coverage.py`; the same records are in `docs/coverage.json`.",
         "",
+    ]
+    if not meta.get("complete", True):
+        lines += [f"**Partial sweep: {meta['swept']} of {meta['of']} architectures so far** (alphabetical; "
+                  "`--resume` continues it). The totals count the architectures swept.", ""]
+    lines += [
         "Each architecture of transformers' `MODEL_MAPPING_NAMES` is built tiny from its config class's "
         f"defaults (hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, {KV_HEADS} KV heads where the config has them, "
         f"vocab {VOCAB}, eager attention, seeded weights), encoder-decoders as their encoder, and run on a "
@@ -774,6 +785,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per architecture (default 120)")
     parser.add_argument("--fp32", action="store_true", help="also convert with ane_pipeline() in fp32 and "
                                                            "record the relative error against torch")
+    parser.add_argument("--resume", action="store_true", help="keep the records already in the output's "
+                                                             "coverage.json and sweep only the others")
     parser.add_argument("--out", help="directory for coverage.md and coverage.json (default: docs/ for a "
                                       "full sweep; with --only, nothing is written unless --out is given)")
     args = parser.parse_args(argv)
@@ -788,20 +801,43 @@ def main(argv=None) -> int:
     else:
         names = known
     out = Path(args.out) if args.out else (None if args.only else Path(__file__).parents[1] / "docs")
+    earlier, earlier_seconds = {}, 0.0
+    if args.resume:
+        if out is None or not (out / "coverage.json").exists():
+            parser.error("--resume needs an earlier coverage.json in the output directory (--out)")
+        previous = json.loads((out / "coverage.json").read_text())
+        earlier = {r["name"]: r for r in previous["records"] if r["name"] in names}
+        earlier_seconds = previous["meta"].get("wall_seconds", 0.0)
     started = time.perf_counter()
-    records = run_sweep(names, args.jobs, args.timeout, args.fp32, log=lambda line: print(line, flush=True))
-    wall = time.perf_counter() - started
-    meta = _meta(wall, args.timeout)
-    markdown = render_markdown(records, meta)
-    if out is None:
-        print(markdown)
-    else:
+
+    def ordered(found: dict) -> list[dict]:
+        return [found[name] for name in names if name in found]
+
+    def write(found: dict, complete: bool) -> None:
+        records = ordered(found)
+        meta = _meta(earlier_seconds + time.perf_counter() - started, args.timeout)
+        meta.update(complete=complete, swept=len(records), of=len(names))
         document = {"meta": meta, "totals": totals(records), "records": _finite(records)}
         _write_atomically(out / "coverage.json", json.dumps(document, indent=1, allow_nan=False) + "\n")
-        _write_atomically(out / "coverage.md", markdown)
+        _write_atomically(out / "coverage.md", render_markdown(records, meta))
+
+    def checkpoint(found: dict) -> None:
+        if out is not None and len(found) % CHECKPOINT_EVERY == 0:
+            write({**earlier, **found}, complete=False)
+
+    todo = [name for name in names if name not in earlier]
+    found = {**earlier, **{r["name"]: r for r in run_sweep(
+        todo, args.jobs, args.timeout, args.fp32, log=lambda line: print(line, flush=True), on_record=checkpoint)}}
+    wall = earlier_seconds + time.perf_counter() - started
+    records = ordered(found)
+    if out is None:
+        meta = _meta(wall, args.timeout)
+        print(render_markdown(records, meta))
+    else:
+        write(found, complete=True)
         print(f"wrote {out / 'coverage.md'} and {out / 'coverage.json'}")
     print(json.dumps(totals(records)))
-    print(f"wall time: {wall:.0f} s for {len(names)} architectures")
+    print(f"wall time: {wall:.0f} s for {len(names)} architectures ({len(todo)} swept in this run)")
     return 0
 
 

@@ -51,6 +51,76 @@ def new_ones(context, node):
     context.add(result)
 
 
+def histc(context, node):
+    """``torch.histc(x, bins, min, max)``: mixture-of-experts routing counts the tokens sent to
+    each expert with it (transformers' ``grouped_mm`` experts, with bins = experts, min 0 and
+    max = experts - 1). Torch's semantics: ``bins`` equal-width bins over [min, max], values
+    outside it not counted, a value equal to max in the last bin; the counts have x's dtype.
+    Only constant bounds with min < max are converted (min == max means "the data's own range",
+    which would need the data)."""
+    inputs = _get_inputs(context, node, expected=4)
+    x, bins, low, high = inputs
+    if any(v.val is None for v in (bins, low, high)):
+        raise ValueError(f"histc '{node.name}': bins, min and max must be constants to convert")
+    bins, low, high = int(bins.val), float(low.val), float(high.val)
+    if bins < 1 or not low < high:
+        raise ValueError(f"histc '{node.name}' with bins={bins}, min={low}, max={high} is not converted: "
+                         "it needs bins >= 1 and min < max (min == max would take the range from the data)")
+    dtype = types.nptype_from_builtin(x.dtype)
+    flat = mb.reshape(x=x, shape=[-1, 1])
+    if dtype != np.float32:
+        flat = mb.cast(x=flat, dtype="fp32")
+    # The bin of each value, in torch's order ((x - min) / (max - min) * bins); max itself belongs
+    # to the last bin. A value within rounding of an inner bin edge may land on either side of it.
+    position = mb.mul(x=mb.real_div(x=mb.sub(x=flat, y=np.float32(low)), y=np.float32(high - low)),
+                      y=np.float32(bins))
+    index = mb.minimum(x=mb.floor(x=position), y=np.float32(bins - 1))
+    inside = mb.logical_and(x=mb.greater_equal(x=flat, y=np.float32(low)), y=mb.less_equal(x=flat, y=np.float32(high)))
+    hits = mb.logical_and(x=mb.equal(x=index, y=np.arange(bins, dtype=np.float32).reshape(1, bins)), y=inside)
+    counts = mb.reduce_sum(x=mb.cast(x=hits, dtype="fp32"), axes=[0], keep_dims=False,
+                           name=node.name if dtype == np.float32 else node.name + "_fp32")
+    if dtype != np.float32:
+        counts = mb.cast(x=counts, dtype=types.builtin_to_string(x.dtype), name=node.name)
+    context.add(counts)
+
+
+def _grouped_mm(context, node):
+    """``torch._grouped_mm(x, weights, offs)`` with x (rows, in), weights (groups, in, out) and
+    offs the cumulative row counts of the groups: rows ``offs[g-1]:offs[g]`` are multiplied by
+    ``weights[g]``, rows past ``offs[-1]`` give zeros. transformers' ``grouped_mm`` experts run
+    every expert's projection through it, with the rows sorted by expert.
+
+    The groups are data, so the conversion multiplies every row by every group's weights and
+    keeps, per row, its group's result. With constant weights that is one ``linear`` whose
+    outputs are the groups' outputs side by side, which milpasses then runs as a 1x1 conv; each
+    row's group is found by comparing its index with ``offs`` (the routing stays on the CPU)."""
+    inputs = _get_inputs(context, node, min_expected=3)
+    x, weights, offsets = inputs[0], inputs[1], inputs[2]
+    bias = inputs[3] if len(inputs) > 3 else None
+    if offsets is None or x.rank != 2 or weights.rank != 3:
+        raise ValueError(f"_grouped_mm '{node.name}': only a 2-D input by 3-D grouped weights with offsets "
+                         f"converts (got ranks {x.rank} and {weights.rank})")
+    groups, size_in, size_out = weights.shape
+    if any(not isinstance(d, (int, np.integer)) for d in (groups, size_in, size_out)):
+        raise ValueError(f"_grouped_mm '{node.name}': the grouped weights need a fixed shape, got {weights.shape}")
+    if weights.val is not None:
+        stacked = np.transpose(np.asarray(weights.val), (0, 2, 1)).reshape(groups * size_out, size_in)
+        every = mb.linear(x=x, weight=stacked.astype(types.nptype_from_builtin(x.dtype)))  # (rows, groups * out)
+        every = mb.reshape(x=every, shape=[-1, groups, size_out])
+    else:
+        every = mb.transpose(x=mb.matmul(x=mb.expand_dims(x=x, axes=[0]), y=weights), perm=[1, 0, 2])
+    rows = mb.range_1d(start=np.int32(0), end=mb.gather(x=mb.shape(x=x), indices=np.int32(0)), step=np.int32(1))
+    ends = mb.cast(x=offsets, dtype="int32")
+    group = mb.reduce_sum(x=mb.cast(x=mb.greater_equal(x=mb.expand_dims(x=rows, axes=[1]), y=mb.expand_dims(x=ends, axes=[0])),
+                                    dtype="int32"), axes=[1], keep_dims=True)  # (rows, 1): the offsets at or before
+    one_hot = mb.cast(x=mb.equal(x=group, y=np.arange(groups, dtype=np.int32).reshape(1, groups)),
+                      dtype=types.builtin_to_string(x.dtype))  # (rows, groups); all zero past the last group
+    result = mb.reduce_sum(x=mb.mul(x=every, y=mb.expand_dims(x=one_hot, axes=[2])), axes=[1], keep_dims=False)
+    if bias is not None:
+        result = mb.add(x=result, y=mb.matmul(x=one_hot, y=bias))
+    context.add(mb.identity(x=result, name=node.name))
+
+
 def _install(converter, why: str) -> None:
     name = converter.__name__
     existing = _TORCH_OPS_REGISTRY.name_to_func_mapping.get(name)
@@ -61,3 +131,5 @@ def _install(converter, why: str) -> None:
 
 
 _install(new_ones, "transformers >= 5 masking utilities; missing in coremltools 9.0")
+_install(_grouped_mm, "transformers >= 5 grouped_mm mixture-of-experts projections; missing in coremltools 9.0")
+_install(histc, "transformers >= 5 mixture-of-experts routing (tokens per expert); missing in coremltools 9.0")
