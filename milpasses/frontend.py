@@ -121,15 +121,49 @@ def _grouped_mm(context, node):
     context.add(mb.identity(x=result, name=node.name))
 
 
-def _install(converter, why: str) -> None:
-    name = converter.__name__
+def _upstream(name: str):
+    """coremltools' own converter of ``name``, for the ops below that are spellings of it."""
+    return _TORCH_OPS_REGISTRY.name_to_func_mapping[name]
+
+
+def view_as(context, node):
+    """``x.view_as(other)``: ``x`` reshaped to ``other``'s shape, as coremltools' ``reshape_as``
+    (BEiT-style relative position biases use it)."""
+    _upstream("reshape_as")(context, node)
+
+
+def multiply(context, node):
+    """``torch.multiply``, the alias of ``torch.mul`` (ConvBERT's convolution heads use it)."""
+    _upstream("mul")(context, node)
+
+
+def bool_or(context, node):
+    """``a | b`` on bool tensors: a logical or (CPM-Ant combines its attention masks with it).
+    Bitwise or of integers is not converted."""
+    x, y = _get_inputs(context, node, expected=2)
+    if not (types.is_bool(x.dtype) and types.is_bool(y.dtype)):
+        raise NotImplementedError(f"'|' ('{node.name}') converts for bool tensors only, got "
+                                  f"{types.builtin_to_string(x.dtype)} and {types.builtin_to_string(y.dtype)}")
+    _upstream("logical_or")(context, node)
+
+
+def _install(converter, why: str, name: str | None = None) -> None:
+    name = name or converter.__name__
     existing = _TORCH_OPS_REGISTRY.name_to_func_mapping.get(name)
     if existing is not None and existing.__module__ != __name__:
         return  # coremltools converts it itself: leave its converter in charge
-    register_torch_op(converter, override=existing is not None)
+    if name != converter.__name__:
+        # A name no Python function can have (the frontend looks `a | b` up as "or", the
+        # sanitized "__or__"): register_torch_op takes the name from the function, so set the entry.
+        _TORCH_OPS_REGISTRY.set_func_by_name(converter, name)
+    else:
+        register_torch_op(converter, override=existing is not None)
     INSTALLED[name] = why
 
 
 _install(new_ones, "transformers >= 5 masking utilities; missing in coremltools 9.0")
 _install(_grouped_mm, "transformers >= 5 grouped_mm mixture-of-experts projections; missing in coremltools 9.0")
+_install(view_as, "Tensor.view_as; missing in coremltools 9.0 (it has reshape_as)")
+_install(multiply, "torch.multiply, the alias of mul; missing in coremltools 9.0")
+_install(bool_or, "'|' on bool masks; missing in coremltools 9.0 (it has logical_or)", name="or")
 _install(histc, "transformers >= 5 mixture-of-experts routing (tokens per expert); missing in coremltools 9.0")

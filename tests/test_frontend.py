@@ -174,3 +174,43 @@ def test_grouped_mm_with_weights_as_an_input_matches_torch():
     with torch.no_grad():
         expected = module(*examples).numpy()
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+class Gate(torch.nn.Module):
+    def forward(self, x, y):
+        return torch.multiply(x, y)  # recorded as aten::multiply inside a submodule (as in ConvBERT)
+
+
+class Spellings(torch.nn.Module):
+    """view_as, torch.multiply and '|' of bool masks: spellings of ops coremltools converts."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+
+    def forward(self, x, y):
+        either = (x > 0) | (y < 0.5)
+        product = self.gate(x, y).view_as(y.reshape(3, 4)).reshape(12)
+        return torch.where(either, product, torch.zeros_like(product))
+
+
+def test_view_as_multiply_and_bool_or_convert_and_simulate_like_torch():
+    x, y = torch.randn(12, generator=torch.Generator().manual_seed(0)), torch.rand(12, generator=torch.Generator().manual_seed(1))
+    traced = torch.jit.trace(Spellings().eval(), (x, y))
+    graph = str(traced.inlined_graph)
+    assert all(f"aten::{op}(" in graph for op in ("view_as", "multiply", "__or__"))
+    mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=x.shape), ct.TensorType(name="y", shape=y.shape)],
+                         convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                         compute_precision=ct.precision.FLOAT32, skip_model_load=True)
+    (actual,) = simulate(mlmodel, {"x": x.numpy(), "y": y.numpy()}).values()
+    np.testing.assert_array_equal(actual, Spellings()(x, y).numpy())
+
+
+class IntegerOr(torch.nn.Module):
+    def forward(self, x):
+        return x.int() | 3
+
+
+def test_bitwise_or_of_integers_is_refused_with_the_reason():
+    with pytest.raises(NotImplementedError, match="bool tensors only"):
+        _convert(IntegerOr(), torch.randn(4))
