@@ -775,6 +775,7 @@ def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
         handle.write(text)
+    os.chmod(handle.name, 0o644)  # a temporary file is private; the report is not
     os.replace(handle.name, path)
 
 
@@ -786,9 +787,10 @@ def main(argv=None) -> int:
     parser.add_argument("--fp32", action="store_true", help="also convert with ane_pipeline() in fp32 and "
                                                            "record the relative error against torch")
     parser.add_argument("--resume", action="store_true", help="keep the records already in the output's "
-                                                             "coverage.json and sweep only the others")
+                                                             "coverage.json and sweep only the others; with "
+                                                             "--only, sweep those again and keep all the others")
     parser.add_argument("--out", help="directory for coverage.md and coverage.json (default: docs/ for a "
-                                      "full sweep; with --only, nothing is written unless --out is given)")
+                                      "full sweep or --resume; with --only alone, nothing is written unless --out is given)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
@@ -800,14 +802,18 @@ def main(argv=None) -> int:
             parser.error(f"unknown model type(s) {unknown}; see transformers' MODEL_MAPPING_NAMES")
     else:
         names = known
-    out = Path(args.out) if args.out else (None if args.only else Path(__file__).parents[1] / "docs")
+    docs = Path(__file__).parents[1] / "docs"
+    out = Path(args.out) if args.out else (None if args.only and not args.resume else docs)
     earlier, earlier_seconds = {}, 0.0
     if args.resume:
         if out is None or not (out / "coverage.json").exists():
             parser.error("--resume needs an earlier coverage.json in the output directory (--out)")
         previous = json.loads((out / "coverage.json").read_text())
-        earlier = {r["name"]: r for r in previous["records"] if r["name"] in names}
+        earlier = {r["name"]: r for r in previous["records"] if r["name"] in known}
         earlier_seconds = previous["meta"].get("wall_seconds", 0.0)
+        if args.only:  # re-sweep the named ones inside the whole report
+            earlier = {name: r for name, r in earlier.items() if name not in names}
+            names = [name for name in known if name in earlier or name in names]
     started = time.perf_counter()
 
     def ordered(found: dict) -> list[dict]:
@@ -816,7 +822,7 @@ def main(argv=None) -> int:
     def write(found: dict, complete: bool) -> None:
         records = ordered(found)
         meta = _meta(earlier_seconds + time.perf_counter() - started, args.timeout)
-        meta.update(complete=complete, swept=len(records), of=len(names))
+        meta.update(complete=complete, swept=len(records), of=total)
         document = {"meta": meta, "totals": totals(records), "records": _finite(records)}
         _write_atomically(out / "coverage.json", json.dumps(document, indent=1, allow_nan=False) + "\n")
         _write_atomically(out / "coverage.md", render_markdown(records, meta))
@@ -826,6 +832,7 @@ def main(argv=None) -> int:
             write({**earlier, **found}, complete=False)
 
     todo = [name for name in names if name not in earlier]
+    total = len(known) if args.resume or not args.only else len(names)  # what a complete report holds
     found = {**earlier, **{r["name"]: r for r in run_sweep(
         todo, args.jobs, args.timeout, args.fp32, log=lambda line: print(line, flush=True), on_record=checkpoint)}}
     wall = earlier_seconds + time.perf_counter() - started
@@ -834,7 +841,7 @@ def main(argv=None) -> int:
         meta = _meta(wall, args.timeout)
         print(render_markdown(records, meta))
     else:
-        write(found, complete=True)
+        write(found, complete=len(found) == total)
         print(f"wrote {out / 'coverage.md'} and {out / 'coverage.json'}")
     print(json.dumps(totals(records)))
     print(f"wall time: {wall:.0f} s for {len(names)} architectures ({len(todo)} swept in this run)")
