@@ -147,6 +147,58 @@ def bool_or(context, node):
     _upstream("logical_or")(context, node)
 
 
+def _resize_matrix(in_size: int, out_size: int, align_corners: bool, antialias: bool, scale) -> np.ndarray:
+    """The (out_size, in_size) matrix of torch's bicubic resize along one axis, taken from torch
+    itself (each input position resized as a one-hot column), so edge clamping, align_corners and
+    antialiasing are exactly torch's. Bicubic resizing is separable: a 2-D resize is one such
+    matrix per axis."""
+    import torch
+
+    # Two identical columns, kept at width 2: torch's antialiased kernel mishandles width 1.
+    columns = torch.eye(in_size, dtype=torch.float64).reshape(in_size, 1, in_size, 1).repeat(1, 1, 1, 2)
+    resize = {"size": (out_size, 2)} if scale is None else {"scale_factor": (float(scale), 1.0)}
+    resized = torch.nn.functional.interpolate(columns, mode="bicubic", align_corners=align_corners,
+                                              antialias=antialias, **resize)
+    return resized[..., 0].reshape(in_size, out_size).T.numpy()
+
+
+def _bicubic(context, node, antialias: bool):
+    inputs = _get_inputs(context, node)
+    x, size, align_corners = inputs[0], inputs[1], bool(inputs[2].val)
+    if x.rank != 4 or any(not isinstance(d, (int, np.integer)) for d in x.shape[2:]):
+        raise ValueError(f"bicubic resize '{node.name}' needs a 4-D input with a fixed height and width, got {x.shape}")
+    height, width = int(x.shape[2]), int(x.shape[3])
+    scales = [None, None]
+    if size is not None and not (isinstance(size, (list, tuple)) and not size):
+        values = [s.val for s in size] if isinstance(size, (list, tuple)) else list(np.atleast_1d(size.val))
+        if any(v is None for v in values):
+            raise ValueError(f"bicubic resize '{node.name}' needs a constant output size")
+        out_height, out_width = (int(v) for v in values)
+    else:
+        given = inputs[3:]
+        scales = list(given[0].val) if len(given) == 1 else [given[0].val, given[1].val]
+        if any(s is None for s in scales):
+            raise ValueError(f"bicubic resize '{node.name}' needs a constant output size or scale")
+        out_height, out_width = int(np.floor(height * scales[0])), int(np.floor(width * scales[1]))
+    dtype = types.nptype_from_builtin(x.dtype)
+    rows = _resize_matrix(height, out_height, align_corners, antialias, scales[0]).astype(dtype)
+    columns = _resize_matrix(width, out_width, align_corners, antialias, scales[1]).T.astype(dtype)
+    resized = mb.matmul(x=rows, y=mb.matmul(x=x, y=columns))  # rows @ x @ columns, per image and channel
+    context.add(mb.identity(x=resized, name=node.name))
+
+
+def upsample_bicubic2d(context, node):
+    """``F.interpolate(x, mode="bicubic")`` with a fixed input and output size: one constant
+    matrix per axis (ViT-style position embeddings resized to the image, DINOv2). Constant
+    embeddings fold away at conversion."""
+    _bicubic(context, node, antialias=False)
+
+
+def _upsample_bicubic2d_aa(context, node):
+    """The antialiased ``F.interpolate(x, mode="bicubic", antialias=True)``, as ``upsample_bicubic2d``."""
+    _bicubic(context, node, antialias=True)
+
+
 def _install(converter, why: str, name: str | None = None) -> None:
     name = name or converter.__name__
     existing = _TORCH_OPS_REGISTRY.name_to_func_mapping.get(name)
@@ -166,4 +218,6 @@ _install(_grouped_mm, "transformers >= 5 grouped_mm mixture-of-experts projectio
 _install(view_as, "Tensor.view_as; missing in coremltools 9.0 (it has reshape_as)")
 _install(multiply, "torch.multiply, the alias of mul; missing in coremltools 9.0")
 _install(bool_or, "'|' on bool masks; missing in coremltools 9.0 (it has logical_or)", name="or")
+_install(upsample_bicubic2d, "bicubic F.interpolate (position embeddings resized to the image); missing in coremltools 9.0")
+_install(_upsample_bicubic2d_aa, "antialiased bicubic F.interpolate; missing in coremltools 9.0")
 _install(histc, "transformers >= 5 mixture-of-experts routing (tokens per expert); missing in coremltools 9.0")

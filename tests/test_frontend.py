@@ -214,3 +214,25 @@ class IntegerOr(torch.nn.Module):
 def test_bitwise_or_of_integers_is_refused_with_the_reason():
     with pytest.raises(NotImplementedError, match="bool tensors only"):
         _convert(IntegerOr(), torch.randn(4))
+
+
+class BicubicResize(torch.nn.Module):
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x, mode="bicubic", **self.options)
+
+
+@pytest.mark.parametrize("options", [
+    dict(size=(7, 4), align_corners=False),  # up in height, down in width
+    dict(size=(9, 9), align_corners=True),
+    dict(size=(3, 2), align_corners=False, antialias=True),  # _upsample_bicubic2d_aa
+    dict(scale_factor=1.5, align_corners=False),
+], ids=["size", "align_corners", "antialias", "scale"])
+def test_bicubic_resize_converts_and_simulates_like_torch(options):
+    x = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(0))
+    mlmodel = _convert(BicubicResize(**options), x)
+    (actual,) = simulate(mlmodel, {"x": x.numpy()}).values()
+    np.testing.assert_allclose(actual, BicubicResize(**options)(x).numpy(), rtol=1e-5, atol=1e-5)
