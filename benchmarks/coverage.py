@@ -65,6 +65,7 @@ SIZES = {
     "encoder_layers": LAYERS, "decoder_layers": LAYERS, "num_layers": LAYERS, "num_decoder_layers": LAYERS,
     "encoder_attention_heads": HEADS, "decoder_attention_heads": HEADS, "num_heads": HEADS,
     "projection_dim": HIDDEN, "global_head_dim": HIDDEN // HEADS, "embed_dim": HIDDEN,
+    "rotary_dim": HIDDEN // HEADS // 2,  # partial rotary (GPT-J, CodeGen): half of each head rotated
     "window_size": 4,  # windowed vision attention (Swin): the 4x4 patch grid is one window
     # mixture of experts: few small experts, and the dense-first layers kept to one
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
@@ -104,6 +105,8 @@ def _config_kwargs(config_class, default) -> dict:
     kwargs = {}
     for name, value in SIZES.items():
         own = attribute_map.get(name, name)
+        if _read_only(config_class, own):
+            continue  # derived from the other fields (Falcon's head_dim)
         current = getattr(default, own, None)
         if isinstance(current, int) and not isinstance(current, bool):
             kwargs[own] = value
@@ -131,6 +134,11 @@ def _config_kwargs(config_class, default) -> dict:
         sub_kwargs["model_type"] = sub_default.model_type
         kwargs[name] = sub_kwargs
     return kwargs
+
+
+def _read_only(config_class, name: str) -> bool:
+    attribute = inspect.getattr_static(config_class, name, None)
+    return isinstance(attribute, property) and attribute.fset is None
 
 
 def _token_ids(default, vocab: int) -> dict:
