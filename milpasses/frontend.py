@@ -199,6 +199,13 @@ def _upsample_bicubic2d_aa(context, node):
     _bicubic(context, node, antialias=True)
 
 
+def log_sigmoid(context, node):
+    """``F.logsigmoid(x)`` as ``-softplus(-x)``, which stays finite for large |x| (gated
+    attention and routing in some 2025 families use it)."""
+    (x,) = _get_inputs(context, node, expected=1)
+    context.add(mb.mul(x=mb.softplus(x=mb.mul(x=x, y=np.float32(-1.0))), y=np.float32(-1.0), name=node.name))
+
+
 def _install(converter, why: str, name: str | None = None) -> None:
     name = name or converter.__name__
     existing = _TORCH_OPS_REGISTRY.name_to_func_mapping.get(name)
@@ -220,4 +227,5 @@ _install(multiply, "torch.multiply, the alias of mul; missing in coremltools 9.0
 _install(bool_or, "'|' on bool masks; missing in coremltools 9.0 (it has logical_or)", name="or")
 _install(upsample_bicubic2d, "bicubic F.interpolate (position embeddings resized to the image); missing in coremltools 9.0")
 _install(_upsample_bicubic2d_aa, "antialiased bicubic F.interpolate; missing in coremltools 9.0")
+_install(log_sigmoid, "F.logsigmoid; missing in coremltools 9.0")
 _install(histc, "transformers >= 5 mixture-of-experts routing (tokens per expert); missing in coremltools 9.0")

@@ -236,3 +236,15 @@ def test_bicubic_resize_converts_and_simulates_like_torch(options):
     mlmodel = _convert(BicubicResize(**options), x)
     (actual,) = simulate(mlmodel, {"x": x.numpy()}).values()
     np.testing.assert_allclose(actual, BicubicResize(**options)(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+class LogSigmoid(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.logsigmoid(x)
+
+
+def test_log_sigmoid_converts_and_simulates_like_torch_at_large_magnitudes():
+    x = torch.tensor([-60.0, -20.0, -1.5, 0.0, 0.3, 4.0, 20.0, 60.0])
+    (actual,) = simulate(_convert(LogSigmoid(), x), {"x": x.numpy()}).values()
+    assert np.all(np.isfinite(actual))
+    np.testing.assert_allclose(actual, LogSigmoid()(x).numpy(), rtol=1e-5, atol=1e-6)
