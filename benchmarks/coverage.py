@@ -779,6 +779,14 @@ def _finite(value):
     return value
 
 
+def _infinite(record: dict) -> dict:
+    """A record read back from coverage.json, its "inf" / "-inf" PSNRs floats again."""
+    for key in ("psnr_default", "psnr_ane"):
+        if isinstance(record.get(key), str):
+            record[key] = float(record[key])
+    return record
+
+
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
@@ -817,7 +825,7 @@ def main(argv=None) -> int:
         if out is None or not (out / "coverage.json").exists():
             parser.error("--resume needs an earlier coverage.json in the output directory (--out)")
         previous = json.loads((out / "coverage.json").read_text())
-        earlier = {r["name"]: r for r in previous["records"] if r["name"] in known}
+        earlier = {r["name"]: _infinite(r) for r in previous["records"] if r["name"] in known}
         earlier_seconds = previous["meta"].get("wall_seconds", 0.0)
         if args.only:  # re-sweep the named ones inside the whole report
             earlier = {name: r for name, r in earlier.items() if name not in names}
