@@ -739,7 +739,12 @@ def render_markdown(records: list[dict], meta: dict) -> str:
         "failure": "Failures, grouped",
     }
     for key in ("attention", "missing_op", "failure", "layout"):
-        lines += ["", f"## {titles[key]}", "", "| reason | architectures | sites | examples |", "|---|---|---|---|"]
+        lines += ["", f"## {titles[key]}", ""]
+        if key == "attention":
+            lines += ["A mixture-of-experts router's softmax (rank 2) is also reported as \"softmax input is not a "
+                      "rank-4 tensor\"; it is not counted among the attention blocks, so an architecture can have "
+                      "that reason and every attention block rewritten.", ""]
+        lines += ["| reason | architectures | sites | examples |", "|---|---|---|---|"]
         ordered = sorted(groups[key].items(), key=lambda item: (-len(item[1]), item[0]))
         for reason, hits in ordered:
             examples = ", ".join(name for name, _ in hits[:8]) + (", ..." if len(hits) > 8 else "")
