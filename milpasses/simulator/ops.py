@@ -488,3 +488,42 @@ def gather_nd(x, indices, batch_dims=0, validate_indices=False):
 def gather_along_axis(x, indices, axis=0, validate_indices=False):
     axis = int(axis) % x.ndim
     return np.take_along_axis(x, np.where(indices < 0, indices + x.shape[axis], indices), axis=axis)
+
+
+# ----------------------------------------------------------------------------- sorting, scatter
+
+
+def _order(x, axis, ascending):
+    """Stable sort order along ``axis``: equal values keep their index order, as torch's stable sorts do."""
+    return np.argsort(x if ascending else -x, axis=int(axis), kind="stable")
+
+
+@implements("argsort")
+def argsort(x, axis=-1, ascending=False):
+    return _order(x, axis, ascending).astype(np.int32)
+
+
+@implements("topk")
+def topk(x, k=1, axis=-1, ascending=False, sort=True, return_indices=True):
+    axis = int(axis) % x.ndim
+    indices = np.take(_order(x, axis, ascending), np.arange(int(k)), axis=axis)
+    return [np.take_along_axis(x, indices, axis=axis), indices.astype(np.int32)]
+
+
+_SCATTER_MODES = {
+    "add": np.add.at, "sub": np.subtract.at, "mul": np.multiply.at, "div": np.divide.at,
+    "max": np.maximum.at, "min": np.minimum.at,
+}
+
+
+@implements("scatter_nd")
+def scatter_nd(data, indices, updates, mode="add", validate_indices=False):
+    """``data`` with ``updates`` written (or combined by ``mode``) at the index tuples in the last
+    axis of ``indices``; repeated indices accumulate, except in "update" mode where one wins."""
+    out = np.array(data, copy=True)
+    where = tuple(np.moveaxis(indices.astype(np.int64), -1, 0))
+    if str(mode) == "update":
+        out[where] = updates
+    else:
+        _SCATTER_MODES[str(mode)](out, where, updates)
+    return out
