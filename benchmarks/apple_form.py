@@ -95,3 +95,34 @@ class AppleFormEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, key_mask)
         return x
+
+
+def from_distilbert(model) -> AppleFormEncoder:
+    """The Apple-form encoder carrying a transformers ``DistilBertModel``'s weights: the same
+    function, hand-written (``max_difference`` checks it)."""
+    config = model.config
+    ane = AppleFormEncoder(config.vocab_size, config.dim, config.n_heads, config.hidden_dim, config.n_layers,
+                           config.max_position_embeddings)
+    ane.words.load_state_dict(model.embeddings.word_embeddings.state_dict())
+    ane.positions.load_state_dict(model.embeddings.position_embeddings.state_dict())
+    ane.embedding_norm.load_state_dict(model.embeddings.LayerNorm.state_dict())
+    for mine, theirs in zip(ane.layers, model.transformer.layer):
+        attention = mine.attention
+        pairs = [(attention.query, theirs.attention.q_lin), (attention.key, theirs.attention.k_lin),
+                 (attention.value, theirs.attention.v_lin), (attention.output, theirs.attention.out_lin),
+                 (mine.expand, theirs.ffn.lin1), (mine.contract, theirs.ffn.lin2)]
+        for conv, linear in pairs:
+            conv.weight.data = linear.weight.data[:, :, None, None].clone()
+            conv.bias.data = linear.bias.data.clone()
+        mine.attention_norm.load_state_dict(theirs.sa_layer_norm.state_dict())
+        mine.output_norm.load_state_dict(theirs.output_layer_norm.state_dict())
+    return ane.eval()
+
+
+def max_difference(model, ane: AppleFormEncoder, input_ids, attention_mask) -> float:
+    """Largest |difference| between the two models' last_hidden_state on real (unmasked) tokens."""
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        actual = ane(input_ids, attention_mask).squeeze(2).transpose(1, 2)
+    valid = attention_mask.bool()
+    return float((expected[valid] - actual[valid]).abs().max())

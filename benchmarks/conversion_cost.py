@@ -4,7 +4,7 @@ seeded weights). Bars: time <= 1.5x, peak RSS <= 1.2x. Also prints the ane:: pas
 and 24 layers, which should grow linearly with depth.
 
 On DistilBERT-base it also times the form written by hand for the ANE, as Apple's 2022 article
-describes (``ane_distilbert.py``: the same weights in (B, C, 1, S), per-head einsums), through
+describes (``apple_form.py``: the same weights in (B, C, 1, S), per-head einsums), through
 DEFAULT: what the same layout costs to convert without milpasses.
 
     python benchmarks/conversion_cost.py [--models distilbert-base,bert-large]
@@ -61,7 +61,7 @@ def child(model_name: str, run: str) -> None:
     module = LastHiddenState(model, tuple(inputs)).eval()
     if run == "hand-written":
         sys.path.insert(0, str(Path(__file__).parent))
-        from ane_distilbert import from_distilbert
+        from apple_form import from_distilbert
 
         module = from_distilbert(model)
     with torch.no_grad():
