@@ -6,6 +6,7 @@ from milpasses.passes import (  # noqa: F401  (registration)
     finite_masks,
     linear_to_conv,
     rms_norm_scale,
+    unflatten_tokens,
 )
 from milpasses.passes.report import PassReport, last_reports
 
