@@ -104,7 +104,7 @@ def flatten_tokens(op) -> tuple | NoMatch | None:
     target = [int(t) for t in np.asarray(target).tolist()]
     if target[0] == -1 and is_static(channels) and target[1] == channels:
         return batch, seq
-    if has_static_shape(x) and has_static_shape(out) and out[0] == batch * seq and out[1] == channels:
+    if has_static_shape(x) and has_static_shape(out) and out.shape == (batch * seq, channels):
         return batch, seq
     return NoMatch("reshape to (N, C) not proven to merge (B, S)")
 
