@@ -252,18 +252,13 @@ class unflatten_tokens(AnePass):
     """
 
     def run(self, block) -> None:
-        covered = set()  # roots of regions already rewritten or reported
         for op in list(block.operations):
-            if op.enclosing_block is None or op.op_type != "reshape" or id(op) in covered:
-                continue
-            if flatten_tokens(op) is None:
-                continue
+            if op.enclosing_block is None or flatten_tokens(op) is None:
+                continue  # removed with a region already rewritten, or no flatten at all
             region = match_region(op)
             if not region:
-                covered.add(id(op))
-                self.skip(op.name, region.reason)
+                self.skip(op.name, region.reason)  # each flatten of a region is a site left alone
                 continue
-            covered.update(id(root) for root in region.roots)
             self._rewrite(block, region)
 
     def _rewrite(self, block, region: FlattenedRegion) -> None:
