@@ -18,9 +18,6 @@ from milpasses.simulator import psnr, simulate
 BOUNDARIES = {name: 2 for name in F.FAMILIES}
 BOUNDARIES["deberta_v2"] = 1 + 4 * F.LAYERS + 1 + 1
 BOUNDARIES["vit"] = BOUNDARIES["clip_vision"] = 1
-# OPT runs its feed-forward on a flattened (B*S, C) view, which bc1s_layout does not carry yet:
-# the region is left and re-entered around each of its 2 feed-forwards.
-BOUNDARIES["opt"] = 2 + 2 * F.LAYERS
 LAYOUT_OPS = ("transpose", "reshape", "expand_dims", "squeeze")
 
 
@@ -54,8 +51,6 @@ def test_norms_run_over_the_channel_axis_of_rank4(name):
     norms = [op for op in ops if op.op_type == "layer_norm"]
     rms_means = [op for op in ops if op.op_type == "reduce_mean" and op.inputs["x"].op.op_type == "pow"]
     assert norms or rms_means
-    if name == "opt":  # the norm of its flattened (B*S, C) feed-forward stays rank 2 (see BOUNDARIES)
-        norms = [op for op in norms if op.inputs["x"].rank != 2]
     for op in norms + rms_means:
         assert op.inputs["axes"].val.tolist() == [1] and op.inputs["x"].rank == 4, op.name
 
