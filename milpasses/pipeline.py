@@ -15,14 +15,14 @@ PIPELINE_NAME = "ane"
 # reshapes and transposes, reduce_transposes, remove_redundant_ops), which tidies the boundaries
 # they leave. They also run before add_fp16_cast, so the fp16 program is cast from their result.
 INSERT_BEFORE = "common::merge_consecutive_reshapes"
-# unflatten_tokens runs before linear_to_conv, so that a feed-forward on a flattened (B*S, C) view
-# is already back on (B, S, C) when its linears become convs.
+# unmerge_leading_axes runs before linear_to_conv, so that a feed-forward on (B*S, C) token rows is
+# back on (B, S, C) when its linears become convs, and attention on (B*H, S, d) heads is rank 4.
 # attention_to_einsum runs once the projections are convs, so that it reads q, k and v from
 # their (B, C, 1, S) outputs, and before bc1s_layout, which then cancels the boundaries it leaves.
 # key_padding_mask runs before attention_to_einsum, which then reads a (B, 1, 1, Sk) mask term;
 # gather_to_reshape before it, so that the mask it proves key-only is built from reshapes.
 ANE_PASSES = ("ane::finite_masks", "ane::gather_to_reshape", "ane::key_padding_mask", "ane::rms_norm_scale",
-              "ane::unflatten_tokens", "ane::linear_to_conv",
+              "ane::unmerge_leading_axes", "ane::linear_to_conv",
               "ane::attention_to_einsum", "ane::bc1s_layout")
 
 #: ane_pipeline() keyword -> (pass id, the pass's option name). Each option is a pass option,
@@ -33,7 +33,7 @@ OPTIONS = {
     "gather_to_reshape": ("ane::gather_to_reshape", "enabled"),
     "key_padding_mask": ("ane::key_padding_mask", "enabled"),
     "guard_rms_norm": ("ane::rms_norm_scale", "enabled"),
-    "unflatten_tokens": ("ane::unflatten_tokens", "enabled"),
+    "unmerge_leading_axes": ("ane::unmerge_leading_axes", "enabled"),
     "include_matmul": ("ane::linear_to_conv", "include_matmul"),
     "propagate_layout": ("ane::bc1s_layout", "enabled"),
     "attention": ("ane::attention_to_einsum", "mode"),
@@ -56,8 +56,9 @@ def ane_pipeline(**options) -> ct.PassPipeline:
       ``mask_value`` (-1e4), so a fully masked row never softmaxes to NaN;
     - ``guard_rms_norm`` (true): RMSNorm squares its input divided by its largest magnitude,
       so fp16 ``x ** 2`` cannot overflow;
-    - ``unflatten_tokens`` (true): per-token ops on a flattened (B*S, C) view (OPT's feed-forward)
-      run on (B, S, C) itself, so the layout region does not break around them;
+    - ``unmerge_leading_axes`` (true): work on a view with its two leading axes merged, (B*S, C)
+      token rows or (B*H, S, d) heads, runs on the unmerged tensor, so the layout region does
+      not break around token rows and attention by ``bmm`` is found;
     - ``include_matmul`` (true): rewrite a ``matmul`` by a constant (GPT-2's Conv1D) as a 1x1 conv too;
     - ``attention`` ("split_einsum"): how attention is rewritten: ``split_einsum`` (per head,
       Apple's recipe), ``split_einsum_v2`` (per head and per chunk of ``query_chunk`` queries),

@@ -8,7 +8,7 @@ from milpasses.passes import (  # noqa: F401  (registration)
     key_padding_mask,
     linear_to_conv,
     rms_norm_scale,
-    unflatten_tokens,
+    unmerge_leading_axes,
 )
 from milpasses.passes.report import PassReport, last_reports
 

@@ -1,4 +1,4 @@
-"""ane::unflatten_tokens: rewrites, leaves alone, preserves numerics, counts."""
+"""ane::unmerge_leading_axes: rewrites, leaves alone, preserves numerics, counts."""
 
 import coremltools as ct
 import numpy as np
@@ -13,7 +13,7 @@ from milpasses.simulator import simulate
 from tests.helpers import mil_program
 from tests.passes_helpers import op_types, rewritten_matches_original, run_passes
 
-PASS = "ane::unflatten_tokens"
+PASS = "ane::unmerge_leading_axes"
 rng = np.random.default_rng(0)
 X = rng.standard_normal((2, 8, 32)).astype(np.float32)
 W_UP = rng.standard_normal((64, 32)).astype(np.float32)
@@ -38,7 +38,7 @@ def test_feed_forward_on_flattened_rows_runs_on_the_rank3_tensor():
     _, _, reports = rewritten_matches_original(program, {"x": X}, PASS)
     assert op_types(program) == ["layer_norm", "linear", "relu", "linear", "add"]
     assert all(op.outputs[0].rank == 3 for op in _non_const_ops(program))
-    assert dict(reports[PASS].rewritten) == {"flattened region": 1, "op moved to (B, S, C)": 5, "reshape removed": 2}
+    assert dict(reports[PASS].rewritten) == {"merged region": 1, "op unmerged": 5, "reshape removed": 2}
     assert reports[PASS].ops_removed == 2 and not reports[PASS].skipped
 
 
@@ -61,7 +61,28 @@ def test_every_rule_and_a_second_root_preserve_numerics():
     _, _, reports = rewritten_matches_original(program, inputs, PASS)
     assert "reshape" not in op_types(program)
     assert all(v.rank == 3 for op in _non_const_ops(program) for v in op.outputs)
-    assert dict(reports[PASS].rewritten) == {"flattened region": 1, "op moved to (B, S, C)": 13, "reshape removed": 3}
+    assert dict(reports[PASS].rewritten) == {"merged region": 1, "op unmerged": 13, "reshape removed": 3}
+
+
+HEADS_IN = {name: rng.standard_normal((2, 4, 8, 8)).astype(np.float32) for name in ("q", "k", "v")}
+ALIBI = rng.standard_normal((8, 1, 8)).astype(np.float32)  # a bias per (batch, head), as Bloom's
+
+
+def bmm_attention(q, k, v):
+    """Attention as XGLM and FSMT write it: heads merged with the batch, (B*H, S, d)."""
+    merged = [mb.reshape(x=t, shape=[8, 8, 8]) for t in (q, k, v)]
+    scores = mb.add(x=mb.matmul(x=merged[0], y=mb.transpose(x=merged[1], perm=[0, 2, 1])), y=ALIBI)
+    weights = mb.softmax(x=mb.mul(x=scores, y=0.35), axis=-1)
+    return mb.reshape(x=mb.matmul(x=weights, y=merged[2]), shape=[2, 4, 8, 8])
+
+
+def test_attention_on_heads_merged_with_the_batch_runs_on_rank4_heads():
+    program = mil_program(bmm_attention, **HEADS_IN)
+    _, _, reports = rewritten_matches_original(program, HEADS_IN, PASS)
+    assert op_types(program) == ["transpose", "matmul", "add", "mul", "softmax", "matmul"]
+    assert all(op.outputs[0].rank == 4 for op in _non_const_ops(program))
+    assert dict(reports[PASS].rewritten) == {"merged region": 1, "op unmerged": 6, "reshape removed": 4}
+    assert not reports[PASS].skipped
 
 
 def _symbolic_program(build):
@@ -84,19 +105,19 @@ def _across_rows(x):
 
 
 LEFT_ALONE = [
-    ("token rows 'rows' are a block output", _block_output_rows),
-    ("'transpose' reads token rows and has no rule to run on (B, S, C)",
+    ("merged view 'rows' is a block output", _block_output_rows),
+    ("'transpose' moves the merged axis (axis 0)",
      lambda x: mb.reshape(x=mb.transpose(x=_rows(x), perm=[1, 0]), shape=[2, 16, 16])),
-    ("'reduce_sum' works across the token rows (axis 0)", _across_rows),
+    ("'reduce_sum' works across the merged axis (axis 0)", _across_rows),
     ("'reduce_sum' drops the reduced axis (keep_dims false)",
      lambda x: mb.reshape(x=mb.reduce_sum(x=_rows(x), axes=[-1]), shape=[2, 8])),
-    ("token rows reshaped to (4, 4, 32), not (B, S, C') with (B, S) = (2, 8)",
+    ("merged view reshaped to (4, 4, 32), not (A, B, ...) with (A, B) = (2, 8)",
      lambda x: mb.reshape(x=mb.relu(x=_rows(x)), shape=[4, 4, 32])),
-    ("a constant of shape (2, 16, 32) broadcasts the token rows to rank 3",
+    ("a constant of shape (2, 16, 32) broadcasts the merged view to rank 3",
      lambda x: mb.reshape(x=mb.add(x=_rows(x), y=np.ones((2, 16, 32), np.float32)), shape=[4, 8, 32])),
-    ("'add' mixes token rows with 'y' from outside the region",
+    ("'add' mixes a merged view with 'y' from outside the region",
      lambda x, y: mb.reshape(x=mb.add(x=_rows(x), y=y), shape=[2, 8, 32])),
-    ("matmul transposes the token rows",
+    ("matmul transposes the merged axis",
      lambda x: mb.reshape(x=mb.matmul(x=_rows(x), y=np.ones((16, 16), np.float32), transpose_x=True),
                           shape=[2, 16, 16])),
 ]
@@ -113,8 +134,8 @@ def test_a_region_that_breaks_a_precondition_is_left_exactly_as_it_was(reason, b
 
 
 @pytest.mark.parametrize("reason, shape", [
-    ("flatten of (B, S, C) with a shape known only at run time", None),
-    ("reshape to (N, C) not proven to merge (B, S)", [16, 32]),
+    ("merge of leading axes with a shape known only at run time", None),
+    ("reshape not proven to merge the two leading axes", [16, 32]),
 ])
 def test_a_flatten_that_cannot_be_proven_is_left_alone(reason, shape):
     def build(x):
@@ -141,7 +162,7 @@ def test_opt_feed_forwards_leave_no_flatten_and_match_torch():
     pipeline.insert_pass(pipeline.passes.index(INSERT_BEFORE), PASS)
     converted = F.convert("opt", "fp32", pass_pipeline=pipeline)
     report = LAST_REPORTS[PASS]
-    assert dict(report.rewritten) == {"flattened region": F.LAYERS, "op moved to (B, S, C)": 5 * F.LAYERS,
+    assert dict(report.rewritten) == {"merged region": F.LAYERS, "op unmerged": 5 * F.LAYERS,
                                       "reshape removed": 2 * F.LAYERS}
     ops = converted._mil_program.functions["main"].operations
     assert not [op for op in ops if op.op_type in ("layer_norm", "linear") and op.inputs["x"].rank == 2]
