@@ -106,3 +106,18 @@ def test_vision_attention_is_rewritten_and_matches_torch(name, mode, precision):
         assert _relative_error(actual, expected) < 1e-5
     else:
         assert psnr(expected, actual) >= 60.0
+
+
+def test_1024_tokens_in_the_default_mode_keep_each_head_score_under_2_20_elements():
+    """ANE_NOTES: a score tensor of 2^20 elements or more gives wrong numbers on the device, so
+    the default mode chunks queries by itself once Sq * Sk reaches it (1024 * 1024 does)."""
+    seq_len = 1024
+    mlmodel = F.convert("bert", "fp16", pass_pipeline=ane_pipeline(), batch=1, seq_len=seq_len, model=_model("bert"))
+    ops = mlmodel._mil_program.functions["main"].operations
+    softmaxes = [op for op in ops if op.op_type == "softmax"]
+    assert softmaxes and all(op.outputs[0].shape[1] == seq_len for op in softmaxes)  # keys first
+    assert all(np.prod(op.outputs[0].shape) < 2**20 for op in softmaxes)
+    assert sum(op.outputs[0].shape[3] for op in softmaxes) == seq_len * F.HEADS * F.LAYERS  # every query
+    inputs = F.sample_inputs("bert", batch=1, seq_len=seq_len, padded=False)
+    expected = F.torch_reference("bert", inputs, _model("bert"))
+    assert psnr(expected, simulate(mlmodel, inputs)["last_hidden_state"]) >= 60.0
