@@ -19,11 +19,12 @@ INSERT_BEFORE = "common::merge_consecutive_reshapes"
 # back on (B, S, C) when its linears become convs, and attention on (B*H, S, d) heads is rank 4.
 # attention_to_einsum runs once the projections are convs, so that it reads q, k and v from
 # their (B, C, 1, S) outputs, and before bc1s_layout, which then cancels the boundaries it leaves.
+# fold_unit_transposes runs last, on the transposes attention_to_einsum leaves on masks.
 # key_padding_mask runs before attention_to_einsum, which then reads a (B, 1, 1, Sk) mask term;
 # gather_to_reshape before it, so that the mask it proves key-only is built from reshapes.
 ANE_PASSES = ("ane::finite_masks", "ane::gather_to_reshape", "ane::key_padding_mask", "ane::rms_norm_scale",
               "ane::unmerge_leading_axes", "ane::linear_to_conv",
-              "ane::attention_to_einsum", "ane::bc1s_layout")
+              "ane::attention_to_einsum", "ane::bc1s_layout", "ane::fold_unit_transposes")
 
 #: ane_pipeline() keyword -> (pass id, the pass's option name). Each option is a pass option,
 #: so ``pipeline.set_options(pass_id, {option: value})`` sets the same thing.
@@ -36,6 +37,7 @@ OPTIONS = {
     "unmerge_leading_axes": ("ane::unmerge_leading_axes", "enabled"),
     "include_matmul": ("ane::linear_to_conv", "include_matmul"),
     "propagate_layout": ("ane::bc1s_layout", "enabled"),
+    "fold_unit_transposes": ("ane::fold_unit_transposes", "enabled"),
     "attention": ("ane::attention_to_einsum", "mode"),
     "query_chunk": ("ane::attention_to_einsum", "query_chunk"),
 }
@@ -65,7 +67,9 @@ def ane_pipeline(**options) -> ct.PassPipeline:
       ``batched`` (all heads in one einsum pair) or ``off``;
     - ``query_chunk`` (512): the query chunk length of ``split_einsum_v2``;
     - ``propagate_layout`` (true): carry the model's body in (B, C, 1, S) between region boundaries;
-      when false each conv keeps its own layout boundaries.
+      when false each conv keeps its own layout boundaries;
+    - ``fold_unit_transposes`` (true): a transpose that only moves size-1 axes joins the reshape
+      above it, through the elementwise ops between (the keys-first padding mask).
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:

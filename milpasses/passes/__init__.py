@@ -4,6 +4,7 @@ from milpasses.passes import (  # noqa: F401  (registration)
     attention_to_einsum,
     bc1s_layout,
     finite_masks,
+    fold_unit_transposes,
     gather_to_reshape,
     key_padding_mask,
     linear_to_conv,
