@@ -18,6 +18,9 @@ from milpasses.simulator import psnr, simulate
 BOUNDARIES = {name: 2 for name in F.FAMILIES}
 BOUNDARIES["deberta_v2"] = 1 + 4 * F.LAYERS + 1 + 1
 BOUNDARIES["vit"] = BOUNDARIES["clip_vision"] = 1
+# Mixtral's mixture-of-experts routing (top-k, one-hot, gathers on (B*S, C) rows) stays as it
+# is, as issue 11 allows: the region is left and re-entered around each sparse block.
+BOUNDARIES["mixtral"] = 2 + 2 * F.LAYERS
 LAYOUT_OPS = ("transpose", "reshape", "expand_dims", "squeeze")
 
 
@@ -60,7 +63,10 @@ def test_layout_ops_stand_only_at_region_boundaries(name):
     ane = layout_census(_main(converted_ane(name, "fp32")))
     default_layout_ops = sum(op.op_type in LAYOUT_OPS for op in _main(F.converted(name, "fp32")).operations)
     assert ane["boundary"] == 2 * BOUNDARIES[name]
-    assert ane["other"] <= default_layout_ops  # attention's own reshapes and transposes, no more
+    # attention's own reshapes and transposes, no more; inside Mixtral's routing, which stays,
+    # its experts' convs each enter and leave (1, C, 1, N) rows.
+    experts = 2 * F.LAYERS if name == "mixtral" else 0
+    assert ane["other"] <= default_layout_ops + experts
 
 
 @pytest.mark.parametrize("name", list(F.FAMILIES))

@@ -56,7 +56,8 @@ def _assert_attention_rewritten(name, mlmodel, report):
         return
     assert report.sites_rewritten == F.LAYERS and not report.skipped
     assert not [op for op in ops if op.op_type == "matmul"]
-    assert all(op.inputs["axis"].val == 1 for op in ops if op.op_type == "softmax")
+    # Mixtral's router softmaxes its (B*S, experts) logits: not attention.
+    assert all(op.inputs["axis"].val == 1 for op in ops if op.op_type == "softmax" and op.outputs[0].rank == 4)
 
 
 def _relative_error(actual, expected):

@@ -164,7 +164,9 @@ class attention_to_einsum(AnePass):
         self._tables = {}  # run-time tables laid out for the heads, shared by every block using them
         self.rewrite_each(block, ("softmax", "scaled_dot_product_attention"), self._match, self._rewrite)
 
-    def _match(self, op) -> AttentionSite | NoMatch:
+    def _match(self, op) -> AttentionSite | NoMatch | None:
+        if op.op_type == "softmax" and rank(op.inputs["x"]) < 3:
+            return None  # a classifier's or a mixture-of-experts router's softmax: no attention
         site = match_attention(op) if op.op_type == "softmax" else match_sdpa(op)
         if site and self.mode == "batched" and not self._batchable(site):
             return NoMatch("batched mode needs a fixed batch, K/V heads read in contiguous groups, "

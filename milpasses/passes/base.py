@@ -101,12 +101,15 @@ class AnePass(AbstractGraphPass):
         raise NotImplementedError
 
     def rewrite_each(self, block, op_types, match, rewrite) -> None:
-        """For every live op of ``op_types``: ``match(op)`` (which never mutates) gives a site
-        or a NoMatch; sites go to ``rewrite(block, site)``, reasons to the report."""
+        """For every live op of ``op_types``: ``match(op)`` (which never mutates) gives a site,
+        a NoMatch, or None for an op that is no candidate at all; sites go to
+        ``rewrite(block, site)``, reasons to the report."""
         for op in list(block.operations):
             if op.op_type not in op_types or op.enclosing_block is None:
                 continue
             site = match(op)
+            if site is None:
+                continue
             if not site:
                 self.skip(op.name, site.reason)
                 continue
