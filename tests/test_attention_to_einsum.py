@@ -19,6 +19,7 @@ X = rng.standard_normal((B, S, C)).astype(np.float32)
 MASK = np.where(np.arange(S) < np.array([[S], [3]]), 0.0, -1e4).astype(np.float32).reshape(B, 1, 1, S)
 WEIGHTS = {n: (rng.standard_normal((C, C)).astype(np.float32) * 0.3, rng.standard_normal(C).astype(np.float32))
            for n in "qkv"}
+HEAD_GAMMA, HEAD_BETA = (rng.standard_normal(D).astype(np.float32) for _ in range(2))
 PASS = "ane::attention_to_einsum"
 TO_CONV = "ane::linear_to_conv"
 
@@ -39,6 +40,9 @@ def attention(x, mask, scores_then=None, softmax_axis=-1, value_scale=None):
     v = _heads(_projection(x, "v"), [0, 2, 1, 3])
     if value_scale == "layer_norm":
         v = mb.layer_norm(x=v, axes=[-2])
+    elif value_scale == "head_norms":  # Persimmon's q/k LayerNorms over head_dim (K is (B, H, d, S))
+        q = mb.layer_norm(x=q, axes=[-1], gamma=HEAD_GAMMA, beta=HEAD_BETA, epsilon=1e-5)
+        k = mb.layer_norm(x=k, axes=[-2], epsilon=1e-5)
     elif value_scale is not None:
         v = mb.mul(x=v, y=np.float32(value_scale))
     scores = mb.add(x=mb.mul(x=mb.matmul(x=q, y=k), y=np.float32(D ** -0.5)), y=mask)
@@ -125,7 +129,8 @@ def test_off_mode_changes_nothing():
     {"scores_then": lambda s: mb.mul(x=mb.tanh(x=mb.real_div(x=s, y=np.float32(3.0))), y=np.float32(3.0))},
     {"scores_then": lambda s: mb.clip(x=s, alpha=-50.0, beta=50.0)},
     {"value_scale": 2.0},
-], ids=["scale_after_mask", "soft_cap", "clip", "scaled_values"])
+    {"value_scale": "head_norms"},
+], ids=["scale_after_mask", "soft_cap", "clip", "scaled_values", "q_and_k_layer_norms"])
 def test_score_epilogues_and_scaled_values_are_carried_per_head(variation):
     program = _program(**variation)
     _, _, reports = rewritten_matches_original(program, {"x": X, "mask": MASK}, TO_CONV, PASS)
@@ -135,7 +140,7 @@ def test_score_epilogues_and_scaled_values_are_carried_per_head(variation):
 @pytest.mark.parametrize("breakage, reason", [
     ({"softmax_axis": -2}, "softmax is not over the last axis"),
     ({"scores_then": lambda s: mb.cumsum(x=s, axis=-1)}, "'cumsum' between the scores and the softmax has no rule"),
-    ({"value_scale": "layer_norm"}, "'layer_norm' on an attention operand has no rule"),
+    ({"value_scale": "layer_norm"}, "'layer_norm' over axes other than head_dim"),
 ])
 def test_leaves_alone_what_it_does_not_fully_recognise(breakage, reason):
     program = _program(**breakage)

@@ -171,6 +171,8 @@ def _output_order(values_matmul_out, lead_roles, heads: int, head_dim: int):
             return NoMatch("the attention output has several consumers")
         if op.op_type not in ("transpose", "reshape", "concat", "expand_dims", "squeeze"):
             return NoMatch(f"'{op.op_type}' after the attention output has no rule")
+        if op.op_type == "concat" and len(op.inputs["values"]) != 1:
+            return NoMatch("the attention output is concatenated with other tensors")
         result = head_rules.apply(op, [form], DryRun(), None)
         if isinstance(result, NoMatch):
             return result

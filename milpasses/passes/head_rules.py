@@ -91,6 +91,8 @@ def reshape(op, forms, builder):
         else:
             return NoMatch("a reshape on an attention operand mixes heads with the batch or sequence")
     shape = [after[i] for i, role in enumerate(axes) if role == CHANNEL]
+    if int(np.prod(shape)) != form.src.size:
+        return NoMatch("a reshape on an attention operand changes the number of channels")
     return form.with_channels(axes, form.src.reshape(shape), form.chan.reshape(shape))
 
 
@@ -393,6 +395,34 @@ def reduction(op, forms, builder):
     return replace(result, scale=scale, linear=linear)
 
 
+def layer_norm(op, forms, builder):
+    """A LayerNorm over head_dim (Persimmon's q/k norms): per head, as two grouped convs that
+    average each head's channels back onto them, gamma and beta repeated for every head."""
+    form = forms[0]
+    axes = sorted(int(a) % len(form.axes) for a in constant_value(op.inputs["axes"]))
+    if axes != [form.channel_axes()[-1]]:
+        return NoMatch("'layer_norm' over axes other than head_dim")
+    if any(name in op.inputs and constant_value(op.inputs[name]) is None for name in ("gamma", "beta")):
+        return NoMatch("'layer_norm' with a gamma or beta computed at run time")
+    inner = form.channel_shape[-1]
+    groups = form.channels // inner
+    average = np.full((form.channels, inner, 1, 1), 1.0 / inner, dtype=np.float32)
+    x = materialise(form, builder, f"{op.name}_in")
+    centred = builder.sub(x=x, y=builder.conv(x=x, weight=average, groups=groups, name=f"{op.name}_mean"),
+                          name=f"{op.name}_centred")
+    variance = builder.conv(x=builder.mul(x=centred, y=centred, name=f"{op.name}_square"), weight=average,
+                            groups=groups, name=f"{op.name}_variance")
+    epsilon = np.float32(constant_value(op.inputs["epsilon"]) if "epsilon" in op.inputs else 1e-5)
+    out = builder.mul(x=centred, y=builder.rsqrt(x=builder.add(x=variance, y=epsilon, name=f"{op.name}_shifted"),
+                                                 name=f"{op.name}_rstd"), name=f"{op.name}_normed")
+    for name, combine in (("gamma", builder.mul), ("beta", builder.add)):
+        value = constant_value(op.inputs[name]) if name in op.inputs else None
+        if value is not None:
+            per_channel = np.tile(np.asarray(value, dtype=np.float32).ravel(), groups).reshape(1, -1, 1, 1)
+            out = combine(x=out, y=per_channel, name=f"{op.name}_{name}")
+    return replace(materialised(out, form), scale=1.0, linear=False)
+
+
 #: op type -> rule(op, forms, builder[, externals]). Forms are the region operands in input
 #: order (None for a constant or an activation from outside the region).
 RULES = {
@@ -407,6 +437,7 @@ RULES = {
     "gather": gather,
     "concat": concat,
     "stack": stack,
+    "layer_norm": layer_norm,
     **{kind: unary for kind in UNARY},
     **{kind: binary for kind in BINARY},
     **{kind: reduction for kind in REDUCTIONS},
