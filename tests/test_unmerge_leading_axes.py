@@ -69,17 +69,18 @@ ALIBI = rng.standard_normal((8, 1, 8)).astype(np.float32)  # a bias per (batch, 
 
 
 def bmm_attention(q, k, v):
-    """Attention as XGLM and FSMT write it: heads merged with the batch, (B*H, S, d)."""
+    """Attention as XGLM and GPT-NeoX-Japanese write it: heads merged with the batch, (B*H, S, d),
+    Q scaled and K transposed after the merge (so neither merge reads the other's op directly)."""
     merged = [mb.reshape(x=t, shape=[8, 8, 8]) for t in (q, k, v)]
-    scores = mb.add(x=mb.matmul(x=merged[0], y=mb.transpose(x=merged[1], perm=[0, 2, 1])), y=ALIBI)
-    weights = mb.softmax(x=mb.mul(x=scores, y=0.35), axis=-1)
+    scores = mb.matmul(x=mb.mul(x=merged[0], y=0.35), y=mb.transpose(x=merged[1], perm=[0, 2, 1]))
+    weights = mb.softmax(x=mb.add(x=scores, y=ALIBI), axis=-1)
     return mb.reshape(x=mb.matmul(x=weights, y=merged[2]), shape=[2, 4, 8, 8])
 
 
 def test_attention_on_heads_merged_with_the_batch_runs_on_rank4_heads():
     program = mil_program(bmm_attention, **HEADS_IN)
     _, _, reports = rewritten_matches_original(program, HEADS_IN, PASS)
-    assert op_types(program) == ["transpose", "matmul", "add", "mul", "softmax", "matmul"]
+    assert op_types(program) == ["mul", "transpose", "matmul", "add", "softmax", "matmul"]
     assert all(op.outputs[0].rank == 4 for op in _non_const_ops(program))
     assert dict(reports[PASS].rewritten) == {"merged region": 1, "op unmerged": 6, "reshape removed": 4}
     assert not reports[PASS].skipped

@@ -22,6 +22,7 @@ from milpasses.passes.matching import (
 )
 
 ELEMENTWISE_UNARY = UNARY | {"cast"}
+_UPSTREAM_DEPTH = 4  # ops between a merge and the region op that reads it, walking up
 
 #: The inputs of each op type that hold the merged view; every other input is a parameter.
 TENSOR_INPUTS = {
@@ -176,6 +177,25 @@ def _parameter_vars(op) -> list:
     return [v for name, value in op.inputs.items() if name not in TENSOR_INPUTS[op.op_type] for v in as_list(value)]
 
 
+def _upstream_merge(var, leading, depth: int = 0):
+    """The merge of the same (A, B) that ``var`` is computed from through ops with a rule (K's
+    transpose before the scores matmul), or None. The region then grows forward from it too."""
+    op = var.op
+    if op is None or depth > _UPSTREAM_DEPTH:
+        return None
+    merged = merged_leading(op)
+    if merged is not None:
+        return op if merged and tuple(merged) == tuple(leading) else None
+    if op.op_type not in TENSOR_INPUTS:
+        return None
+    for operand in _operands(op):
+        if constant_value(operand) is None:
+            found = _upstream_merge(operand, leading, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
 def match_region(root) -> MergedRegion | NoMatch:
     """Grow the region of merged views from the reshape ``root``; never mutates."""
     leading = merged_leading(root)
@@ -215,11 +235,11 @@ def match_region(root) -> MergedRegion | NoMatch:
                     if isinstance(unmerged, NoMatch):
                         return unmerged
                     continue
-                joined = merged_leading(operand.op) if operand.op is not None else None
-                if joined and tuple(joined) == tuple(leading) and id(operand.op) not in roots:
-                    roots[id(operand.op)] = operand.op
-                    region_vars.add(id(operand))
-                    pending.append(operand)
+                joined = _upstream_merge(operand, leading)
+                if joined is not None and id(joined) not in roots:
+                    roots[id(joined)] = joined
+                    region_vars.add(id(joined.outputs[0]))
+                    pending.append(joined.outputs[0])
             for out in consumer.outputs:
                 if rank(out) < 2 or not same_length(out.shape[0], merged):
                     return NoMatch(f"'{consumer.op_type}' gives {tuple(out.shape)}, not a merged view")
@@ -281,8 +301,9 @@ class unmerge_leading_axes(AnePass):
 
     The region starts at a reshape of ``(A, B, ...)`` to ``(A*B, ...)`` proven to merge the two
     leading axes (a constant target ``[-1, ...]``, or known sizes with the product) and grows
-    through the readers of the view; another such merge with the same (A, B) read by a region
-    op joins it. It ends at reshapes back to ``(A, B, ...)`` with a constant target. Rules:
+    through the readers of the view; another such merge with the same (A, B) that a region op
+    reads, directly or through ops with a rule (K transposed after its merge), joins it. It
+    ends at reshapes back to ``(A, B, ...)`` with a constant target. Rules:
     elementwise unary ops and ``cast``; elementwise binary ops and ``select`` (a constant that
     does not reach axis 0, or is 1 there, stays; one with a value per merged index is reshaped
     at compile time); ``linear``; ``matmul`` (token rows by a rank-2 constant only; batched
@@ -302,25 +323,14 @@ class unmerge_leading_axes(AnePass):
     """
 
     def run(self, block) -> None:
-        # A region grows forward from one merge; another merge joins it only where a region op
-        # reads it directly (q joins k's region at the scores matmul, not the other way round,
-        # when k is transposed first). So a merge left alone is tried again once another
-        # region has been rewritten, and reported only if it is still there at the end.
-        left_alone, changed = {}, True
-        while changed:
-            changed = False
-            for op in list(block.operations):
-                if op.enclosing_block is None or merged_leading(op) is None:
-                    continue  # removed with a region already rewritten, or no merge at all
-                region = match_region(op)
-                if not region:
-                    left_alone[id(op)] = (op, region.reason)
-                    continue
-                self._rewrite(block, region)
-                changed = True
-        for op, reason in left_alone.values():
-            if op.enclosing_block is not None:
-                self.skip(op.name, reason)  # each merge of a region left alone is a site
+        for op in list(block.operations):
+            if op.enclosing_block is None or merged_leading(op) is None:
+                continue  # removed with a region already rewritten, or no merge at all
+            region = match_region(op)
+            if not region:
+                self.skip(op.name, region.reason)  # each merge of a region is a site left alone
+                continue
+            self._rewrite(block, region)
 
     def _rewrite(self, block, region: MergedRegion) -> None:
         merged = region.roots[0].outputs[0].shape[0]
