@@ -210,6 +210,29 @@ def test_rotary_and_grouped_query_attention_are_rewritten_exactly(mode):
         assert len({op.inputs["values"][0].name for op in einsums}) == 2 * KV_HEADS
 
 
+XFUSED = rng.standard_normal((B, S, (Q_HEADS + 2) * D)).astype(np.float32)
+
+
+def multi_query_unit_axis_attention(x):
+    """GPT-BigCode's form: the fused QKV gets a unit axis, (B, 1, S, C), before it is split;
+    one K/V head is given its own unit axis and tiled to every query head."""
+    q, k, v = mb.split(x=mb.expand_dims(x=x, axes=[1]), split_sizes=[Q_HEADS * D, D, D], axis=3)
+    query = mb.transpose(x=mb.reshape(x=q, shape=[B, S, Q_HEADS, D]), perm=[0, 2, 1, 3])
+    key, value = (mb.reshape(x=mb.tile(x=mb.expand_dims(x=t, axes=[2]), reps=[1, 1, Q_HEADS, 1, 1]),
+                             shape=[B, Q_HEADS, S, D]) for t in (k, v))
+    scores = mb.mul(x=mb.matmul(x=query, y=key, transpose_y=True), y=np.float32(D ** -0.5))
+    out = mb.matmul(x=mb.softmax(x=scores, axis=-1), y=value)
+    return mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[B, S, Q_HEADS * D])
+
+
+def test_heads_split_after_a_unit_axis_and_one_tiled_kv_head_are_rewritten_exactly():
+    program = mil_program(multi_query_unit_axis_attention, x=XFUSED)
+    _, _, reports = rewritten_matches_original(program, {"x": XFUSED}, PASS)
+    counts = Counter(op_types(program))
+    assert counts["matmul"] == counts["tile"] == counts["reshape"] == 0
+    assert dict(reports[PASS].rewritten) == {"attention (grouped-query), scale as a multiply": 1}
+
+
 def test_ios18_scaled_dot_product_attention_is_rewritten():
     def sdpa(x, mask):
         q, k, v = (_heads(_projection(x, n), [0, 2, 1, 3]) for n in "qkv")

@@ -183,12 +183,15 @@ def _output_order(values_matmul_out, lead_roles, heads: int, head_dim: int):
 # --- the operand side --------------------------------------------------------------------------
 
 def _is_head_split(op) -> bool:
-    """A reshape of a (B, S, C) float activation that keeps B and S and factors C."""
-    if op.op_type != "reshape":
+    """A reshape of a (B, S, C) float activation that keeps B and S and factors C, or an
+    expand_dims of one that adds unit axes (GPT-BigCode's (B, 1, S, C) before its QKV split)."""
+    if op.op_type not in ("reshape", "expand_dims"):
         return False
     x, out = op.inputs["x"], op.outputs[0]
     if rank(x) != 3 or rank(out) < 4 or not types.is_float(x.dtype) or not is_activation(x):
         return False
+    if op.op_type == "expand_dims":
+        return is_static(x.shape[2])
     channels = x.shape[2]
     tail = out.shape[2:]
     if not (is_static(channels) and all(is_static(d) for d in tail)) or int(np.prod(tail)) != channels:
@@ -247,13 +250,25 @@ def external_layout(var, form: HeadForm, out_axes) -> NoMatch | None:
     return None
 
 
+def _root_roles(root):
+    """(axes, channel shape) of a head split's output."""
+    out_shape = root.outputs[0].shape
+    if root.op_type == "reshape":
+        return (BATCH, SEQ) + (CHANNEL,) * (len(out_shape) - 2), tuple(out_shape[2:])
+    inserted = {int(a) % len(out_shape) for a in constant_value(root.inputs["axes"])}
+    kept = iter((BATCH, SEQ, CHANNEL))
+    axes = tuple(CHANNEL if i in inserted else next(kept) for i in range(len(out_shape)))
+    return axes, tuple(size for size, role in zip(out_shape, axes) if role == CHANNEL)
+
+
 def carry(roots, region_ops, builder, externals, root_var):
     """Run the rules of ``region_ops`` (in block order) from the head-split ``roots``, whose
     (B, S, C) sources become ``root_var(root, source)``: {id(var): HeadForm}, or NoMatch."""
     forms = {}
     for root in roots:
         source = root.inputs["x"]
-        forms[id(root.outputs[0])] = root_form(source, root_var(root, source), root.outputs[0].shape[2:], id(source))
+        axes, channel_shape = _root_roles(root)
+        forms[id(root.outputs[0])] = root_form(source, root_var(root, source), axes, channel_shape, id(source))
     for op in region_ops:
         names = head_rules.TENSOR_INPUTS[op.op_type]
         operands = [forms.get(id(v)) for name in names for v in as_list(op.inputs.get(name))]

@@ -70,11 +70,11 @@ class HeadForm:
         return replace(self, axes=tuple(axes), src=np.asarray(src), chan=np.asarray(chan))
 
 
-def root_form(source, var_bc1s, channel_shape, root_id) -> HeadForm:
-    """The head split of a (B, S, C) ``source`` into (B, S, *channel_shape)."""
+def root_form(source, var_bc1s, axes, channel_shape, root_id) -> HeadForm:
+    """The head split of a (B, S, C) ``source`` into axes with the roles ``axes`` (B and S in
+    order, channel factors and unit axes around them)."""
     size = int(np.prod(channel_shape))
-    axes = (BATCH, SEQ) + (CHANNEL,) * len(channel_shape)
-    return HeadForm(axes, np.zeros(channel_shape, dtype=np.int64), np.arange(size).reshape(channel_shape),
+    return HeadForm(tuple(axes), np.zeros(channel_shape, dtype=np.int64), np.arange(size).reshape(channel_shape),
                     (Source(var_bc1s, size),), source.shape[0], source.shape[1], roots=frozenset([root_id]))
 
 

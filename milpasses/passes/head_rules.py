@@ -89,11 +89,26 @@ def reshape(op, forms, builder):
         elif len(ins) == 1 and len(outs) == 1:
             axes.append(roles[0])
         else:
-            return NoMatch("a reshape on an attention operand mixes heads with the batch or sequence")
+            carried = _unit_channels_around(roles, [before[i] for i in ins], [after[j] for j in outs])
+            if carried is None:
+                return NoMatch("a reshape on an attention operand mixes heads with the batch or sequence")
+            axes.extend(carried)
     shape = [after[i] for i, role in enumerate(axes) if role == CHANNEL]
     if int(np.prod(shape)) != form.src.size:
         return NoMatch("a reshape on an attention operand changes the number of channels")
     return form.with_channels(axes, form.src.reshape(shape), form.chan.reshape(shape))
+
+
+def _unit_channels_around(roles, sizes_in, sizes_out):
+    """The output roles of a reshape group that only drops or adds size-1 channel axes around
+    one batch or sequence axis (longer than 1), or None."""
+    kept = [(role, size) for role, size in zip(roles, sizes_in) if not (role == CHANNEL and size == 1)]
+    if len(kept) != 1 or kept[0][0] == CHANNEL or kept[0][1] == 1:
+        return None
+    role, size = kept[0]
+    if sorted(sizes_out)[:-1] != [1] * (len(sizes_out) - 1) or max(sizes_out) != size:
+        return None
+    return [role if out == size else CHANNEL for out in sizes_out]
 
 
 def _reshape_groups(before, after):
