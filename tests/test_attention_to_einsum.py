@@ -233,6 +233,33 @@ def test_heads_split_after_a_unit_axis_and_one_tiled_kv_head_are_rewritten_exact
     assert dict(reports[PASS].rewritten) == {"attention (grouped-query), scale as a multiply": 1}
 
 
+PATCH_TABLE = rng.standard_normal((S - 1, D)).astype(np.float32)
+
+
+def patch_only_attention(x, mask):
+    """DINOv3's form: a per-position table multiplies every token but the first (the class
+    token), cut off the sequence and joined back."""
+    def patches_scaled(t):
+        cls, patches = mb.split(x=t, split_sizes=[1, S - 1], axis=-2)
+        return mb.concat(values=[cls, mb.mul(x=patches, y=PATCH_TABLE)], axis=-2)
+
+    q = patches_scaled(_heads(_projection(x, "q"), [0, 2, 1, 3]))
+    k = patches_scaled(_heads(_projection(x, "k"), [0, 2, 1, 3]))
+    v = _heads(_projection(x, "v"), [0, 2, 1, 3])
+    scores = mb.add(x=mb.mul(x=mb.matmul(x=q, y=k, transpose_y=True), y=np.float32(D ** -0.5)), y=mask)
+    out = mb.matmul(x=mb.softmax(x=scores, axis=-1), y=v)
+    return mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[B, S, C])
+
+
+def test_a_table_on_part_of_the_sequence_is_carried_by_sequence_splits():
+    program = mil_program(patch_only_attention, x=X, mask=MASK)
+    _, _, reports = rewritten_matches_original(program, {"x": X, "mask": MASK}, TO_CONV, PASS)
+    assert reports[PASS].sites_rewritten == 1 and "matmul" not in op_types(program)
+    sequence_cuts = [op for op in _main_ops(program) if op.op_type == "split" and op.inputs["axis"].val == 3
+                     and [out.shape[3] for out in op.outputs] == [1, S - 1]]
+    assert len(sequence_cuts) == 2  # Q's and K's, on the (B, C, 1, S) sequence axis
+
+
 def test_ios18_scaled_dot_product_attention_is_rewritten():
     def sdpa(x, mask):
         q, k, v = (_heads(_projection(x, n), [0, 2, 1, 3]) for n in "qkv")

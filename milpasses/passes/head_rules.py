@@ -36,6 +36,7 @@ import numpy as np
 
 from milpasses.passes.head_form import (
     CHANNEL,
+    SEQ,
     HeadForm,
     constant_to_form,
     materialise,
@@ -228,8 +229,10 @@ def split(op, forms, builder):
     form = forms[0]
     axis = _axis(op, "axis", len(form.axes))
     position = _channel_position(form, axis)
+    if form.axes[axis] == SEQ:
+        return _split_sequence(op, form, axis, builder)
     if position is None:
-        return NoMatch("a split cuts the batch or sequence of an attention operand")
+        return NoMatch("a split cuts the batch of an attention operand")
     results, lo = [], 0
     for out in op.outputs:
         hi = lo + out.shape[axis]
@@ -237,6 +240,31 @@ def split(op, forms, builder):
         results.append(form.with_channels(form.axes, form.src[index], form.chan[index]))
         lo = hi
     return results
+
+
+def _split_sequence(op, form, axis, builder):
+    """A split of the sequence (DINOv3 rotates its patch tokens, not its class token): the
+    channels are materialised once and cut on the (B, C, 1, S) sequence axis."""
+    sizes = [out.shape[axis] for out in op.outputs]
+    if not all(is_static(size) for size in sizes):
+        return NoMatch("a split of the sequence of an attention operand into sizes known only at run time")
+    x = materialise(form, builder, f"{op.name}_in", apply_scale=False)
+    pieces = builder.split(x=x, split_sizes=sizes, axis=3, name=f"{op.name}_seq")
+    return [replace(materialised(piece, form), seq=size, scale=form.scale) for piece, size in zip(pieces, sizes)]
+
+
+def _concat_sequence(op, forms, builder):
+    """Sequence pieces joined again: each materialised in its channel order, then concatenated
+    on the (B, C, 1, S) sequence axis."""
+    first = forms[0]
+    if any(f.axes != first.axes or f.channel_shape != first.channel_shape for f in forms):
+        return NoMatch("a concat of sequence pieces with different head layouts")
+    if not all(is_static(f.seq) for f in forms):
+        return NoMatch("a concat of sequence pieces of lengths known only at run time")
+    pieces = [materialise(f, builder, f"{op.name}_{i}") for i, f in enumerate(forms)]
+    out = builder.concat(values=pieces, axis=3, name=f"{op.name}_seq")
+    return replace(materialised(out, first), seq=sum(int(f.seq) for f in forms), scale=1.0,
+                   linear=all(f.linear for f in forms), roots=frozenset().union(*(f.roots for f in forms)))
 
 
 def gather(op, forms, builder):
@@ -281,8 +309,10 @@ def concat(op, forms, builder):
         return NoMatch("an interleaved concat on an attention operand")
     axis = _axis(op, "axis", len(forms[0].axes))
     position = _channel_position(forms[0], axis)
+    if forms[0].axes[axis] == SEQ:
+        return _concat_sequence(op, forms, builder)
     if position is None:
-        return NoMatch("a concat joins attention operands on the batch or sequence axis")
+        return NoMatch("a concat joins attention operands on the batch axis")
     return _joined(forms, lambda arrays: np.concatenate(arrays, axis=position), forms[0].axes, builder, op.name)
 
 
