@@ -48,10 +48,12 @@ def _relabelled_constant(value, perm: list):
     return np.transpose(value.reshape((1,) * (len(perm) - value.ndim) + value.shape), perm)
 
 
-def match_unit_transpose(transpose) -> UnitTranspose | NoMatch:
+def match_unit_transpose(transpose) -> UnitTranspose | NoMatch | None:
+    """The site, why it cannot be folded, or None for a transpose that really moves data (no
+    candidate at all: K's transposes and the region's boundaries are not reported)."""
     x = transpose.inputs["x"]
     if not has_static_shape(x) or not _moves_only_unit_axes(transpose):
-        return NoMatch("transpose moves an axis longer than 1")
+        return None
     chain, var = [], x
     while var.op is not None and var.op.op_type in ELEMENTWISE:
         operand = _activation_operand(var.op)
