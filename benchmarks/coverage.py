@@ -40,6 +40,10 @@ import traceback
 from multiprocessing.connection import wait
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent  # on sys.path for fixtures.families, imported lazily
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
 BATCH, SEQ_LEN, VALID_TOKENS = 2, 8, 5  # the second row keeps VALID_TOKENS tokens, the rest is padding
 HIDDEN, HEADS, KV_HEADS, LAYERS, FFN, VOCAB = 32, 4, 2, 2, 64, 100
 IMAGE, PATCH = 32, 8
@@ -214,23 +218,6 @@ def _model_class(model_type: str):
     return model_class
 
 
-def _perturb_parameters(model, generator, weight_std: float) -> None:
-    """As fixtures/families.py: HF's init leaves norms at exactly 1/0 and biases at 0."""
-    import torch
-
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not param.is_floating_point():
-                continue
-            noise = torch.randn(param.shape, generator=generator) * 0.1
-            if param.dim() == 1 and name.endswith("weight"):
-                param.copy_(1.0 + noise)
-            elif param.dim() == 1:
-                param.copy_(noise)
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) * weight_std)
-
-
 def build_model(model_type: str):
     """(model, kind, class name): the tiny seeded model whose ``last_hidden_state`` is swept."""
     import torch
@@ -256,7 +243,9 @@ def build_model(model_type: str):
     if parameters > MAX_PARAMETERS:
         raise StageError("build", f"config did not shrink to a tiny model ({parameters / 1e6:.1f}M parameters: "
                                   f"its sizes are not under the generic field names)")
-    _perturb_parameters(model, torch.Generator().manual_seed(SEED), WEIGHT_STD)
+    from fixtures.families import perturb_parameters  # the fixtures' perturbation, shared
+
+    perturb_parameters(model, torch.Generator().manual_seed(SEED), WEIGHT_STD)
     return model, config, kind, type(model).__name__
 
 

@@ -17,13 +17,18 @@ from milpasses.passes.layout import (
     leave,
     left_from,
 )
-from milpasses.passes.matching import NoMatch, constant_value, is_activation, is_block_output, rank
+from milpasses.passes.matching import (
+    BINARY,
+    REDUCTIONS,
+    UNARY,
+    NoMatch,
+    constant_value,
+    is_activation,
+    is_block_output,
+    rank,
+)
 
-UNARY = {"gelu", "silu", "relu", "relu6", "sigmoid", "tanh", "erf", "rsqrt", "sqrt", "exp", "square",
-         "abs", "inverse", "clip", "softsign", "leaky_relu", "elu", "softplus", "identity"}
-BINARY = {"add", "sub", "mul", "real_div", "maximum", "minimum", "pow"}
 BOUNDARY_OPS = ("transpose", "squeeze", "expand_dims")
-REDUCTIONS = {"reduce_mean", "reduce_sum", "reduce_max", "reduce_min", "reduce_sum_square", "reduce_l2_norm"}
 
 #: The inputs of each carried op that hold the (B, S, C) tensors; every other input is a parameter.
 TENSOR_INPUTS = {

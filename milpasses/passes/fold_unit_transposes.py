@@ -9,13 +9,20 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.base import AnePass, register
-from milpasses.passes.bc1s_layout import BINARY, UNARY
-from milpasses.passes.matching import NoMatch, constant_value, has_static_shape, is_block_output, single_consumer
+from milpasses.passes.matching import (
+    BINARY,
+    LOGICAL,
+    UNARY,
+    NoMatch,
+    constant_value,
+    has_static_shape,
+    is_block_output,
+    single_consumer,
+)
 
 #: Ops that compute each element from the same element of their operands, so that with one
 #: activation operand (the others constants) they commute with any relabelling of axes.
-ELEMENTWISE = UNARY | BINARY | {"cast", "select", "logical_and", "logical_or", "logical_xor", "logical_not",
-                                "equal", "not_equal", "less", "less_equal", "greater", "greater_equal"}
+ELEMENTWISE = UNARY | BINARY | LOGICAL | {"cast", "select"}
 
 
 @dataclass(frozen=True)

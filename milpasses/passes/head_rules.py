@@ -42,13 +42,13 @@ from milpasses.passes.head_form import (
     materialise,
     materialised,
 )
-from milpasses.passes.matching import NoMatch, constant_value, is_static, rank, scalar_value
+from milpasses.passes import matching
+from milpasses.passes.matching import BINARY, NoMatch, constant_value, is_static, rank, scalar_value
 
-UNARY = {"gelu", "silu", "relu", "relu6", "sigmoid", "tanh", "erf", "rsqrt", "sqrt", "exp", "square", "abs",
-         "inverse", "clip", "softsign", "leaky_relu", "elu", "softplus", "sin", "cos", "sign", "log", "floor",
-         "ceil", "round", "identity"}
+#: Inside the attention region a few more elementwise ops are carried (rotary tables computed
+#: from positions).
+UNARY = matching.UNARY | {"sin", "cos", "sign", "log", "floor", "ceil", "round"}
 #: Binary ops that commute with a scalar factor on one operand (x * c op y == (x op y) * c).
-BINARY = {"add", "sub", "mul", "real_div", "maximum", "minimum", "pow"}
 LINEAR_REDUCTIONS = {"reduce_mean": "mean", "reduce_sum": "sum"}
 REDUCTIONS = set(LINEAR_REDUCTIONS) | {"reduce_max", "reduce_min", "reduce_sum_square", "reduce_l2_norm",
                                         "reduce_prod", "reduce_log_sum", "reduce_log_sum_exp"}

@@ -8,14 +8,11 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.base import AnePass, register
-from milpasses.passes.matching import NoMatch, is_activation, rank
+from milpasses.passes.matching import BINARY, LOGICAL, NoMatch, is_activation, rank
 
 #: Ops that compute each output element from the elements at the same (broadcast) position of
 #: their inputs: evaluating them on one query row gives that row of their result.
-ELEMENTWISE = frozenset({
-    "select", "logical_and", "logical_or", "logical_xor", "logical_not", "cast", "add", "sub", "mul",
-    "real_div", "maximum", "minimum", "equal", "not_equal", "less", "less_equal", "greater", "greater_equal",
-})
+ELEMENTWISE = LOGICAL | (BINARY - {"pow"}) | {"select", "cast"}
 _MAX_OPS = 16  # mask-building chains are a handful of ops; a longer one is not a mask we know
 QUERY_AXIS = -2  # attention scores are (B, H, Sq, Sk): queries on axis -2, keys (the softmax axis) on -1
 

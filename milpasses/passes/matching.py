@@ -8,6 +8,20 @@ import numpy as np
 from coremltools.converters.mil.mil import types
 
 
+#: Op families, by how their outputs relate to their inputs.
+#: Elementwise ops of one tensor (their other inputs are parameters).
+UNARY = frozenset({"gelu", "silu", "relu", "relu6", "sigmoid", "tanh", "erf", "rsqrt", "sqrt", "exp", "square",
+                   "abs", "inverse", "clip", "softsign", "leaky_relu", "elu", "softplus", "identity"})
+#: Elementwise arithmetic of two broadcast tensors.
+BINARY = frozenset({"add", "sub", "mul", "real_div", "maximum", "minimum", "pow"})
+#: Elementwise logic and comparisons (bool results or operands).
+LOGICAL = frozenset({"logical_and", "logical_or", "logical_xor", "logical_not",
+                     "equal", "not_equal", "less", "less_equal", "greater", "greater_equal"})
+#: Reductions over given axes.
+REDUCTIONS = frozenset({"reduce_mean", "reduce_sum", "reduce_max", "reduce_min", "reduce_sum_square",
+                        "reduce_l2_norm"})
+
+
 @dataclass(frozen=True)
 class NoMatch:
     """Why a site was left alone. Falsy, so ``if not match:`` reads naturally."""

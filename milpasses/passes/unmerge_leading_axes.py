@@ -9,8 +9,10 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.base import AnePass, register
-from milpasses.passes.bc1s_layout import BINARY, REDUCTIONS, UNARY
 from milpasses.passes.matching import (
+    BINARY,
+    REDUCTIONS,
+    UNARY,
     NoMatch,
     as_list,
     constant_value,
