@@ -287,3 +287,69 @@ def test_pipeline_options_reach_the_pass_and_do_not_leak_into_the_next_pipeline(
     batched = ane_pipeline(attention="batched", query_chunk=64)
     assert {o.option_name: o.option_val for o in batched.get_options(PASS)} == {"mode": "batched", "query_chunk": 64}
     assert ane_pipeline().get_options(PASS) is None
+
+
+DP = 16  # head_dim long enough that half of a partial rotary is a run worth a split
+PAIR_ANGLES = np.repeat(np.outer(np.arange(S), 1.0 / 10000 ** (np.arange(0, DP, 2) / DP)), 2, axis=1)
+PAIR_COS, PAIR_SIN = (f(PAIR_ANGLES).astype(np.float32).reshape(1, 1, S, DP) for f in (np.cos, np.sin))
+XQKV = rng.standard_normal((B, S, 3 * H * DP)).astype(np.float32)
+FUSED = rng.standard_normal((3 * H * DP, 3 * H * DP)).astype(np.float32) * 0.3
+
+
+def _rotate_every_two(t, cos, sin, rotary=DP):
+    """GPT-J's rotary on the first ``rotary`` channels of each head: pairs (x0, x1) -> (-x1, x0)."""
+    def channels(lo, hi, stride=1):
+        return mb.slice_by_index(x=t, begin=[0, 0, 0, lo], end=[0, 0, 0, hi], stride=[1, 1, 1, stride],
+                                 end_mask=[True, True, True, False])
+    part = channels(0, rotary)
+    evens, odds = channels(0, rotary, 2), channels(1, rotary, 2)
+    pairs = mb.stack(values=[mb.mul(x=odds, y=np.float32(-1.0)), evens], axis=-1)
+    rotated = mb.reshape(x=pairs, shape=[B, H, S, rotary])
+    turned = mb.add(x=mb.mul(x=part, y=cos), y=mb.mul(x=rotated, y=sin))
+    return turned if rotary == DP else mb.concat(values=[turned, channels(rotary, DP)], axis=-1)
+
+
+def interleaved_rotary_attention(x, cos, sin, rotary=DP):
+    """A fused QKV projection cut in three, GPT-J's interleaved rotary on q and k."""
+    q, k, v = (mb.transpose(x=mb.reshape(x=t, shape=[B, S, H, DP]), perm=[0, 2, 1, 3])
+               for t in mb.split(x=mb.linear(x=x, weight=FUSED), num_splits=3, axis=-1))
+    query, key = (_rotate_every_two(t, cos, sin, rotary) for t in (q, k))
+    scores = mb.mul(x=mb.matmul(x=query, y=key, transpose_y=True), y=np.float32(DP ** -0.5))
+    out = mb.matmul(x=mb.softmax(x=scores, axis=-1), y=v)
+    return mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[B, S, H * DP])
+
+
+@pytest.mark.parametrize("rotary", [DP, DP // 2], ids=["full", "partial"])
+@pytest.mark.parametrize("tables", ["constant", "run-time"])
+def test_interleaved_rotary_becomes_a_permutation_of_the_projection_rows(rotary, tables):
+    cos, sin = PAIR_COS[..., :rotary], PAIR_SIN[..., :rotary]
+    if tables == "constant":
+        program = mil_program(lambda x: interleaved_rotary_attention(x, cos, sin, rotary), x=XQKV)
+        inputs = {"x": XQKV}
+    else:
+        program = mil_program(lambda x, cos, sin: interleaved_rotary_attention(x, cos, sin, rotary),
+                              x=XQKV, cos=cos, sin=sin)
+        inputs = {"x": XQKV, "cos": cos, "sin": sin}
+    _, _, reports = rewritten_matches_original(program, inputs, TO_CONV, PASS)
+    assert dict(reports[PASS].rewritten) == {"attention, head order folded into the Q/K projections": 1}
+    convs = [op for op in _main_ops(program) if op.op_type == "conv"]
+    # The projection, and for run-time tables one channel permutation of each (shared by every head);
+    # no per-head selection conv gathers even and odd channels.
+    assert len(convs) == (1 if tables == "constant" else 3)
+    assert all(op.inputs["groups"].val == 1 for op in convs)
+    assert "slice_by_index" not in op_types(program) and "stack" not in op_types(program)
+
+
+def test_a_projection_shared_with_the_values_is_not_permuted():
+    def one_root_for_q_k_and_v(x):
+        fused = mb.reshape(x=mb.linear(x=x, weight=FUSED), shape=[B, S, 3, H, DP])
+        q, k, v = (mb.squeeze(x=t, axes=[0])
+                   for t in mb.split(x=mb.transpose(x=fused, perm=[2, 0, 3, 1, 4]), num_splits=3, axis=0))
+        query, key = (_rotate_every_two(t, PAIR_COS, PAIR_SIN) for t in (q, k))
+        scores = mb.matmul(x=query, y=key, transpose_y=True)
+        out = mb.matmul(x=mb.softmax(x=scores, axis=-1), y=v)
+        return mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[B, S, H * DP])
+
+    program = mil_program(one_root_for_q_k_and_v, x=XQKV)
+    _, _, reports = rewritten_matches_original(program, {"x": XQKV}, TO_CONV, PASS)
+    assert dict(reports[PASS].rewritten) == {"attention": 1}

@@ -27,6 +27,7 @@ from coremltools.converters.mil.mil import types
 
 from milpasses.passes import head_rules
 from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, DryRun, HeadForm, Placeholder, root_form
+from milpasses.passes.layout import left_from
 from milpasses.passes.matching import (
     NoMatch,
     as_list,
@@ -73,6 +74,8 @@ class AttentionSite:
     matched_ops: tuple
     query_root: object = None  # the (B, S, C) source a scale can be folded into, if any
     sdpa: bool = False
+    head_orders: tuple = ()  # ((size, order), ...): how Q and K lay out a last channel axis
+    permuted_sources: tuple = ()  # (source, head size): Q/K projections whose rows follow head_orders
 
     @property
     def heads(self) -> int:
@@ -261,14 +264,16 @@ def _root_roles(root):
     return axes, tuple(size for size, role in zip(out_shape, axes) if role == CHANNEL)
 
 
-def carry(roots, region_ops, builder, externals, root_var):
+def carry(roots, region_ops, builder, externals, root_var, orders=(), permuted=frozenset()):
     """Run the rules of ``region_ops`` (in block order) from the head-split ``roots``, whose
-    (B, S, C) sources become ``root_var(root, source)``: {id(var): HeadForm}, or NoMatch."""
+    (B, S, C) sources become ``root_var(root, source)``: {id(var): HeadForm}, or NoMatch. The
+    sources whose ids are in ``permuted`` have their channels in ``orders``."""
     forms = {}
     for root in roots:
         source = root.inputs["x"]
         axes, channel_shape = _root_roles(root)
-        forms[id(root.outputs[0])] = root_form(source, root_var(root, source), axes, channel_shape, id(source))
+        forms[id(root.outputs[0])] = root_form(source, root_var(root, source), axes, channel_shape, id(source),
+                                               orders if id(source) in permuted else ())
     for op in region_ops:
         names = head_rules.TENSOR_INPUTS[op.op_type]
         operands = [forms.get(id(v)) for name in names for v in as_list(op.inputs.get(name))]
@@ -333,7 +338,8 @@ def _assemble(block, core, key_transposed, steps, scale, values_out, matched, sd
     if failed:
         return failed
     region_ops = tuple(op for op in block.operations if id(op) in region.ops)
-    forms = carry(region.roots.values(), region_ops, DryRun(), _DryExternals(),
+    dry_run = DryRun()
+    forms = carry(region.roots.values(), region_ops, dry_run, _DryExternals(),
                   lambda root, source: Placeholder(source.name))
     if isinstance(forms, NoMatch):
         return forms
@@ -363,11 +369,103 @@ def _assemble(block, core, key_transposed, steps, scale, values_out, matched, sd
     foldable = q.linear and len(q.roots) == 1 and q.roots.isdisjoint(k.roots | v.roots)
     query_root = sources[next(iter(q.roots))] if foldable else None
     all_ops = tuple(matched) + tuple(out_ops) + region_ops + tuple(region.roots.values())
+    orders, permuted = _permutation_worth_folding(region, region_ops, dry_run, (q, k, v), sources)
     return AttentionSite(
         roots=tuple(region.roots.values()), region_ops=region_ops, query=q_var, key=k_var, value=v_var,
         key_transposed=key_transposed, steps=steps, scale=scale * q.scale * k.scale, heads_shape=heads_shape,
         head_dim=head_dim, kv_of_head=tuple(kv_of_head), output=out_var, output_order=order, anchor=out_var.op,
-        matched_ops=all_ops, query_root=query_root, sdpa=sdpa)
+        matched_ops=all_ops, query_root=query_root, sdpa=sdpa, head_orders=orders, permuted_sources=permuted)
+
+
+# --- head orders: interleaved reads made contiguous by permuting the Q and K projections ------
+
+def _permutation_worth_folding(region, region_ops, dry_run: DryRun, operands, sources):
+    """(orders, ((source, head size), ...) to permute) when permuting the rows of the Q and K
+    projections makes the region cheaper (its gathers cut fewer pieces), else ((), ()). Q and K
+    must come from projection convs of their own, V from none of them: the scores contract Q
+    and K over one order, so any order is exact, but V's order is the output's."""
+    orders = head_orders(dry_run.slices)
+    q, k, v = operands
+    qk_roots = q.roots | k.roots
+    if not orders or not qk_roots.isdisjoint(v.roots):
+        return (), ()
+    sizes, head_size = dict(orders), {}
+    for root in region.roots.values():
+        source = root.inputs["x"]
+        if id(source) not in qk_roots:
+            continue
+        size = _root_roles(root)[1][-1]
+        if size not in sizes or projection_rows(source) is None or head_size.setdefault(id(source), size) != size:
+            return (), ()
+    trial = DryRun()
+    carry(region.roots.values(), region_ops, trial, _DryExternals(), lambda root, source: Placeholder(source.name),
+          orders, frozenset(qk_roots))
+    if trial.pieces >= dry_run.pieces:
+        return (), ()
+    return orders, tuple((sources[i], size) for i, size in head_size.items())
+
+
+def head_orders(slices) -> tuple:
+    """((size, order), ...) that make the strided reads of a last channel axis contiguous: each
+    axis read with a stride gets its indices grouped by read (evens, then odds) and the rest
+    kept after them; an axis that a contiguous slice cuts from a longer one extends the order
+    to the longer one, and a longer one's order that keeps the cut's channels in place gives
+    the cut its share. ``slices`` are (axis size, indices read) pairs."""
+    orders = {}
+    for size in {n for n, indices in slices if _is_strided(indices)}:
+        groups = sorted({indices for n, indices in slices if n == size and _is_strided(indices)})
+        owner = {}
+        for group in groups:
+            for i in group:
+                owner.setdefault(i, []).append(group[0])
+        if any(len(firsts) > 1 for firsts in owner.values()):
+            continue  # reads that overlap suggest no one grouping
+        order = sorted(range(size), key=lambda i: (owner.get(i, [i])[0], i))
+        if order != list(range(size)):
+            orders[size] = tuple(order)
+    changed = True
+    while changed:
+        changed = False
+        for n, indices in slices:
+            if not indices or _is_strided(indices) or len(indices) >= n:
+                continue
+            lo, cut = indices[0], len(indices)
+            if cut in orders and n not in orders:
+                orders[n] = tuple(range(lo)) + tuple(lo + i for i in orders[cut]) + tuple(range(lo + cut, n))
+                changed = True
+            elif n in orders and cut not in orders and sorted(orders[n][lo:lo + cut]) == list(indices):
+                orders[cut] = tuple(i - lo for i in orders[n][lo:lo + cut])
+                changed = True
+    return tuple((n, order) for n, order in sorted(orders.items()) if order != tuple(range(n)))
+
+
+def _is_strided(indices) -> bool:
+    return len(indices) > 1 and any(b - a != 1 for a, b in zip(indices, indices[1:]))
+
+
+def projection_rows(source):
+    """The conv whose output channels [lo, hi) are ``source`` (B, S, C), reached through a
+    layout leave and perhaps a channel split, each read by one op: (conv, lo, hi), or None."""
+    lo = 0
+    var = source
+    op = var.op
+    if op is not None and op.op_type == "split" and int(constant_value(op.inputs["axis"])) % 3 == 2:
+        index = list(op.outputs).index(var)
+        lo = sum(out.shape[2] for out in op.outputs[:index])
+        var = op.inputs["x"]
+    entered = left_from(var)
+    if entered is None or single_consumer(var) is None or single_consumer(entered) is None:
+        return None
+    squeezed = single_consumer(entered).outputs[0]
+    conv = entered.op
+    if single_consumer(squeezed) is None or conv is None or conv.op_type != "conv":
+        return None
+    if constant_value(conv.inputs["weight"]) is None or int(constant_value(conv.inputs["groups"])) != 1:
+        return None
+    bias = conv.inputs.get("bias")
+    if bias is not None and constant_value(bias) is None:
+        return None
+    return conv, lo, lo + source.shape[2]
 
 
 def _kv_heads(k_rows, v_rows):

@@ -12,6 +12,7 @@ from milpasses.passes.attention_match import (
     match_attention,
     match_sdpa,
     operand_rows,
+    projection_rows,
 )
 from milpasses.passes.base import AnePass, register
 from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, Build, HeadForm, Source, materialise
@@ -38,31 +39,6 @@ def _split(x, parts, axis: int, name: str) -> list:
 
 def _concat(values, axis: int, name: str):
     return values[0] if len(values) == 1 else mb.concat(values=values, axis=axis, name=name)
-
-
-def _scaled_conv_of(source):
-    """The conv whose output channels [lo, hi) are ``source`` (B, S, C), reached through a
-    layout leave and perhaps a channel split, each read by one op: (conv, lo, hi), or None."""
-    lo = 0
-    var = source
-    op = var.op
-    if op is not None and op.op_type == "split" and int(constant_value(op.inputs["axis"])) % 3 == 2:
-        index = list(op.outputs).index(var)
-        lo = sum(out.shape[2] for out in op.outputs[:index])
-        var = op.inputs["x"]
-    entered = left_from(var)
-    if entered is None or single_consumer(var) is None or single_consumer(entered) is None:
-        return None
-    squeezed = single_consumer(entered).outputs[0]
-    conv = entered.op
-    if single_consumer(squeezed) is None or conv is None or conv.op_type != "conv":
-        return None
-    if constant_value(conv.inputs["weight"]) is None or int(constant_value(conv.inputs["groups"])) != 1:
-        return None
-    bias = conv.inputs.get("bias")
-    if bias is not None and constant_value(bias) is None:
-        return None
-    return conv, lo, lo + source.shape[2]
 
 
 @register
@@ -101,7 +77,9 @@ class attention_to_einsum(AnePass):
     compile-time channel map, computing ops run once on (B, C, 1, S)), so every rotary variant
     (half, partial, interleaved), per-head q/k norms, fused QKV cut by split, slice, gather or
     unbind, grouped- and multi-query attention (each query head reads its K/V head; the repeat is
-    never built) and run-time rotary tables are carried without a per-family form. Between the
+    never built) and run-time rotary tables are carried without a per-family form. Strided reads
+    of head_dim (interleaved rotary) become contiguous: when Q and K have projections of their
+    own, their rows are permuted to one head order (evens, then odds), which leaves Q·Kᵀ as it was. Between the
     scores and the softmax, scales, additive masks and biases, ``select`` masks and soft-caps are
     applied per head in their order; scalar factors on q, k and the raw scores are folded into
     the Q projection when Q is a linear function of it, else one ``mul`` remains. In every mode
@@ -179,6 +157,8 @@ class attention_to_einsum(AnePass):
         return is_static(batch) and site.grouped and fits and (site.kv_heads == site.heads or is_static(sq))
 
     def _rewrite(self, block, site: AttentionSite) -> None:
+        for source, size in site.permuted_sources:
+            self._permute_projection(block, source, np.asarray(dict(site.head_orders)[size]))
         folded = site.scale == 1.0 or self._fold_scale(block, site)
         name = site.anchor.name
         with mb.set_before_op(before_op=site.anchor):
@@ -198,17 +178,19 @@ class attention_to_einsum(AnePass):
 
     @staticmethod
     def _site_kind(site: AttentionSite, folded: bool) -> str:
-        """"attention", with what set the block apart: sdpa, grouped-query, a scale that could
-        not be folded into the Q projection."""
+        """"attention", with what set the block apart: sdpa, grouped-query, a head order folded
+        into the projections, a scale that could not be folded into the Q projection."""
         kind = "sdpa attention" if site.sdpa else "attention"
         if site.kv_heads < site.heads:
             kind += " (grouped-query)"
+        if site.permuted_sources:
+            kind += ", head order folded into the Q/K projections"
         return kind if folded else kind + ", scale as a multiply"
 
     def _fold_scale(self, block, site: AttentionSite) -> bool:
         """Fold the score scale into the Q projection's weights and bias, if Q is a linear
         function of one conv's output (or a channel range of one) that nothing else reads."""
-        found = None if site.query_root is None else _scaled_conv_of(site.query_root)
+        found = None if site.query_root is None else projection_rows(site.query_root)
         if found is None:
             return False
         conv, lo, hi = found
@@ -225,11 +207,27 @@ class attention_to_einsum(AnePass):
         self.remove_dead(block, [conv])
         return True
 
+    def _permute_projection(self, block, source, order) -> None:
+        """Permute the rows of the conv that computes ``source`` within each head by ``order``
+        (physical row p of a head computes its channel order[p])."""
+        conv, lo, hi = projection_rows(source)
+        rows = np.arange(hi - lo).reshape(-1, order.size)[:, order].ravel() + lo
+        index = np.concatenate([np.arange(lo), rows, np.arange(hi, conv.outputs[0].shape[1])])
+        weight = np.asarray(constant_value(conv.inputs["weight"]))[index]
+        bias = conv.inputs.get("bias")
+        bias = None if bias is None else np.asarray(constant_value(bias))[index]
+        arguments = {key: conv.inputs[key] for key in ("x", "strides", "pad_type", "pad", "dilations", "groups")}
+        with mb.set_before_op(before_op=conv):
+            permuted = mb.conv(weight=weight, bias=bias, name=f"{conv.name}_head_order", **arguments)
+        block.replace_uses_of_var_after_op(anchor_op=conv, old_var=conv.outputs[0], new_var=permuted)
+        self.remove_dead(block, [conv])
+
     def _operands(self, site: AttentionSite, name: str):
         """Q as (B, H*d, 1, Sq), K and V as (B, Hkv*d, 1, Sk): the region's rules run on the
         real program, then each operand's heads are gathered in head order (each K/V head once)."""
         builder = Build()
-        forms = carry(site.roots, site.region_ops, builder, _Tables(self._tables), _in_bc1s)
+        forms = carry(site.roots, site.region_ops, builder, _Tables(self._tables), _in_bc1s, site.head_orders,
+                      frozenset(id(source) for source, _ in site.permuted_sources))
         q, k, v = (forms[id(var)] for var in (site.query, site.key, site.value))
         kv_first = [site.kv_of_head.index(g) for g in range(site.kv_heads)]
         gathered = []
@@ -239,8 +237,9 @@ class attention_to_einsum(AnePass):
             if heads is not None:
                 src, chan = src[heads], chan[heads]
             # q's and k's factors are in site.scale already; v's is applied here.
+            # Q and K share one head order (the scores contract them over it); V's is the output's.
             rows = HeadForm((BATCH, CHANNEL, CHANNEL, SEQ), src, chan, form.sources, form.batch, form.seq,
-                            scale=form.scale if tag == "v" else 1.0)
+                            scale=form.scale if tag == "v" else 1.0, orders=() if tag == "v" else site.head_orders)
             gathered.append(materialise(rows, builder, f"{name}_{tag}"))
         return gathered
 
@@ -417,7 +416,8 @@ class _Tables:
         failed = external_layout(var, form, out_axes)
         if failed:
             return failed
-        key = (id(var), tuple(out_axes), form.channel_shape)
+        order = form.last_axis_order()
+        key = (id(var), tuple(out_axes), form.channel_shape, None if order is None else order.tobytes())
         if key in self._cache:
             return self._cache[key]
         n = len(out_axes)
@@ -427,6 +427,10 @@ class _Tables:
         x = mb.transpose(x=x, perm=[batch] + channel + [seq], name=f"{name}_heads_last")
         inner = x.shape[-2]
         x = mb.reshape(x=x, shape=[x.shape[0] if is_static(x.shape[0]) else -1, inner, 1, -1], name=f"{name}_bc1s")
+        if order is not None and order.size == inner:
+            permutation = np.zeros((inner, inner, 1, 1), dtype=np.float32)
+            permutation[np.arange(inner), order, 0, 0] = 1.0
+            x = mb.conv(x=x, weight=permutation, name=f"{name}_head_order")
         repeat = form.channels // inner
         if repeat > 1:
             x = mb.tile(x=x, reps=[1, repeat, 1, 1], name=f"{name}_per_head")

@@ -9,7 +9,12 @@ time, and emit nothing; an op that computes (elementwise ops, reductions) first 
 its operands (a split and a concat when the channels come in long runs, a grouped selection
 conv when they are scattered, nothing when they already are one source in order) and then runs
 once on (B, C, 1, S). The physical channel order of a materialised form is the row-major order of
-its channel axes, in the tensor's own axis order.
+its channel axes, in the tensor's own axis order, except that a form may carry *head orders*:
+for a last channel axis of a given size, the order its elements are laid out in (interleaved
+rotary reads even and odd channels; with the Q and K projections' rows permuted to put each
+head's evens before its odds, those reads become two contiguous halves). Any order is exact:
+every computing rule runs its operands in one order and lays constants out in it, and the
+scores contract Q and K over the same order.
 
 Every rule is written once for both phases: while matching, :class:`DryRun` stands in for the
 MIL builder, so a region is accepted only if every op in it has a rule that takes it.
@@ -54,6 +59,7 @@ class HeadForm:
     scale: float = 1.0  # a pending scalar factor, applied when the form is materialised
     linear: bool = True  # a linear function of the region's roots (a scale can move into them)
     roots: frozenset = field(default_factory=frozenset)  # ids of the root vars it is computed from
+    orders: tuple = ()  # ((size, order), ...): physical order of a last channel axis of that size
 
     @property
     def channel_shape(self) -> tuple:
@@ -69,28 +75,68 @@ class HeadForm:
     def with_channels(self, axes, src, chan) -> "HeadForm":
         return replace(self, axes=tuple(axes), src=np.asarray(src), chan=np.asarray(chan))
 
+    def last_axis_order(self, channel_shape=None) -> np.ndarray | None:
+        """The physical order of the last channel axis (element p holds index order[p]), or
+        None for the natural order."""
+        shape = self.channel_shape if channel_shape is None else tuple(channel_shape)
+        return order_of(self.orders, shape[-1]) if shape else None
 
-def root_form(source, var_bc1s, axes, channel_shape, root_id) -> HeadForm:
+
+def order_of(orders: tuple, size: int) -> np.ndarray | None:
+    for n, order in orders:
+        if n == size:
+            return np.asarray(order, dtype=np.int64)
+    return None
+
+
+def in_physical_order(array: np.ndarray, order) -> np.ndarray:
+    """``array`` (channel-map shaped) with its last axis in physical order."""
+    return array if order is None else array[..., order]
+
+
+def _physical_channels(shape, order) -> np.ndarray:
+    """For each element of a channel map laid out with ``order`` on its last axis, its channel."""
+    size = int(np.prod(shape))
+    chan = np.arange(size).reshape(shape)
+    if order is None:
+        return chan
+    placed = np.empty_like(chan)
+    placed[..., order] = chan
+    return placed
+
+
+def root_form(source, var_bc1s, axes, channel_shape, root_id, orders=()) -> HeadForm:
     """The head split of a (B, S, C) ``source`` into axes with the roles ``axes`` (B and S in
-    order, channel factors and unit axes around them)."""
+    order, channel factors and unit axes around them). With ``orders``, the source's channels
+    were permuted by them (the projection's rows) and the form reads them where they went."""
     size = int(np.prod(channel_shape))
-    return HeadForm(tuple(axes), np.zeros(channel_shape, dtype=np.int64), np.arange(size).reshape(channel_shape),
-                    (Source(var_bc1s, size),), source.shape[0], source.shape[1], roots=frozenset([root_id]))
+    chan = _physical_channels(tuple(channel_shape), order_of(orders, channel_shape[-1]) if orders else None)
+    return HeadForm(tuple(axes), np.zeros(channel_shape, dtype=np.int64), chan, (Source(var_bc1s, size),),
+                    source.shape[0], source.shape[1], roots=frozenset([root_id]), orders=tuple(orders))
 
 
 def materialised(var, like: HeadForm, channel_shape=None, axes=None) -> HeadForm:
-    """A form whose channels are ``var``'s, in order."""
+    """A form whose channels are ``var``'s, as :func:`materialise` laid ``like`` out."""
     shape = like.channel_shape if channel_shape is None else tuple(channel_shape)
     size = int(np.prod(shape))
     return HeadForm(like.axes if axes is None else tuple(axes), np.zeros(shape, dtype=np.int64),
-                    np.arange(size).reshape(shape), (Source(var, size),), like.batch, like.seq,
-                    linear=like.linear, roots=like.roots)
+                    _physical_channels(shape, like.last_axis_order(shape)), (Source(var, size),), like.batch,
+                    like.seq, linear=like.linear, roots=like.roots, orders=like.orders)
 
 
 class DryRun:
-    """The MIL builder's stand-in while matching: every op makes a placeholder."""
+    """The MIL builder's stand-in while matching: every op makes a placeholder. It counts the
+    pieces (runs of consecutive channels) the gathers of a layout would cut, and notes the cuts of a last channel axis (strided
+    ones are the evidence for a head order)."""
 
     building = False
+
+    def __init__(self):
+        self.pieces = 0
+        self.slices = []  # (axis size, indices read) per cut of a last channel axis
+
+    def note_slice(self, size: int, indices) -> None:
+        self.slices.append((int(size), tuple(int(i) for i in indices)))
 
     def __getattr__(self, op_type):
         return lambda name, **_: Placeholder(name)
@@ -108,6 +154,9 @@ class Build:
 
     def __init__(self):
         self._splits = {}
+
+    def note_slice(self, size: int, indices) -> None:
+        pass
 
     def __getattr__(self, op_type):
         return getattr(mb, op_type)
@@ -142,10 +191,13 @@ def materialise(form: HeadForm, builder, name: str, apply_scale: bool = True):
 
 
 def _gather(form: HeadForm, builder, name: str):
+    order = form.last_axis_order()
+    form = form.with_channels(form.axes, in_physical_order(form.src, order), in_physical_order(form.chan, order))
     runs = _runs(form.src, form.chan)
     if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == form.sources[runs[0][0]].size:
         return form.sources[runs[0][0]].var
     if not builder.building:  # matching only needs to know the op can be carried
+        builder.pieces += len(runs)
         return Placeholder(name)
     if form.channels / len(runs) >= MIN_RUN:
         return _split_and_concat(form, runs, builder, name)
@@ -189,7 +241,7 @@ def _groups(wanted: np.ndarray, total: int, channel_shape) -> int:
 def constant_to_form(value, form: HeadForm, out_axes) -> np.ndarray | NoMatch:
     """A constant broadcasting against a tensor with ``out_axes`` roles, laid out for the
     form's (B, C, 1, S): batch and sequence kept or 1, channels expanded to the full channel
-    layout (a table shared by every head is repeated per head)."""
+    layout (a table shared by every head is repeated per head), in the form's head order."""
     value = np.asarray(value, dtype=np.float32)
     if value.ndim == 0:
         return value
@@ -205,5 +257,8 @@ def constant_to_form(value, form: HeadForm, out_axes) -> np.ndarray | NoMatch:
         target[i] = size
     value = np.broadcast_to(value, target)
     value = np.transpose(value, [batch] + channel + [seq])
+    order = form.last_axis_order()
+    if order is not None:
+        value = value[..., order, :]
     return np.ascontiguousarray(value).reshape(value.shape[0], -1, 1, value.shape[-1])
 

@@ -12,7 +12,9 @@ expand_dims, squeeze          adds or drops a size-1 channel axis
 tile                          repeats channel entries (GQA/MQA): the repeats are never copied
 gather                        constant indices on a channel axis (Falcon picks its K/V head)
 slice_by_index, slice_by_size a channel range or stride (partial and interleaved rotary, fused
-                              QKV cut by slices, MQA's one K/V head)
+                              QKV cut by slices, MQA's one K/V head); strided reads of head_dim
+                              ask for a head order (evens, then odds: the Q/K projections' rows
+                              are permuted to it, so the reads are contiguous)
 split                         several channel ranges (fused QKV)
 concat, stack                 joins channel maps (rotate_half, partial rotary's pass-through);
                               one value is the identity
@@ -204,6 +206,8 @@ def slice_by_index(op, forms, builder):
         lo = None if begin_mask[axis] else begin[axis]
         hi = None if end_mask[axis] else end[axis]
         index.append(lo if squeeze_mask[axis] else slice(lo, hi, stride[axis]))
+        if axis == form.channel_axes()[-1] and not squeeze_mask[axis]:
+            builder.note_slice(size, range(size)[lo:hi:stride[axis]])
     axes = [role for axis, role in enumerate(form.axes) if not squeeze_mask[axis]]
     index = tuple(index)
     return form.with_channels(axes, form.src[index], form.chan[index])
@@ -222,6 +226,8 @@ def slice_by_size(op, forms, builder):
                 return NoMatch("a slice cuts the batch or sequence of an attention operand")
             continue
         index.append(slice(begin[axis], stop))
+        if axis == form.channel_axes()[-1]:
+            builder.note_slice(shape[axis], range(begin[axis], stop))
     return form.with_channels(form.axes, form.src[tuple(index)], form.chan[tuple(index)])
 
 
@@ -237,6 +243,8 @@ def split(op, forms, builder):
     for out in op.outputs:
         hi = lo + out.shape[axis]
         index = (slice(None),) * position + (slice(lo, hi),)
+        if axis == form.channel_axes()[-1]:
+            builder.note_slice(form.channel_shape[position], range(lo, hi))
         results.append(form.with_channels(form.axes, form.src[index], form.chan[index]))
         lo = hi
     return results
@@ -261,9 +269,10 @@ def _concat_sequence(op, forms, builder):
         return NoMatch("a concat of sequence pieces with different head layouts")
     if not all(is_static(f.seq) for f in forms):
         return NoMatch("a concat of sequence pieces of lengths known only at run time")
-    pieces = [materialise(f, builder, f"{op.name}_{i}") for i, f in enumerate(forms)]
+    orders = _common_orders(forms)
+    pieces = [materialise(replace(f, orders=orders), builder, f"{op.name}_{i}") for i, f in enumerate(forms)]
     out = builder.concat(values=pieces, axis=3, name=f"{op.name}_seq")
-    return replace(materialised(out, first), seq=sum(int(f.seq) for f in forms), scale=1.0,
+    return replace(materialised(out, replace(first, orders=orders)), seq=sum(int(f.seq) for f in forms), scale=1.0,
                    linear=all(f.linear for f in forms), roots=frozenset().union(*(f.roots for f in forms)))
 
 
@@ -297,7 +306,13 @@ def _joined(forms, join, axes, builder, name):
         srcs.append(np.asarray(remap, dtype=np.int64)[f.src])
     first = forms[0]
     return HeadForm(tuple(axes), join(srcs), join([f.chan for f in forms]), tuple(sources), first.batch,
-                    first.seq, first.scale, all(f.linear for f in forms), frozenset().union(*(f.roots for f in forms)))
+                    first.seq, first.scale, all(f.linear for f in forms), frozenset().union(*(f.roots for f in forms)),
+                    _common_orders(forms))
+
+
+def _common_orders(forms) -> tuple:
+    """The head orders forms computed together share: the first operand's that has any."""
+    return next((f.orders for f in forms if f.orders), ())
 
 
 def concat(op, forms, builder):
@@ -368,6 +383,8 @@ def binary(op, forms, builder, externals):
 
 def _binary_of_forms(op, x_form, y_form, builder):
     kind = op.op_type
+    orders = _common_orders([x_form, y_form])
+    x_form, y_form = replace(x_form, orders=orders), replace(y_form, orders=orders)
     if x_form.channel_shape == y_form.channel_shape:
         full = x_form
         x = materialise(x_form, builder, f"{op.name}_x", apply_scale=kind not in ("mul", "real_div"))
@@ -463,7 +480,9 @@ def layer_norm(op, forms, builder):
     for name, combine in (("gamma", builder.mul), ("beta", builder.add)):
         value = constant_value(op.inputs[name]) if name in op.inputs else None
         if value is not None:
-            per_channel = np.tile(np.asarray(value, dtype=np.float32).ravel(), groups).reshape(1, -1, 1, 1)
+            value = np.broadcast_to(np.asarray(value, dtype=np.float32).ravel(), (inner,))
+            order = form.last_axis_order()
+            per_channel = np.tile(value if order is None else value[order], groups).reshape(1, -1, 1, 1)
             out = combine(x=out, y=per_channel, name=f"{op.name}_{name}")
     return replace(materialised(out, form), scale=1.0, linear=False)
 
