@@ -353,3 +353,40 @@ def test_a_projection_shared_with_the_values_is_not_permuted():
     program = mil_program(one_root_for_q_k_and_v, x=XQKV)
     _, _, reports = rewritten_matches_original(program, {"x": XQKV}, TO_CONV, PASS)
     assert dict(reports[PASS].rewritten) == {"attention": 1}
+
+
+SINKS = rng.standard_normal(H).astype(np.float32)
+
+
+def sink_attention(x, mask, keep):
+    """GPT-OSS's attention sinks: one learnt logit per head joins each query's scores, the
+    scores are shifted by their maximum, and the sink's column is dropped after the softmax."""
+    q = _heads(_projection(x, "q"), [0, 2, 1, 3])
+    k = _heads(_projection(x, "k"), [0, 2, 3, 1])
+    v = _heads(_projection(x, "v"), [0, 2, 1, 3])
+    scores = mb.add(x=mb.mul(x=mb.matmul(x=q, y=k), y=np.float32(D ** -0.5)), y=mask)
+    sinks = np.broadcast_to(SINKS.reshape(1, H, 1, 1), (B, H, S, 1)).copy()
+    joined = mb.concat(values=[scores, sinks], axis=-1)
+    shifted = mb.sub(x=joined, y=mb.reduce_max(x=joined, axes=[-1], keep_dims=True))
+    weights = mb.slice_by_index(x=mb.softmax(x=shifted, axis=-1), begin=[0, 0, 0, keep[0]],
+                                end=[B, H, S, keep[1]])
+    out = mb.transpose(x=mb.matmul(x=weights, y=v), perm=[0, 2, 1, 3])
+    return mb.reshape(x=out, shape=[B, S, C])
+
+
+@pytest.mark.parametrize("mode", ["split_einsum", "batched"])
+def test_attention_sinks_join_the_keys_and_leave_after_the_softmax(mode):
+    program = mil_program(lambda x, mask: sink_attention(x, mask, (0, S)), x=X, mask=MASK)
+    _, _, reports = rewritten_matches_original(program, {"x": X, "mask": MASK}, TO_CONV, PASS, mode=mode)
+    assert reports[PASS].sites_rewritten == 1
+    counts = Counter(op_types(program))
+    assert counts["matmul"] == counts["reduce_max"] == 0
+    softmaxes = [op for op in _main_ops(program) if op.op_type == "softmax"]
+    assert all(op.inputs["axis"].val == 1 and op.outputs[0].shape[1] == S + 1 for op in softmaxes)
+
+
+def test_sinks_whose_column_is_not_the_one_dropped_are_left_alone():
+    program = mil_program(lambda x, mask: sink_attention(x, mask, (1, S + 1)), x=X, mask=MASK)
+    reports = run_passes(program, TO_CONV, PASS)
+    assert reports[PASS].sites_rewritten == 0
+    assert list(reports[PASS].skipped) == ["the extra key columns are not dropped before the values"]

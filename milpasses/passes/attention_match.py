@@ -111,17 +111,37 @@ def _leads_to_scores(var, depth: int = 0) -> bool:
 
 
 def _epilogue(softmax_op):
-    """From the softmax input up to ``q @ k^T``: (matmul, scale, steps, ops) or NoMatch."""
+    """From the softmax input up to ``q @ k^T``: (matmul, scale, steps, ops) or NoMatch.
+
+    Two ops are more than elementwise steps: a ``concat`` of extra key columns (attention
+    sinks: one learnt logit per head that takes a share of the softmax and is then dropped),
+    and a subtraction of the scores' own maximum over the keys right before the softmax, which
+    is dropped: the softmax of x - max(x) is the softmax of x."""
     var, steps, ops = softmax_op.inputs["x"], [], []
+    shifted_by = None
     while True:
         op = var.op
         if op is None:
             return NoMatch("softmax input is a program input")
-        if single_consumer(var) is None:
+        readers = {id(child) for child in var.child_ops}
+        if single_consumer(var) is None and readers != shifted_by:
             return NoMatch("attention scores have several consumers")
         ops.append(op)
         if op.op_type == "matmul":
             break
+        if not steps and shifted_by is None and _is_max_shift(op):
+            ops.append(op.inputs["y"].op)
+            shifted_by = {id(op), id(op.inputs["y"].op)}
+            var = op.inputs["x"]
+            continue
+        shifted_by = None
+        if op.op_type == "concat":
+            step = _extra_keys(op)
+            if isinstance(step, NoMatch):
+                return step
+            steps.append(step)
+            var = op.inputs["values"][0]
+            continue
         names = {"select": ("a", "b")}.get(op.op_type, ("x", "y") if op.op_type in EPILOGUE_BINARY else ("x",))
         if op.op_type not in EPILOGUE_BINARY | EPILOGUE_UNARY | {"select"}:
             return NoMatch(f"'{op.op_type}' between the scores and the softmax has no rule")
@@ -141,6 +161,35 @@ def _epilogue(softmax_op):
         factor = scalar_value(step.others[_other_name(step)])
         scale *= factor if step.kind == "mul" else 1.0 / factor
     return op, scale, tuple(steps), ops
+
+
+def _is_max_shift(op) -> bool:
+    """``sub(x, reduce_max(x, axes=[-1], keep_dims=True))``."""
+    if op.op_type != "sub" or op.inputs["y"].op is None:
+        return False
+    peak = op.inputs["y"].op
+    if peak.op_type != "reduce_max" or peak.inputs["x"] is not op.inputs["x"]:
+        return False
+    axes = constant_value(peak.inputs.get("axes"))
+    keep = constant_value(peak.inputs.get("keep_dims"))
+    return axes is not None and [int(a) % 4 for a in np.ravel(axes)] == [3] and bool(keep)
+
+
+def _extra_keys(op):
+    """Extra key columns appended to the scores (``concat(values=(scores, extra), axis=-1)``):
+    an EpilogueStep, or NoMatch."""
+    values = list(op.inputs["values"])
+    if int(constant_value(op.inputs["axis"])) % 4 != 3 or constant_value(op.inputs.get("interleave")):
+        return NoMatch("a 'concat' between the scores and the softmax is not of extra key columns")
+    if len(values) != 2 or not _leads_to_scores(values[0]) or _leads_to_scores(values[1]):
+        return NoMatch("a 'concat' between the scores and the softmax does not append columns to them")
+    if rank(values[1]) != 4 or not all(is_static(n) for n in op.outputs[0].shape):
+        return NoMatch("extra key columns of unknown or unusual shape")
+    return EpilogueStep("concat", "values", {"extra": values[1]})
+
+
+def extra_key_count(steps) -> int:
+    return sum(int(step.others["extra"].shape[3]) for step in steps if step.kind == "concat")
 
 
 def _other_name(step) -> str:
@@ -491,8 +540,17 @@ def match_attention(softmax_op) -> AttentionSite | NoMatch:
     scores, scale, steps, ops = chain
     if constant_value(scores.inputs["transpose_x"]):
         return NoMatch("the scores matmul transposes q")
-    weights_user = single_consumer(softmax_op.outputs[0])
-    if weights_user is None or weights_user.op_type != "matmul" or weights_user.inputs["x"] is not softmax_op.outputs[0]:
+    if sum(step.kind == "concat" for step in steps) > 1:
+        return NoMatch("several concats between the scores and the softmax")
+    weights, dropped = softmax_op.outputs[0], []
+    extra = extra_key_count(steps)
+    if extra:
+        cut = single_consumer(weights)
+        if cut is None or not _drops_last_columns(cut, extra):
+            return NoMatch("the extra key columns are not dropped before the values")
+        weights, dropped = cut.outputs[0], [cut]
+    weights_user = single_consumer(weights)
+    if weights_user is None or weights_user.op_type != "matmul" or weights_user.inputs["x"] is not weights:
         return NoMatch("the softmax does not feed one matmul with the values")
     if any(constant_value(weights_user.inputs[f]) for f in ("transpose_x", "transpose_y")):
         return NoMatch("the weights-by-values matmul transposes an operand")
@@ -500,7 +558,21 @@ def match_attention(softmax_op) -> AttentionSite | NoMatch:
     core = (scores.inputs["x"], scores.inputs["y"], weights_user.inputs["y"])
     block = softmax_op.enclosing_block
     return _assemble(block, core, key_transposed, steps, scale, weights_user.outputs[0],
-                     ops + [softmax_op, weights_user])
+                     ops + [softmax_op] + dropped + [weights_user])
+
+
+def _drops_last_columns(op, count: int) -> bool:
+    """A slice that keeps every axis whole but the last, of which it drops ``count`` columns."""
+    if op.op_type != "slice_by_index":
+        return False
+    x, out = op.inputs["x"].shape, op.outputs[0].shape
+    stride = constant_value(op.inputs.get("stride"))
+    begin = constant_value(op.inputs.get("begin"))
+    if stride is not None and any(int(s) != 1 for s in np.ravel(stride)):
+        return False
+    if begin is not None and any(int(b) != 0 for b in np.ravel(begin)):
+        return False
+    return tuple(out[:3]) == tuple(x[:3]) and is_static(x[3]) and out[3] == x[3] - count
 
 
 def match_sdpa(op) -> AttentionSite | NoMatch:

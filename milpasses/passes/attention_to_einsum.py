@@ -9,6 +9,7 @@ from milpasses.passes.attention_match import (
     AttentionSite,
     carry,
     external_layout,
+    extra_key_count,
     match_attention,
     match_sdpa,
     operand_rows,
@@ -79,11 +80,14 @@ class attention_to_einsum(AnePass):
     unbind, grouped- and multi-query attention (each query head reads its K/V head; the repeat is
     never built) and run-time rotary tables are carried without a per-family form. Strided reads
     of head_dim (interleaved rotary) become contiguous: when Q and K have projections of their
-    own, their rows are permuted to one head order (evens, then odds), which leaves Q·Kᵀ as it was. Between the
-    scores and the softmax, scales, additive masks and biases, ``select`` masks and soft-caps are
-    applied per head in their order; scalar factors on q, k and the raw scores are folded into
-    the Q projection when Q is a linear function of it, else one ``mul`` remains. In every mode
-    each head's score tensor stays under 2^20 elements: queries are chunked when Sq * Sk reaches it.
+    own, their rows are permuted to one head order (evens, then odds), which leaves Q·Kᵀ as it
+    was. Between the scores and the softmax, scales, additive masks and biases, ``select``
+    masks and soft-caps are applied per head in their order; extra key columns (attention
+    sinks) join the keys-first scores on axis 1 and are dropped after the softmax, and a
+    subtraction of the scores' own maximum right before the softmax is dropped. Scalar factors
+    on q, k and the raw scores are folded into the Q projection when Q is a linear function of
+    it, else one ``mul`` remains. In every mode each head's score tensor stays under 2^20
+    elements: queries are chunked when Sq * Sk reaches it.
 
     Modes: ``split_einsum`` as above; ``split_einsum_v2`` also splits each head's queries into
     chunks of ``query_chunk`` when Sq >= ``query_chunk`` (a shorter last chunk is computed,
@@ -254,7 +258,7 @@ class attention_to_einsum(AnePass):
     def _chunks(self, site: AttentionSite) -> list:
         """Query chunk lengths: ``query_chunk`` in split_einsum_v2, and in every mode short
         enough that one head's scores stay under SCORE_ELEMENT_LIMIT elements."""
-        sq, sk = site.output.shape[1], _key_length(site)
+        sq, sk = site.output.shape[1], _key_length(site) + extra_key_count(site.steps)
         if not is_static(sq):
             return [sq]
         chunk = sq
@@ -309,9 +313,8 @@ class attention_to_einsum(AnePass):
                 scores = mb.einsum(values=(k_heads[group], q_chunk), equation=EQUATION, name=f"{tag}_scores")
                 for i, (step, parts) in enumerate(zip(site.steps, step_parts)):
                     arguments = {key: p[h][c] if isinstance(p, list) else p for key, p in parts.items()}
-                    arguments[step.chain] = scores
-                    scores = getattr(mb, step.kind)(**arguments, name=f"{tag}_scores_{i}")
-                weights = mb.softmax(x=scores, axis=1, name=f"{tag}_weights")
+                    scores = _apply_step(step, arguments, scores, f"{tag}_scores_{i}")
+                weights = _without_extra_keys(mb.softmax(x=scores, axis=1, name=f"{tag}_weights"), site)
                 pieces.append(mb.einsum(values=(v_heads[group], weights), equation=EQUATION, name=f"{tag}_out"))
             outputs.append(_concat(pieces, 3, f"{name}_h{h}_out"))
         return _concat(outputs, 1, f"{name}_heads_out")
@@ -357,9 +360,8 @@ class attention_to_einsum(AnePass):
         for i, (step, inputs) in enumerate(zip(site.steps, steps)):
             arguments = {key: self._grouped_term(t, site, f"{name}_step{i}_{key}") if _is_tensor(t) else t
                          for key, t in inputs.items()}
-            arguments[step.chain] = scores
-            scores = getattr(mb, step.kind)(**arguments, name=f"{name}_scores_{i}")
-        weights = mb.softmax(x=scores, axis=1, name=f"{name}_weights")
+            scores = _apply_step(step, arguments, scores, f"{name}_scores_{i}")
+        weights = _without_extra_keys(mb.softmax(x=scores, axis=1, name=f"{name}_weights"), site)
         out = mb.einsum(values=(v4, weights), equation=EQUATION, name=f"{name}_out")  # (B, d, Hkv, n*Sq)
         channels = kv_heads * repeats * d
         if repeats == 1:
@@ -387,6 +389,32 @@ class attention_to_einsum(AnePass):
         if shape[2] == 1:
             return mb.tile(x=term, reps=[1, 1, 1, repeats], name=f"{name}_grouped")
         return mb.reshape(x=term, shape=shape[:2] + [kv_heads, repeats * sq], name=f"{name}_grouped")
+
+
+def _apply_step(step, arguments: dict, scores, name: str):
+    """One epilogue step on keys-first scores; extra key columns join them on axis 1."""
+    if step.kind == "concat":
+        return mb.concat(values=[scores, _broadcast_like(arguments["extra"], scores, name)], axis=1, name=name)
+    arguments[step.chain] = scores
+    return getattr(mb, step.kind)(**arguments, name=name)
+
+
+def _broadcast_like(extra, scores, name: str):
+    """Keys-first extra columns (B|1, n, H|1, Sq|1) repeated to the scores' other axes."""
+    target = [scores.shape[0], extra.shape[1], scores.shape[2], scores.shape[3]]
+    if isinstance(extra, np.ndarray):
+        return np.ascontiguousarray(np.broadcast_to(extra, target)).astype(np.float32)
+    reps = [int(t) // int(e) for t, e in zip(target, extra.shape)]
+    return extra if reps == [1, 1, 1, 1] else mb.tile(x=extra, reps=reps, name=f"{name}_extra")
+
+
+def _without_extra_keys(weights, site: AttentionSite):
+    """The softmax weights of the real keys: extra key columns (sinks) took their share and go."""
+    extra = extra_key_count(site.steps)
+    if not extra:
+        return weights
+    return mb.slice_by_size(x=weights, begin=[0, 0, 0, 0], size=[-1, weights.shape[1] - extra, -1, -1],
+                            name=f"{weights.name}_keys")
 
 
 def _in_bc1s(root, source):
