@@ -390,3 +390,49 @@ def test_sinks_whose_column_is_not_the_one_dropped_are_left_alone():
     reports = run_passes(program, TO_CONV, PASS)
     assert reports[PASS].sites_rewritten == 0
     assert list(reports[PASS].skipped) == ["the extra key columns are not dropped before the values"]
+
+
+QG = rng.standard_normal((2 * C, C)).astype(np.float32) * 0.3
+
+
+def gated_attention(x, shared_projection):
+    """Qwen3-Next's gated output: o * sigmoid(gate) per head before the merge. The gate comes
+    from a projection of its own, or shares Q's (each head's q and gate cut from one row)."""
+    if shared_projection:
+        both = mb.reshape(x=mb.linear(x=x, weight=QG), shape=[B, S, H, 2 * D])
+        q, gate = mb.split(x=both, num_splits=2, axis=-1)
+        q = mb.transpose(x=q, perm=[0, 2, 1, 3])
+    else:
+        q = _heads(_projection(x, "q"), [0, 2, 1, 3])
+        gate = mb.reshape(x=mb.linear(x=x, weight=QG[:C]), shape=[B, S, H, D])
+    k = _heads(_projection(x, "k"), [0, 2, 3, 1])
+    v = _heads(_projection(x, "v"), [0, 2, 1, 3])
+    scores = mb.mul(x=mb.matmul(x=q, y=k), y=np.float32(D ** -0.5))
+    out = mb.transpose(x=mb.matmul(x=mb.softmax(x=scores, axis=-1), y=v), perm=[0, 2, 1, 3])
+    return mb.reshape(x=mb.mul(x=out, y=mb.sigmoid(x=gate)), shape=[B, S, C])
+
+
+@pytest.mark.parametrize("shared_projection", [False, True], ids=["own projection", "shared with q"])
+def test_an_output_gate_cut_into_heads_is_applied_to_the_merged_heads(shared_projection):
+    program = mil_program(lambda x: gated_attention(x, shared_projection), x=X)
+    _, _, reports = rewritten_matches_original(program, {"x": X}, TO_CONV, PASS)
+    # q's scale cannot fold into a projection the gate also reads.
+    kind = "attention, scale as a multiply" if shared_projection else "attention"
+    assert dict(reports[PASS].rewritten) == {kind: 1}
+    counts = Counter(op_types(program))
+    assert counts["matmul"] == counts["reshape"] == 0 and counts["sigmoid"] == 1
+
+
+def test_an_output_gate_not_cut_into_heads_is_left_alone():
+    def gated_by_an_input(x, gate):
+        q = _heads(_projection(x, "q"), [0, 2, 1, 3])
+        k = _heads(_projection(x, "k"), [0, 2, 3, 1])
+        v = _heads(_projection(x, "v"), [0, 2, 1, 3])
+        out = mb.transpose(x=mb.matmul(x=mb.softmax(x=mb.matmul(x=q, y=k), axis=-1), y=v), perm=[0, 2, 1, 3])
+        return mb.reshape(x=mb.mul(x=out, y=gate), shape=[B, S, C])
+
+    gate = rng.standard_normal((B, S, H, D)).astype(np.float32)
+    program = mil_program(gated_by_an_input, x=X, gate=gate)
+    reports = run_passes(program, TO_CONV, PASS)
+    assert reports[PASS].sites_rewritten == 0
+    assert list(reports[PASS].skipped) == ["'mul' gates the attention output with a tensor not cut into heads"]

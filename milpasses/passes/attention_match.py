@@ -43,6 +43,8 @@ from milpasses.passes.matching import (
 
 EPILOGUE_BINARY = {"add", "sub", "mul", "real_div", "maximum", "minimum"}
 EPILOGUE_UNARY = {"tanh", "sigmoid", "clip", "identity"}
+#: Elementwise ops that may gate the attention output before its heads are merged.
+OUTPUT_GATES = {"mul", "add", "sub", "real_div"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class AttentionSite:
     sdpa: bool = False
     head_orders: tuple = ()  # ((size, order), ...): how Q and K lay out a last channel axis
     permuted_sources: tuple = ()  # (source, head size): Q/K projections whose rows follow head_orders
+    gates: tuple = ()  # OutputGate, in order from the values matmul to the merged output
 
     @property
     def heads(self) -> int:
@@ -207,20 +210,41 @@ def _folds(step) -> bool:
 
 # --- the output side ---------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class OutputGate:
+    """An elementwise op on the attention output, before its heads are merged, whose other
+    operand is computed from head splits like q, k and v are (Qwen3-Next's sigmoid gate)."""
+
+    kind: str  # the MIL op type
+    chain: str  # the input that carries the attention output
+    other: object  # the other operand's var
+    axes: tuple  # the roles of the output's axes there
+    positions: np.ndarray  # per channel element of the output there: its place in the head concat
+
+
 def _output_order(values_matmul_out, lead_roles, heads: int, head_dim: int):
-    """Down from the per-head output (..., Sq, d) through layout ops to (B, Sq, C):
-    (output var, per-channel order, ops) or NoMatch."""
+    """Down from the per-head output (..., Sq, d) through layout ops and gates to (B, Sq, C):
+    (output var, per-channel order, ops, gates) or NoMatch."""
     roles = tuple(lead_roles) + (SEQ, CHANNEL)
     lead_shape = [s for s, r in zip(values_matmul_out.shape, roles) if r == CHANNEL][:-1]
     positions = np.arange(heads * head_dim).reshape(tuple(lead_shape) + (head_dim,))
     form = HeadForm(roles, np.zeros_like(positions), positions, (), None, None)
-    var, ops = values_matmul_out, []
+    var, ops, gates = values_matmul_out, [], []
     while True:
         if rank(var) == 3 and form.axes == (BATCH, SEQ, CHANNEL):
-            return var, form.chan.ravel(), ops
+            return var, form.chan.ravel(), ops, tuple(gates)
         op = single_consumer(var)
         if op is None:
             return NoMatch("the attention output has several consumers")
+        if op.op_type in OUTPUT_GATES:
+            chain = "x" if op.inputs["x"] is var else "y"
+            other = op.inputs["y" if chain == "x" else "x"]
+            if not is_activation(other) or tuple(other.shape) != tuple(var.shape):
+                return NoMatch(f"'{op.op_type}' after the attention output does not gate it elementwise")
+            gates.append(OutputGate(op.op_type, chain, other, form.axes, form.chan.copy()))
+            ops.append(op)
+            var = op.outputs[0]
+            continue
         if op.op_type not in ("transpose", "reshape", "concat", "expand_dims", "squeeze"):
             return NoMatch(f"'{op.op_type}' after the attention output has no rule")
         if op.op_type == "concat" and len(op.inputs["values"]) != 1:
@@ -413,9 +437,16 @@ def _assemble(block, core, key_transposed, steps, scale, values_out, matched, sd
     output = _output_order(values_out, lead_roles, len(kv_of_head), v_rows[0].shape[1])
     if isinstance(output, NoMatch):
         return output
-    out_var, order, out_ops = output
+    out_var, order, out_ops, gates = output
+    gate_roots = frozenset()
+    if gates:
+        forms = _with_gates(block, region, gates, tuple(matched) + tuple(out_ops))
+        if isinstance(forms, NoMatch):
+            return forms
+        region_ops = tuple(op for op in block.operations if id(op) in region.ops)
+        gate_roots = frozenset().union(*(forms[id(gate.other)].roots for gate in gates))
     sources = {id(root.inputs["x"]): root.inputs["x"] for root in region.roots.values()}
-    foldable = q.linear and len(q.roots) == 1 and q.roots.isdisjoint(k.roots | v.roots)
+    foldable = q.linear and len(q.roots) == 1 and q.roots.isdisjoint(k.roots | v.roots | gate_roots)
     query_root = sources[next(iter(q.roots))] if foldable else None
     all_ops = tuple(matched) + tuple(out_ops) + region_ops + tuple(region.roots.values())
     orders, permuted = _permutation_worth_folding(region, region_ops, dry_run, (q, k, v), sources)
@@ -423,7 +454,29 @@ def _assemble(block, core, key_transposed, steps, scale, values_out, matched, sd
         roots=tuple(region.roots.values()), region_ops=region_ops, query=q_var, key=k_var, value=v_var,
         key_transposed=key_transposed, steps=steps, scale=scale * q.scale * k.scale, heads_shape=heads_shape,
         head_dim=head_dim, kv_of_head=tuple(kv_of_head), output=out_var, output_order=order, anchor=out_var.op,
-        matched_ops=all_ops, query_root=query_root, sdpa=sdpa, head_orders=orders, permuted_sources=permuted)
+        matched_ops=all_ops, query_root=query_root, sdpa=sdpa, head_orders=orders, permuted_sources=permuted,
+        gates=gates)
+
+
+def _with_gates(block, region: _Region, gates, matched):
+    """The region grown by the gates' operands, carried again: {id(var): HeadForm} or NoMatch.
+    A gate's operand must be laid out like the attention output where it meets it."""
+    for gate in gates:
+        if not region.holds(gate.other):
+            return NoMatch(f"'{gate.kind}' gates the attention output with a tensor not cut into heads")
+    failed = _check_consumers(region, matched)
+    if failed:
+        return failed
+    region_ops = tuple(op for op in block.operations if id(op) in region.ops)
+    forms = carry(region.roots.values(), region_ops, DryRun(), _DryExternals(),
+                  lambda root, source: Placeholder(source.name))
+    if isinstance(forms, NoMatch):
+        return forms
+    for gate in gates:
+        other = forms[id(gate.other)]
+        if other.axes != gate.axes or other.channel_shape != gate.positions.shape:
+            return NoMatch(f"'{gate.kind}' gates the attention output with a tensor of another head layout")
+    return forms
 
 
 # --- head orders: interleaved reads made contiguous by permuting the Q and K projections ------

@@ -84,7 +84,9 @@ class attention_to_einsum(AnePass):
     was. Between the scores and the softmax, scales, additive masks and biases, ``select``
     masks and soft-caps are applied per head in their order; extra key columns (attention
     sinks) join the keys-first scores on axis 1 and are dropped after the softmax, and a
-    subtraction of the scores' own maximum right before the softmax is dropped. Scalar factors
+    subtraction of the scores' own maximum right before the softmax is dropped. A gate on the
+    output before the heads are merged (``o * sigmoid(gate)``, the gate cut into heads from a
+    projection) is carried like an operand and applied to the merged heads. Scalar factors
     on q, k and the raw scores are folded into the Q projection when Q is a linear function of
     it, else one ``mul`` remains. In every mode each head's score tensor stays under 2^20
     elements: queries are chunked when Sq * Sk reaches it.
@@ -166,7 +168,7 @@ class attention_to_einsum(AnePass):
         folded = site.scale == 1.0 or self._fold_scale(block, site)
         name = site.anchor.name
         with mb.set_before_op(before_op=site.anchor):
-            q, k, v = self._operands(site, name)
+            q, k, v, forms = self._operands(site, name)
             if not folded:
                 q = mb.mul(x=q, y=np.float32(site.scale), name=f"{name}_q_scaled")
             steps = [self._step_inputs(step, f"{name}_step{i}") for i, step in enumerate(site.steps)]
@@ -174,7 +176,7 @@ class attention_to_einsum(AnePass):
                 out = self._batched(site, q, k, v, steps, name)
             else:
                 out = self._per_head(site, q, k, v, steps, name)
-            out = self._in_output_order(site, out, name)
+            out = self._in_output_order(site, self._gated(site, out, forms, name), name)
             result = leave(out, 3, name)
         block.replace_uses_of_var_after_op(anchor_op=site.anchor, old_var=site.output, new_var=result)
         self.remove_dead(block, site.matched_ops)
@@ -245,7 +247,20 @@ class attention_to_einsum(AnePass):
             rows = HeadForm((BATCH, CHANNEL, CHANNEL, SEQ), src, chan, form.sources, form.batch, form.seq,
                             scale=form.scale if tag == "v" else 1.0, orders=() if tag == "v" else site.head_orders)
             gathered.append(materialise(rows, builder, f"{name}_{tag}"))
-        return gathered
+        return (*gathered, forms)
+
+    @staticmethod
+    def _gated(site: AttentionSite, out, forms: dict, name: str):
+        """The gates applied to the per-head concat, each operand gathered in its order."""
+        for i, gate in enumerate(site.gates):
+            other = forms[id(gate.other)]
+            order = np.argsort(gate.positions.ravel())
+            rows = HeadForm((BATCH, CHANNEL, SEQ), other.src.ravel()[order], other.chan.ravel()[order],
+                            other.sources, other.batch, other.seq, scale=other.scale)
+            operand = materialise(rows, Build(), f"{name}_gate{i}")
+            inputs = {gate.chain: out, "y" if gate.chain == "x" else "x": operand}
+            out = getattr(mb, gate.kind)(**inputs, name=f"{name}_gated{i}")
+        return out
 
     def _in_output_order(self, site: AttentionSite, out, name: str):
         """The per-head concat rearranged in the order the model merges its heads."""
