@@ -26,7 +26,7 @@ class UserError(Exception):
 def _default_output(model: str | None) -> Path:
     from milpasses.convert import BUNDLED_NAME
 
-    name = BUNDLED_NAME if model is None else Path(model.rstrip("/")).name
+    name = BUNDLED_NAME if model is None else Path(model.rstrip("/")).name.removesuffix(".onnx")
     return Path(f"{name}.mlpackage")
 
 
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert", help="convert a Hugging Face model for the ANE and verify it")
     convert.add_argument("model", nargs="?", metavar="MODEL",
-                         help="hub id or model directory (default: the bundled all-MiniLM-L6-v2, offline)")
+                         help="hub id, model directory, or ONNX model (a .onnx file or a directory holding model.onnx); "
+                              "default: the bundled all-MiniLM-L6-v2, offline")
     convert.add_argument("--task", choices=tuple(TASKS), default="feature-extraction")
     lengths = convert.add_mutually_exclusive_group()
     lengths.add_argument("--seq-len", type=_positive_int, help="fixed sequence length (default 128)")

@@ -39,6 +39,7 @@ from milpasses.convert.options import (
 from milpasses.convert.report import ConversionReport
 from milpasses.convert.samples import SAMPLE_QUESTIONS
 from milpasses.convert.saving import check_output, report_paths, save
+from milpasses.onnx.load import is_onnx
 
 __all__ = ["ATTENTION_MODES", "BUNDLED_NAME", "DEFAULT_MIN_PSNR_DB", "DEFAULT_SEQ_LEN", "PRECISIONS",
            "SAMPLE_QUESTIONS", "TARGETS", "TASKS", "ConversionError", "ConversionReport", "LibraryFailure",
@@ -53,8 +54,10 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
             progress: Console | Callable[[str], None] | None = None):
     """Convert ``model`` for the ANE and verify it; returns ``(mlmodel, report)``.
 
-    ``model`` is a hub id, a local directory, a loaded ``PreTrainedModel``, or None for the
-    bundled all-MiniLM-L6-v2 (always offline). ``seq_lens`` (several lengths) gives the sequence
+    ``model`` is a hub id, a local directory, a loaded ``PreTrainedModel``, None for the
+    bundled all-MiniLM-L6-v2 (always offline), or an ONNX model (a ``.onnx`` file, or a directory
+    holding ``model.onnx``), verified against ONNX Runtime (``milpasses.onnx``; ``task`` does not
+    apply: the outputs are the graph's). ``seq_lens`` (several lengths) gives the sequence
     inputs ``ct.EnumeratedShapes``; ``seq_len`` one fixed length (128 by default). ``attention``
     is handed to ``ane_pipeline`` only when given. ``progress`` shows the stages: a
     :class:`milpasses.console.Console`, or a function called with each stage's description.
@@ -70,6 +73,12 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
                             trust_remote_code, min_psnr_db)
     pipeline = coreml.pipeline_for(options)
     console, seconds = as_console(progress), {}
+    if is_onnx(model):
+        from milpasses.onnx.convert import convert_onnx
+
+        mlmodel, report = convert_onnx(model, options, pipeline, lambda *stage: _stage(console, seconds, *stage))
+        report.seconds = {k: round(v, 3) for k, v in seconds.items()}
+        return mlmodel, report
 
     with _stage(console, seconds, "load", "loading the model"):
         loaded = load.load(model, options)

@@ -1,5 +1,5 @@
 """The report of a conversion: what was converted and how, what each pass did, and how close the
-converted program comes to PyTorch; printed as a table, written as JSON and Markdown."""
+converted program comes to the model it came from (PyTorch, or ONNX Runtime for an ONNX model); printed as a table, written as JSON and Markdown."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class ConversionReport:
     seconds: dict[str, float] = field(default_factory=dict)
     package_bytes: int | None = None
     min_psnr_db: float = DEFAULT_MIN_PSNR_DB
+    reference: str = "PyTorch fp32"  # what the simulated program is compared with
 
     @property
     def worst_psnr_db(self) -> float:
@@ -57,7 +58,7 @@ class ConversionReport:
             "samples": self.samples, "ops_before": self.ops_before, "ops_after": self.ops_after,
             "passes": self.passes,
             "psnr": [{**e, "psnr_db": _json_number(e["psnr_db"])} for e in self.psnr],
-            "min_psnr_db": self.min_psnr_db, "verified": self.passed,
+            "reference": self.reference, "min_psnr_db": self.min_psnr_db, "verified": self.passed,
             "verification_error": self.verification_error,
             "device_check": self.device_check, "fp16_findings": self.fp16_findings,
             "seconds": self.seconds, "package_bytes": self.package_bytes,
@@ -90,7 +91,7 @@ class ConversionReport:
             lines.append(f"fp16 check: {len(self.fp16_findings)} finding(s)")
             lines += [f"  {finding}" for finding in self.fp16_findings]
         lines += ["", f"samples  {self.samples}",
-                  f"{'output':<20} {'seq_len':>7} {'PSNR dB':>8}  vs PyTorch fp32 (simulated)"]
+                  f"{'output':<20} {'seq_len':>7} {'PSNR dB':>8}  vs {self.reference} (simulated)"]
         for entry in self.psnr:
             verdict = "ok" if entry["psnr_db"] >= self.min_psnr_db else f"BELOW {self.min_psnr_db:g}"
             seq_len = "-" if entry["seq_len"] is None else entry["seq_len"]
@@ -108,7 +109,7 @@ class ConversionReport:
         lines += [f"| {n} | {', '.join(_shape(s) for s in shapes)} |" for n, shapes in self.inputs.items()]
         lines += ["", "| option | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in self.options.items()]
-        lines += ["", "## PSNR against PyTorch fp32 (simulated program)", "", f"Samples: {self.samples}", "",
+        lines += ["", f"## PSNR against {self.reference} (simulated program)", "", f"Samples: {self.samples}", "",
                   "| output | seq_len | PSNR dB |", "|---|---|---|"]
         lines += [f"| {e['output']} | {e['seq_len'] if e['seq_len'] is not None else '-'} | {e['psnr_db']:.1f} |"
                   for e in self.psnr]

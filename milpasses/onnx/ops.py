@@ -74,11 +74,13 @@ def binary(ctx, node, inputs, attrs):
 def div(ctx, node, inputs, attrs):
     x, y = inputs
     producer = ctx.producer(y)
-    # torch's rsqrt exports as Sqrt then 1 / it; the torch frontend's form is one rsqrt (the sqrt
-    # left without readers is removed as dead code).
+    # torch's rsqrt exports as Sqrt then 1 / it; the torch frontend's form is one rsqrt, and the
+    # ane:: passes read the variance's single reader, so the sqrt goes when nothing else reads it.
     if not isinstance(x, Var) and np.size(x) == 1 and np.all(np.asarray(x) == 1) \
-            and producer is not None and producer.op_type == "sqrt":
-        return mb.rsqrt(x=producer.x)
+            and producer is not None and producer.op_type == "sqrt" and ctx.readers(node.input[1]) == 1:
+        result = mb.rsqrt(x=producer.x)
+        producer.enclosing_block.remove_ops([producer])
+        return result
     if _is_int(x) or (not isinstance(x, Var) and np.asarray(x).dtype.kind in "iu"):
         return mb.floor_div(x=as_var(x), y=as_var(y))
     return mb.real_div(x=as_var(x), y=as_var(y))
@@ -92,6 +94,13 @@ _UNARY = {"Sqrt": mb.sqrt, "Erf": mb.erf, "Tanh": mb.tanh, "Sigmoid": mb.sigmoid
 
 @translates(*_UNARY)
 def unary(ctx, node, inputs, attrs):
+    producer = ctx.producer(inputs[0])
+    if node.op_type == "Not" and producer is not None and producer.op_type == "equal" \
+            and ctx.readers(node.input[0]) == 1:
+        # torch's != exports as Not(Equal); the torch frontend's form is one not_equal.
+        result = mb.not_equal(x=producer.x, y=producer.y)
+        producer.enclosing_block.remove_ops([producer])
+        return result
     return _UNARY[node.op_type](x=inputs[0])
 
 
@@ -341,7 +350,7 @@ def slice_(ctx, node, inputs, attrs):
 @translates("Gather")
 def gather(ctx, node, inputs, attrs):
     data, indices = inputs
-    axis = attrs.get("axis", 0)
+    axis = _axis(attrs.get("axis", 0), len(shape_of(data)))
     if not isinstance(indices, Var):
         indices = np.asarray(indices)
         length = shape_of(data)[axis]
@@ -355,6 +364,12 @@ def gather(ctx, node, inputs, attrs):
             squeeze_mask = [i == axis for i in range(rank)]
             return mb.slice_by_index(x=data, begin=np.array(begin, np.int32), end=np.array(end, np.int32),
                                      squeeze_mask=squeeze_mask)
+    if isinstance(data, Var) and not isinstance(indices, Var):
+        positions = np.take(np.arange(np.prod(shape_of(data))).reshape(shape_of(data)), indices, axis=axis)
+        if np.array_equal(positions.reshape(-1), np.arange(positions.size)) and positions.size == np.prod(shape_of(data)):
+            # Every element once, in order: a reshape (as ane::gather_to_reshape makes of the torch
+            # frontend's gathers), which also spares a bool mask the casts MIL's gather needs.
+            return _reshape(data, list(positions.shape))
     data = as_var(data)
     if data.dtype == types.bool:  # MIL gathers numbers only
         return mb.cast(x=mb.gather(x=mb.cast(x=data, dtype="int32"), indices=as_var(indices), axis=axis), dtype="bool")

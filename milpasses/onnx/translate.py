@@ -9,6 +9,8 @@ its translator in :mod:`milpasses.onnx.ops`.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 from coremltools.converters.mil import Builder as mb
@@ -29,8 +31,14 @@ class UnsupportedOp(ConversionError):
 
 
 class _Context:
-    def __init__(self, opset: int):
+    def __init__(self, opset: int, graph):
         self.opset = opset
+        self._readers = Counter(name for node in graph.node for name in node.input)
+        self._readers.update(o.name for o in graph.output)
+
+    def readers(self, name: str) -> int:
+        """How many nodes (and graph outputs) read the value ``name``."""
+        return self._readers[name]
 
     @staticmethod
     def producer(value):
@@ -62,7 +70,7 @@ def to_program(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], opset
                                   f"float, float16, int32, int64 and bool inputs")
         placeholders[value_info.name] = mb.placeholder(shape=shapes[value_info.name], dtype=mil_type)
 
-    context = _Context(opset)
+    context = _Context(opset, graph)
     with Function(placeholders, opset_version=opset_target) as function:
         values: dict[str, object] = {**constants, **function.inputs}
         for node in graph.node:

@@ -1,0 +1,254 @@
+"""An ONNX model to an ANE-ready ML Program, verified against ONNX Runtime.
+
+The stages mirror the torch route's (``milpasses.convert``): load and check the model, fix its
+dynamic dims (batch, sequence length), translate it to MIL, ``ct.convert`` the program with
+``ane_pipeline()``, then simulate the converted program against ONNX Runtime on the same inputs,
+beside a DEFAULT-pipeline conversion for the report's op comparison.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnx
+
+from milpasses.convert.options import ConversionError, LibraryFailure, Options, first_line
+from milpasses.convert.samples import verification_rows
+from milpasses.onnx.load import OnnxSource, load_onnx
+from milpasses.onnx.translate import UnsupportedOp, input_dtype, to_program
+
+_NUMPY_INPUTS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+                 onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def graph_inputs(model) -> list:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def fixed_shapes(source: OnnxSource, options: Options) -> tuple[dict[str, tuple[int, ...]], int | None]:
+    """Each input's shape with its dynamic dims fixed: the first to the batch, any other to the
+    sequence length; and the sequence length (None when no input has one)."""
+    if options.enumerated:
+        raise ConversionError("--seq-lens is not supported for ONNX models: their shape arithmetic is folded at "
+                              "one length; convert once per length with --seq-len")
+    shapes, seq_len, dynamic_seq = {}, None, False
+    for value_info in graph_inputs(source.model):
+        dims = []
+        for axis, dim in enumerate(value_info.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                dims.append(dim.dim_value)
+            elif axis == 0:
+                dims.append(options.batch)
+            else:
+                dims.append(options.lengths[0])
+                dynamic_seq = True
+        if len(dims) == 2 and _is_integer(value_info):
+            seq_len = dims[1]
+        shapes[value_info.name] = tuple(dims)
+    if options.lengths_given and not dynamic_seq:
+        raise ConversionError(f"--seq-len applies to ONNX inputs with a dynamic sequence axis; the inputs of "
+                              f"{source.path} have fixed shapes ({_shapes_text(shapes)})")
+    return shapes, seq_len
+
+
+def convert_onnx(model, options: Options, pipeline, stage):
+    """``convert()`` for an ONNX model; ``stage(key, description, steps)`` is its stage context."""
+    import coremltools as ct
+
+    import milpasses
+    from milpasses.convert.coreml import histogram
+    from milpasses.convert.report import ConversionReport
+    from milpasses.passes import last_reports
+
+    session_class = _onnxruntime()
+    with stage("load", "loading the ONNX model"):
+        source = load_onnx(model)
+        shapes, seq_len = fixed_shapes(source, options)
+        tokenizer = _tokenizer(source)
+        target = getattr(ct.target, options.target)
+        program = _translate(source, shapes, target)
+    with stage("convert", "converting with ane_pipeline()"):
+        try:
+            mlmodel = ct.convert(program, convert_to="mlprogram", pass_pipeline=pipeline,
+                                 minimum_deployment_target=target, compute_units=ct.ComputeUnit.CPU_AND_NE,
+                                 skip_model_load=sys.platform != "darwin", compute_precision=_precision(options))
+        except (RuntimeError, NotImplementedError, ValueError) as error:
+            raise LibraryFailure(f"coremltools could not convert the MIL program of {source.path}: "
+                                 f"{first_line(error)}") from error
+    output_names = [o.name for o in source.model.graph.output]
+    recorded = {k: v for k, v in options.recorded(takes_images=seq_len is None).items() if k != "task"}
+    report = ConversionReport(model=str(source.path), task="the ONNX graph's outputs",
+                              inputs={n: [list(s)] for n, s in shapes.items()}, outputs=output_names,
+                              options=recorded, min_psnr_db=options.min_psnr_db, reference="ONNX Runtime",
+                              passes=[r.as_dict() for r in last_reports().values()],
+                              ops_after=histogram(mlmodel._mil_program))
+    rows = verification_rows(options.batch)
+    with stage("verify", f"verifying: simulating the program against ONNX Runtime, beside a DEFAULT-pipeline "
+                         f"conversion for comparison", rows // options.batch) as step:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            baseline = pool.submit(_default_histogram, source, shapes, target)
+            inputs, report.samples = sample_inputs(source, shapes, tokenizer, rows)
+            _verify(mlmodel, session_class(str(source.path), providers=["CPUExecutionProvider"]), source, inputs,
+                    seq_len, options.batch, report, step)
+            report.ops_before = baseline.result()
+
+    mlmodel.user_defined_metadata["milpasses.version"] = milpasses.__version__
+    mlmodel.user_defined_metadata["milpasses.source_model"] = str(source.path)
+    mlmodel.short_description = f"{source.path.name}, converted from ONNX for the ANE by milpasses"
+    return mlmodel, report
+
+
+def _onnxruntime():
+    try:
+        from onnxruntime import InferenceSession
+    except ImportError as error:
+        raise ConversionError("verifying an ONNX model needs ONNX Runtime: pip install onnxruntime") from error
+    return InferenceSession
+
+
+def _translate(source: OnnxSource, shapes, target):
+    try:
+        return to_program(source.model, shapes, target)
+    except UnsupportedOp:
+        raise
+    except (ValueError, TypeError, IndexError) as error:
+        raise LibraryFailure(f"the ONNX graph of {source.path} could not be translated to MIL: "
+                             f"{first_line(error)}") from error
+
+
+def _precision(options: Options):
+    import coremltools as ct
+
+    return ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
+
+
+def _default_histogram(source: OnnxSource, shapes, target) -> dict[str, int]:
+    import coremltools as ct
+
+    from milpasses.convert.coreml import histogram
+
+    program = ct.convert(to_program(source.model, shapes, target), convert_to="milinternal",
+                         pass_pipeline=ct.PassPipeline.DEFAULT, minimum_deployment_target=target,
+                         compute_precision=ct.precision.FLOAT32)
+    return histogram(program)
+
+
+def _tokenizer(source: OnnxSource):
+    if source.directory is None or not any((source.directory / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(source.directory), local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return None  # verification falls back to seeded token ids, and says so
+
+
+def sample_inputs(source: OnnxSource, shapes, tokenizer, rows: int) -> tuple[dict[str, np.ndarray], str]:
+    """``rows`` inputs (the first axis) in the ONNX graph's own dtypes, and a description of them:
+    real sentences when the directory has a tokenizer, else seeded token ids with every other row
+    padded; seeded N(0, 1) values for float inputs."""
+    rng = np.random.default_rng(0)
+    encoded, what = None, []
+    inputs = {}
+    for value_info in graph_inputs(source.model):
+        name, shape = value_info.name, (rows, *shapes[value_info.name][1:])
+        dtype = _NUMPY_INPUTS[input_dtype(value_info)]
+        if not _is_integer(value_info):
+            inputs[name] = rng.standard_normal(shape).astype(dtype)
+            what.append(f"seeded N(0, 1) {name}")
+            continue
+        if tokenizer is not None and len(shape) == 2:
+            encoded = encoded if encoded is not None else _tokenize(tokenizer, rows, shape[1])
+            if name in encoded:
+                inputs[name] = encoded[name].astype(dtype)
+                continue
+        if name == "attention_mask" and len(shape) == 2:
+            mask = np.ones(shape, dtype)
+            mask[1::2, max(1, shape[1] // 2):] = 0
+            inputs[name] = mask
+        elif name == "input_ids":
+            inputs[name] = rng.integers(3, max(_vocab_size(source.model, name), 4), size=shape).astype(dtype)
+        elif name == "position_ids" and len(shape) == 2:
+            inputs[name] = np.broadcast_to(np.arange(shape[1], dtype=dtype), shape).copy()
+        else:
+            inputs[name] = np.zeros(shape, dtype)
+    if encoded is not None:
+        what.insert(0, f"{rows} real sentences, tokenized by the directory's tokenizer, padded to the sequence length")
+    elif "input_ids" in inputs:
+        what.insert(0, f"{rows} rows of seeded token ids (no tokenizer found), every other row padded")
+    return inputs, "; ".join(what)
+
+
+def _tokenize(tokenizer, rows: int, length: int) -> dict[str, np.ndarray]:
+    from milpasses.bundled import SAMPLE_SENTENCES
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    sentences = [SAMPLE_SENTENCES[i % len(SAMPLE_SENTENCES)] for i in range(rows)]
+    return dict(tokenizer(sentences, padding="max_length", max_length=length, truncation=True, return_tensors="np"))
+
+
+def _vocab_size(model, name: str) -> int:
+    """The rows of the constant table the input indexes (its embedding), or 100."""
+    tables = {t.name: t.dims for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == name and node.input[0] in tables:
+            return int(tables[node.input[0]][0])
+    return 100
+
+
+def _verify(mlmodel, session, source: OnnxSource, inputs, seq_len, batch: int, report, step) -> None:
+    from milpasses.simulator import SimulationError, Simulator, psnr
+
+    simulator = Simulator(mlmodel._mil_program)
+    names = report.outputs
+    expected, simulated = {n: [] for n in names}, {n: [] for n in names}
+    rows = len(next(iter(inputs.values())))
+    try:
+        for start in range(0, rows, batch):
+            chunk = {k: v[start:start + batch] for k, v in inputs.items()}
+            for name, value in zip(names, session.run(names, chunk)):
+                expected[name].append(value)
+            fed = {k: v.astype(np.int32) if v.dtype == np.int64 else v for k, v in chunk.items()}
+            for name, value in simulator.run(fed).items():
+                simulated[name].append(value)
+            step()
+    except SimulationError as error:
+        report.verification_error = str(error)
+        report.device_check = "MLModel.predict not run: the simulation failed first"
+        return
+    valid = inputs["attention_mask"].astype(bool) if "attention_mask" in inputs else None
+    for name in names:
+        want, got = np.concatenate(expected[name]), np.concatenate(simulated[name])
+        if valid is not None and want.ndim > 2 and want.shape[:2] == valid.shape:
+            want, got = want[valid], got[valid]  # per-token outputs: real tokens only
+        report.psnr.append({"output": name, "seq_len": seq_len,
+                            "psnr_db": round(psnr(want.astype(np.float64), got.astype(np.float64)), 2)})
+    report.device_check = ("MLModel.predict skipped: Core ML runs only on macOS (the simulated PSNR is the check here)"
+                           if sys.platform != "darwin" else _device_check(mlmodel, session, inputs, batch, names))
+
+
+def _device_check(mlmodel, session, inputs, batch: int, names) -> str:
+    from milpasses.simulator import psnr
+
+    chunk = {k: v[:batch] for k, v in inputs.items()}
+    try:
+        predicted = mlmodel.predict({k: v.astype(np.int32) if v.dtype == np.int64 else v for k, v in chunk.items()})
+    except Exception as error:  # Core ML's runtime reports its failures in many types
+        return f"MLModel.predict failed: {first_line(error)}"
+    expected = session.run(names, chunk)
+    return "MLModel.predict (CPU_AND_NE) against ONNX Runtime: " + ", ".join(
+        f"{n} {psnr(e, predicted[n]):.1f} dB" for n, e in zip(names, expected))
+
+
+def _is_integer(value_info) -> bool:
+    return input_dtype(value_info) in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+
+
+def _shapes_text(shapes) -> str:
+    return ", ".join(f"{n} {'x'.join(str(d) for d in s)}" for n, s in shapes.items())
