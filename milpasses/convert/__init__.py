@@ -39,7 +39,6 @@ from milpasses.convert.options import (
 from milpasses.convert.report import ConversionReport
 from milpasses.convert.samples import SAMPLE_QUESTIONS
 from milpasses.convert.saving import check_output, report_paths, save
-from milpasses.onnx.load import is_onnx
 
 __all__ = ["ATTENTION_MODES", "BUNDLED_NAME", "DEFAULT_MIN_PSNR_DB", "DEFAULT_SEQ_LEN", "PRECISIONS",
            "SAMPLE_QUESTIONS", "TARGETS", "TASKS", "ConversionError", "ConversionReport", "LibraryFailure",
@@ -67,6 +66,7 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     import milpasses
     from milpasses.convert import coreml, load, trace, verify
     from milpasses.convert.options import check_options
+    from milpasses.onnx.load import is_onnx
     from milpasses.passes import last_reports
 
     options = check_options(task, seq_len, seq_lens, batch, attention, target, precision, offline,
