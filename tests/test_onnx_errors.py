@@ -1,0 +1,67 @@
+"""Bad ONNX inputs to ``milpasses convert``: a one-line error naming the problem, exit 2, nothing written."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from milpasses.cli import main
+
+
+def _model(op_type: str = "Relu", opset: int = 17, **attributes) -> onnx.ModelProto:
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "weight")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "weight"], ["h"]), helper.make_node(op_type, ["h"], ["y"], **attributes)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _not_onnx(directory):
+    path = directory / "model.onnx"
+    path.write_text("this is not a protobuf\n" * 10)
+    return path
+
+
+def _external_data_missing(directory):
+    path = directory / "model.onnx"
+    onnx.save(_model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    (directory / "model.onnx.data").unlink()
+    return path
+
+
+def _unsupported_op(directory):
+    path = directory / "model.onnx"
+    onnx.save(_model("Hardmax"), str(path))
+    return path
+
+
+def _old_opset(directory):
+    path = directory / "model.onnx"
+    onnx.save(_model(opset=12), str(path))
+    return path
+
+
+@pytest.mark.parametrize("make, expected", [
+    (_not_onnx, "is not an ONNX model"),
+    (_external_data_missing, "external data of"),
+    (_unsupported_op, "Hardmax"),
+    (_old_opset, "opset 12; milpasses reads opsets 14 to"),
+])
+def test_bad_onnx_input_is_one_line_exit_2_nothing_written(make, expected, tmp_path, capsys):
+    model_dir, out_dir = tmp_path / "model", tmp_path / "out"
+    model_dir.mkdir()
+    out_dir.mkdir()
+    path = make(model_dir)
+    assert main(["convert", str(path), "-o", str(out_dir / "m.mlpackage"), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert expected in error and len(error.splitlines()) == 1, error
+    assert list(out_dir.iterdir()) == []
+
+
+def test_unsupported_op_names_the_node(tmp_path, capsys):
+    path = _unsupported_op(tmp_path)
+    assert main(["convert", str(tmp_path), "-o", str(tmp_path / "m.mlpackage"), "--quiet"]) == 2
+    assert "node 'y' has op type Hardmax" in capsys.readouterr().err
+    assert not (tmp_path / "m.mlpackage").exists() and path.exists()
