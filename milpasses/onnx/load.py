@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from milpasses.convert.options import ConversionError, first_line
-from milpasses.onnx.fusions import fuse_layer_norms
+from milpasses.onnx.fusions import fuse_layer_norms, fuse_tanh_gelus
 
 #: The oldest default-domain opset the frontend reads (LayerNormalization arrived in 17; older
 #: exports decompose it, which the DEFAULT pipeline fuses back).
@@ -62,6 +62,7 @@ def load_onnx(model) -> OnnxSource:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise ConversionError(f"{path} is not a valid ONNX model: {first_line(error)}") from error
     fuse_layer_norms(loaded)
+    fuse_tanh_gelus(loaded)
     return OnnxSource(loaded, path, directory, opset)
 
 
