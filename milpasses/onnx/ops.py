@@ -122,12 +122,12 @@ def gelu(ctx, node, inputs, attrs):
 @translates("Clip")
 def clip(ctx, node, inputs, attrs):
     x = inputs[0]
-    low = inputs[1] if len(inputs) > 1 and inputs[1] is not None else attrs.get("min")
-    high = inputs[2] if len(inputs) > 2 and inputs[2] is not None else attrs.get("max")
+    low = inputs[1] if len(inputs) > 1 else None
+    high = inputs[2] if len(inputs) > 2 else None
     if low is not None:
-        x = mb.maximum(x=x, y=as_var(np.asarray(low)) if not isinstance(low, Var) else low)
+        x = mb.maximum(x=x, y=as_var(low))
     if high is not None:
-        x = mb.minimum(x=x, y=as_var(np.asarray(high)) if not isinstance(high, Var) else high)
+        x = mb.minimum(x=x, y=as_var(high))
     return x
 
 
@@ -149,9 +149,7 @@ def cast(ctx, node, inputs, attrs):
     if target is None:
         ctx.unsupported(node, f"Cast to ONNX type {attrs['to']}")
     x = inputs[0]
-    if x.dtype.__name__ == {"fp32": "fp32", "fp16": "fp16", "int32": "int32", "bool": "bool"}[target]:
-        return x
-    return mb.cast(x=x, dtype=target)
+    return x if types.builtin_to_string(x.dtype) == target else mb.cast(x=x, dtype=target)
 
 
 def _is_int(x) -> bool:
@@ -401,11 +399,6 @@ def tile(ctx, node, inputs, attrs):
 @translates("Range")
 def range_(ctx, node, inputs, attrs):
     return mb.range_1d(start=as_var(inputs[0]), end=as_var(inputs[1]), step=as_var(inputs[2]))
-
-
-@translates("ConstantOfShape")
-def constant_of_shape(ctx, node, inputs, attrs):
-    ctx.unsupported(node, "ConstantOfShape of a shape known only at run time")
 
 
 @translates("Trilu")

@@ -31,8 +31,7 @@ class UnsupportedOp(ConversionError):
 
 
 class _Context:
-    def __init__(self, opset: int, graph):
-        self.opset = opset
+    def __init__(self, graph):
         self._readers = Counter(name for node in graph.node for name in node.input)
         self._readers.update(o.name for o in graph.output)
 
@@ -70,7 +69,7 @@ def to_program(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], opset
                                   f"float, float16, int32, int64 and bool inputs")
         placeholders[value_info.name] = mb.placeholder(shape=shapes[value_info.name], dtype=mil_type)
 
-    context = _Context(opset, graph)
+    context = _Context(graph)
     with Function(placeholders, opset_version=opset_target) as function:
         values: dict[str, object] = {**constants, **function.inputs}
         for node in graph.node:
