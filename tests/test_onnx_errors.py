@@ -1,5 +1,7 @@
 """Bad ONNX inputs to ``milpasses convert``: a one-line error naming the problem, exit 2, nothing written."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -65,3 +67,16 @@ def test_unsupported_op_names_the_node(tmp_path, capsys):
     assert main(["convert", str(tmp_path), "-o", str(tmp_path / "m.mlpackage"), "--quiet"]) == 2
     assert "node 'y' has op type Hardmax" in capsys.readouterr().err
     assert not (tmp_path / "m.mlpackage").exists() and path.exists()
+
+
+def test_directory_with_external_data_converts(tmp_path, capsys):
+    """The good twin of the missing-data case: the same directory, its data file kept."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    onnx.save(_model(), str(model_dir / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    output = tmp_path / "m.mlpackage"
+    assert main(["convert", str(model_dir), "-o", str(output), "--batch", "2", "--quiet"]) == 0
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    assert report["inputs"] == {"x": [[2, 4]]} and report["outputs"] == ["y"] and report["verified"]
+    assert output.is_dir() and capsys.readouterr().err == ""
