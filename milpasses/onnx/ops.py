@@ -67,7 +67,10 @@ _BINARY = {"Add": mb.add, "Sub": mb.sub, "Mul": mb.mul, "Pow": mb.pow, "Equal": 
 def binary(ctx, node, inputs, attrs):
     if node.op_type in ("Min", "Max") and len(inputs) != 2:
         ctx.unsupported(node, "Min/Max of other than two inputs")
-    return _BINARY[node.op_type](x=as_var(inputs[0]), y=as_var(inputs[1]))
+    x, y = inputs
+    if node.op_type == "Pow" and not isinstance(y, Var) and isinstance(x, Var) and not _is_int(x):
+        y = np.asarray(y, np.float32)  # ONNX lets the exponent's type differ; MIL's pow does not
+    return _BINARY[node.op_type](x=as_var(x), y=as_var(y))
 
 
 @translates("Div")
@@ -82,6 +85,7 @@ def div(ctx, node, inputs, attrs):
         producer.enclosing_block.remove_ops([producer])
         return result
     if _is_int(x) or (not isinstance(x, Var) and np.asarray(x).dtype.kind in "iu"):
+        # ONNX truncates, MIL floors: the same on the non-negative index arithmetic exporters write.
         return mb.floor_div(x=as_var(x), y=as_var(y))
     return mb.real_div(x=as_var(x), y=as_var(y))
 
