@@ -17,9 +17,11 @@ DEFAULT_MASK_VALUE = -1e4
 
 #: Ops a mask constant feeds directly.
 MASK_CONSUMERS = {"select", "fill", "band_part", "clip"}
-#: Ops that carry a mask on its way into a softmax (arithmetic and layout).
+#: Ops that carry a mask on its way into a softmax (arithmetic and layout). ``reduce_max`` is the
+#: row maximum a softmax's input is shifted by (GPT-OSS subtracts it after concatenating its
+#: sinks): a softmax is unchanged by that shift, whatever the masked values are.
 MASK_CARRIERS = {"add", "sub", "mul", "select", "cast", "reshape", "transpose", "expand_dims", "squeeze",
-                 "tile", "concat", "slice_by_index", "slice_by_size"}
+                 "tile", "concat", "slice_by_index", "slice_by_size", "reduce_max"}
 _SEARCH_DEPTH = 8
 
 
@@ -35,12 +37,17 @@ def _out_of_range(value: np.ndarray) -> np.ndarray:
     return ~np.isfinite(value) | (np.abs(value) > FP16_MAX)
 
 
+def _dead(op) -> bool:
+    """Nothing reads ``op`` (torch's ``max`` leaves an unused argmax beside the values)."""
+    return all(not o.child_ops and o not in op.enclosing_block.outputs for o in op.outputs)
+
+
 def _reaches_softmax(var, depth: int = 0) -> bool:
     """Every path from ``var`` through mask-carrying ops ends in a softmax."""
     if depth > _SEARCH_DEPTH or not var.child_ops:
         return False
     for op in var.child_ops:
-        if op.op_type == "softmax":
+        if op.op_type == "softmax" or _dead(op):
             continue
         if op.op_type not in MASK_CARRIERS or not all(_reaches_softmax(o, depth + 1) for o in op.outputs):
             return False
