@@ -78,3 +78,21 @@ def test_an_injected_bug_is_caught_by_the_per_pass_check_and_by_the_fuzzer_namin
 
 def test_the_injected_bugs_case_passes_without_them():
     check_case(BUGGY_CASE, modes=("split_einsum",))
+
+
+# Cases the fuzzer found (benchmarks/fuzz.py prints them shrunk, ready to paste).
+
+def test_sinks_shifted_by_torch_max_are_rewritten():
+    """torch's max leaves an unused argmax reading the scores (DEFAULT removes dead code only
+    after the ane:: passes): the scores then had "several consumers" and were left alone."""
+    (outcome,) = check_case(Case(sinks=True, gate=True, softcap=5.0, rotary="interleaved", qkv="fused",
+                                 mask="sliding", mask_style="inf"), modes=("split_einsum",))
+    assert outcome.rewritten == 1
+
+
+def test_a_constant_causal_mask_under_sinks_is_finite_in_fp16():
+    """The same argmax, and the row maximum, kept finite_masks from a float32-min causal mask:
+    the fp16 program held -inf (device_limit_violations in check_case)."""
+    check_case(Case(hidden=16, heads=1, kv_heads=1, head_dim=4, mask="causal", sinks=True, scale=0.5, norm="rms",
+                    post_norm=True, activation="relu", bias=False, seq_len=2, query_chunk=2, seed=512),
+               modes=("split_einsum",))

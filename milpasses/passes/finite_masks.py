@@ -8,7 +8,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.base import AnePass, logger, register
-from milpasses.passes.matching import NoMatch
+from milpasses.passes.matching import NoMatch, is_dead
 
 FP16_MAX = 65504.0
 #: Apple's mask value in ml-ane-transformers: exp(-1e4) is 0 in fp16 and fp32 alike, so a
@@ -37,17 +37,12 @@ def _out_of_range(value: np.ndarray) -> np.ndarray:
     return ~np.isfinite(value) | (np.abs(value) > FP16_MAX)
 
 
-def _dead(op) -> bool:
-    """Nothing reads ``op`` (torch's ``max`` leaves an unused argmax beside the values)."""
-    return all(not o.child_ops and o not in op.enclosing_block.outputs for o in op.outputs)
-
-
 def _reaches_softmax(var, depth: int = 0) -> bool:
     """Every path from ``var`` through mask-carrying ops ends in a softmax."""
     if depth > _SEARCH_DEPTH or not var.child_ops:
         return False
     for op in var.child_ops:
-        if op.op_type == "softmax" or _dead(op):
+        if op.op_type == "softmax" or is_dead(op):
             continue
         if op.op_type not in MASK_CARRIERS or not all(_reaches_softmax(o, depth + 1) for o in op.outputs):
             return False
