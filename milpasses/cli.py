@@ -40,7 +40,8 @@ def convert_command(args) -> int:
         mlmodel, report = convert(
             args.model, task=args.task, seq_len=args.seq_len, seq_lens=args.seq_lens, batch=args.batch,
             attention=args.attention, target=args.target, precision=args.precision, offline=args.offline,
-            trust_remote_code=args.trust_remote_code, min_psnr_db=args.min_psnr, progress=console)
+            trust_remote_code=args.trust_remote_code, min_psnr_db=args.min_psnr, progress=console,
+            check_passes=args.check_passes)
         if args.strict and not report.passed:
             if not (args.quiet or args.json):
                 print(report.table())
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="verification threshold in dB (default %(default)s)")
     convert.add_argument("--strict", action="store_true",
                          help="exit non-zero, writing nothing, when verification is below --min-psnr")
+    convert.add_argument("--check-passes", action="store_true",
+                         help="simulate the program before and after each ane:: pass and stop if one changes "
+                              "what it computes (slower; one sequence length)")
     output = convert.add_mutually_exclusive_group()
     output.add_argument("--quiet", action="store_true", help="print only errors")
     output.add_argument("--json", action="store_true", help="print only the report, as JSON")

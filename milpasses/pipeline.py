@@ -7,6 +7,7 @@ from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
 import milpasses.frontend  # noqa: F401  (installs the torch op converters coremltools lacks)
 import milpasses.passes  # noqa: F401  (registers the ane:: passes)
+from milpasses.passes.base import parse_bool
 
 PIPELINE_NAME = "ane"
 
@@ -69,16 +70,23 @@ def ane_pipeline(**options) -> ct.PassPipeline:
     - ``propagate_layout`` (true): carry the model's body in (B, C, 1, S) between region boundaries;
       when false each conv keeps its own layout boundaries;
     - ``fold_unit_transposes`` (true): a transpose that only moves size-1 axes joins the reshape
-      above it, through the elementwise ops between (the keys-first padding mask).
+      above it, through the elementwise ops between (the keys-first padding mask);
+    - ``check`` (false): every ``ane::`` pass simulates the program before and after it runs, on
+      seeded inputs, and raises ``TranslationError`` naming the pass, what it rewrote and the
+      error when it changed what the program computes; each pass's report records the check.
+      The program needs fixed input shapes.
     """
-    unknown = sorted(set(options) - set(OPTIONS))
+    unknown = sorted(set(options) - set(OPTIONS) - {"check"})
     if unknown:
-        raise ValueError(f"unknown ane_pipeline option(s) {unknown}; the options are {sorted(OPTIONS)}")
+        raise ValueError(f"unknown ane_pipeline option(s) {unknown}; the options are {sorted([*OPTIONS, 'check'])}")
     pipeline = ct.PassPipeline.DEFAULT  # a new object on every access: ct.convert mutates the one it gets
     position = pipeline.passes.index(INSERT_BEFORE)
     for pass_id in reversed(ANE_PASSES):
         pipeline.insert_pass(position, pass_id)
     by_pass: dict[str, dict] = {}
+    check = options.pop("check", False)
+    if parse_bool(check, "check"):
+        by_pass.update({pass_id: {"check": True} for pass_id in ANE_PASSES})
     for name, value in options.items():
         pass_id, option = OPTIONS[name]
         setattr(_fresh(pass_id), option, value)  # the pass's own setter validates, now

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fixtures import families as F
+from fixtures.fuzz import device_limit_violations
 from milpasses import ane_pipeline, last_reports
 from milpasses.simulator import psnr, simulate
 
@@ -68,6 +69,7 @@ def _cases(seq_lens):
 
 
 def _assert_attention_rewritten(name, mlmodel, report):
+    assert not device_limit_violations(mlmodel._mil_program)
     ops = mlmodel._mil_program.functions["main"].operations
     if name in UNMATCHED:
         assert report.sites_rewritten == 0 and report.sites_skipped == F.LAYERS

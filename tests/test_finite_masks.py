@@ -100,3 +100,45 @@ def test_mask_value_must_be_finite_in_fp16_and_vanish_in_exp(value):
 
     with pytest.raises(ValueError):
         ane_pipeline(mask_value=value)
+
+
+def test_a_mask_under_sinks_and_the_row_maximum_is_rewritten():
+    """GPT-OSS: sinks are concatenated to the masked scores, and the row maximum (torch's max,
+    whose unused argmax the frontend keeps) is subtracted before the softmax. Found by the fuzzer:
+    the reduce_max and the dead argmax kept a float32-min causal mask, inf in fp16."""
+    causal = np.array([[0.0, FLOAT32_MIN], [0.0, 0.0]], np.float32)
+    scores = np.array([[[1.0, 2.0], [0.5, -1.0]]], np.float32)
+
+    def build(scores):
+        masked = mb.add(x=scores, y=causal)
+        joined = mb.concat(values=[masked, np.full((1, 2, 1), 0.3, np.float32)], axis=-1)
+        mb.reduce_argmax(x=joined, axis=-1, keep_dims=True)
+        shifted = mb.sub(x=joined, y=mb.reduce_max(x=joined, axes=[-1], keep_dims=True))
+        return mb.slice_by_index(x=mb.softmax(x=shifted, axis=-1), begin=[0, 0, 0], end=[1, 2, 2])
+
+    program = mil_program(build, scores=scores)
+    before = simulate(program, {"scores": scores})
+    reports = run_passes(program, PASS)
+    after = simulate(program, {"scores": scores})
+    assert dict(reports[PASS].rewritten) == {"mask constant": 1}
+    assert all(np.isfinite(v).all() for v in _constants(program) if v is not None)
+    np.testing.assert_allclose(*after.values(), *before.values(), rtol=1e-6)
+
+
+def test_a_float32_min_floor_on_the_scores_becomes_the_fp16_limit():
+    """XGLM: max(scores + mask, finfo.min) before the softmax. Found by the device-limit check
+    (tests/test_attention_families.py): the floor was -inf in the fp16 program."""
+    scores = np.array([[1.0, 2.0, -3.0], [0.5, -1.0, 2.0]], np.float32)
+    mask = np.array([[0.0, -1e4, 0.0], [0.0, 0.0, 0.0]], np.float32)  # already finite
+
+    def build(scores):
+        floored = mb.maximum(x=mb.add(x=scores, y=mask), y=np.float32(FLOAT32_MIN))
+        return mb.softmax(x=floored, axis=-1)
+
+    program = mil_program(build, scores=scores)
+    before = simulate(program, {"scores": scores})
+    reports = run_passes(program, PASS)
+    after = simulate(program, {"scores": scores})
+    assert dict(reports[PASS].rewritten) == {"mask constant": 1}
+    assert -65504.0 in [float(v) for v in _constants(program) if np.ndim(v) == 0]
+    np.testing.assert_allclose(*after.values(), *before.values(), rtol=1e-6)

@@ -50,7 +50,7 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
             attention: str | None = None, target: str = "iOS16", precision: str = "fp16",
             offline: bool = False, trust_remote_code: bool = False,
             min_psnr_db: float = DEFAULT_MIN_PSNR_DB,
-            progress: Console | Callable[[str], None] | None = None):
+            progress: Console | Callable[[str], None] | None = None, check_passes: bool = False):
     """Convert ``model`` for the ANE and verify it; returns ``(mlmodel, report)``.
 
     ``model`` is a hub id, a local directory, a loaded ``PreTrainedModel``, None for the
@@ -60,6 +60,9 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     inputs ``ct.EnumeratedShapes``; ``seq_len`` one fixed length (128 by default). ``attention``
     is handed to ``ane_pipeline`` only when given. ``progress`` shows the stages: a
     :class:`milpasses.console.Console`, or a function called with each stage's description.
+    ``check_passes`` converts with ``ane_pipeline(check=True)``: each pass is simulated before and
+    after it runs, a pass that changes the function stops the conversion (a ConversionError
+    naming it), and each pass's entry in the report carries its check.
     Raises :class:`ConversionError` for anything the user can fix; the report's ``passed`` says
     whether every output reached ``min_psnr_db``.
     """
@@ -70,7 +73,7 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     from milpasses.passes import last_reports
 
     options = check_options(task, seq_len, seq_lens, batch, attention, target, precision, offline,
-                            trust_remote_code, min_psnr_db)
+                            trust_remote_code, min_psnr_db, check_passes)
     pipeline = coreml.pipeline_for(options)
     console, seconds = as_console(progress), {}
     if is_onnx(model):

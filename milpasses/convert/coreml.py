@@ -19,13 +19,15 @@ import numpy as np
 
 from milpasses.convert.options import ConversionError, LibraryFailure, Options, first_line
 from milpasses.convert.trace import Traced
+from milpasses.passes.translation_check import TranslationError
 from milpasses.pipeline import ane_pipeline
 
 
 def pipeline_for(options: Options) -> ct.PassPipeline:
     """``ane_pipeline()`` for the options, built first so a bad option fails before loading."""
     try:
-        return ane_pipeline(**({} if options.attention is None else {"attention": options.attention}))
+        return ane_pipeline(check=options.check_passes,
+                            **({} if options.attention is None else {"attention": options.attention}))
     except ValueError as error:
         raise ConversionError(f"this milpasses has no attention={options.attention!r}: {error}") from error
 
@@ -35,6 +37,9 @@ def convert_traced(traced: Traced, pipeline: ct.PassPipeline, options: Options, 
         return ct.convert(traced.module, convert_to="mlprogram", pass_pipeline=pipeline,
                           compute_units=ct.ComputeUnit.CPU_AND_NE, skip_model_load=sys.platform != "darwin",
                           **_common(traced, options))
+    except TranslationError as error:
+        raise ConversionError(f"the per-pass check stopped the conversion: {error} (a milpasses bug: please "
+                              f"report it; without the check the package would compute something else)") from error
     except (RuntimeError, NotImplementedError, ValueError) as error:
         raise _frontend_error(error, model_type) from error
 

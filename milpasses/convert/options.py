@@ -56,6 +56,7 @@ class Options:
     trust_remote_code: bool
     min_psnr_db: float
     lengths_given: bool  # False: the default length, which a model taking images ignores
+    check_passes: bool = False  # ane_pipeline(check=True): each pass simulated before and after
 
     @property
     def spec(self) -> Task:
@@ -72,11 +73,14 @@ class Options:
             options.update({"seq_lens": list(self.lengths)} if self.enumerated else {"seq_len": self.lengths[0]})
         options.update(batch=self.batch, attention=self.attention, target=self.target, precision=self.precision,
                        offline=self.offline, compute_units="CPU_AND_NE")
+        if self.check_passes:
+            options["check_passes"] = True
         return options
 
 
 def check_options(task: str, seq_len: int | None, seq_lens, batch: int, attention: str | None, target: str,
-                  precision: str, offline: bool, trust_remote_code: bool, min_psnr_db: float) -> Options:
+                  precision: str, offline: bool, trust_remote_code: bool, min_psnr_db: float,
+                  check_passes: bool = False) -> Options:
     if task not in TASKS:
         raise ConversionError(f"unknown task '{task}'; the tasks are {', '.join(TASKS)}")
     for value, name, choices in ((attention, "attention", ATTENTION_MODES), (target, "target", TARGETS),
@@ -88,8 +92,11 @@ def check_options(task: str, seq_len: int | None, seq_lens, batch: int, attentio
     lengths = sorted(set(seq_lens)) if seq_lens is not None else [seq_len or DEFAULT_SEQ_LEN]
     if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths) or not isinstance(batch, int) or batch < 1:
         raise ConversionError("sequence lengths and batch must be positive integers")
+    if check_passes and len(lengths) > 1:
+        raise ConversionError("the per-pass check simulates the program at one shape: give one sequence length "
+                              "(seq_len), not several, with check_passes")
     return Options(task, tuple(lengths), batch, attention, target, precision, offline, trust_remote_code, min_psnr_db,
-                   lengths_given=seq_len is not None or seq_lens is not None)
+                   lengths_given=seq_len is not None or seq_lens is not None, check_passes=check_passes)
 
 
 def first_line(error: Exception) -> str:

@@ -82,7 +82,9 @@ class ConversionReport:
             skipped = "; ".join(f"{reason} x{n}" for reason, n in report["skipped"].items())
             lines.append(f"{report['pass']}: {sum(report['rewritten'].values())} sites rewritten, "
                          f"{sum(report['skipped'].values())} left alone"
-                         + (f" ({skipped})" if skipped else ""))
+                         + (f" ({skipped})" if skipped else "")
+                         + (f"; checked, relative error {report['check']['max_rel_error']:.1e}"
+                            if "check" in report else ""))
         lines += ["", "seconds  " + ", ".join(f"{stage} {s:.1f}" for stage, s in self.seconds.items())]
         if self.package_bytes is not None:
             lines.append(f"package  {self.package_bytes / 2**20:.1f} MiB")

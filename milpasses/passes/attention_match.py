@@ -31,6 +31,7 @@ from milpasses.passes.layout import left_from
 from milpasses.passes.matching import (
     NoMatch,
     as_list,
+    is_dead,
     constant_value,
     is_activation,
     is_block_output,
@@ -126,8 +127,8 @@ def _epilogue(softmax_op):
         op = var.op
         if op is None:
             return NoMatch("softmax input is a program input")
-        readers = {id(child) for child in var.child_ops}
-        if single_consumer(var) is None and readers != shifted_by:
+        readers = {id(child) for child in var.child_ops if not is_dead(child)}
+        if (len(readers) != 1 or is_block_output(var)) and readers != shifted_by:
             return NoMatch("attention scores have several consumers")
         ops.append(op)
         if op.op_type == "matmul":

@@ -10,6 +10,7 @@ from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
 
 from milpasses.passes.report import LAST_REPORTS, PassReport
+from milpasses.passes.translation_check import PassCheck
 
 NAMESPACE = "ane"
 logger = logging.getLogger("milpasses.passes")
@@ -61,10 +62,14 @@ class AnePass(AbstractGraphPass):
     """A pass over the main function's top-level block, which reports what it did.
 
     Every milpasses pass has the option ``enabled`` (default true); a disabled pass leaves the
-    program untouched and reports nothing rewritten.
+    program untouched and reports nothing rewritten. With ``check`` (default false) the pass
+    simulates the program before and after it runs and raises
+    :class:`~milpasses.passes.translation_check.TranslationError` if it changed what the
+    program computes (``ane_pipeline(check=True)`` sets it on every pass).
     """
 
     enabled = BoolOption()
+    check = BoolOption(default=False)
 
     def set_options(self, pass_options=None) -> None:
         """coremltools calls this before every run, with the options of the pipeline being
@@ -91,11 +96,14 @@ class AnePass(AbstractGraphPass):
             if op.blocks:
                 self.skip(op.name, f"'{op.op_type}' holds nested blocks this pass does not enter")
         self.report.ops_before = count_ops(block)
+        translation = PassCheck(prog) if self.check else None
         started = time.perf_counter()
         with block:  # the builder adds ops to the block whose context is open
             self.run(block)
         self.report.seconds = time.perf_counter() - started
         self.report.ops_after = count_ops(block)
+        if translation is not None:
+            translation.verify(self.report)
 
     def run(self, block) -> None:
         raise NotImplementedError

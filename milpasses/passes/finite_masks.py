@@ -8,7 +8,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.base import AnePass, logger, register
-from milpasses.passes.matching import NoMatch
+from milpasses.passes.matching import NoMatch, is_dead
 
 FP16_MAX = 65504.0
 #: Apple's mask value in ml-ane-transformers: exp(-1e4) is 0 in fp16 and fp32 alike, so a
@@ -17,9 +17,14 @@ DEFAULT_MASK_VALUE = -1e4
 
 #: Ops a mask constant feeds directly.
 MASK_CONSUMERS = {"select", "fill", "band_part", "clip"}
-#: Ops that carry a mask on its way into a softmax (arithmetic and layout).
+#: A floor or ceiling on the scores on their way into a softmax (XGLM clamps its masked scores
+#: at float32's min, so that min + min cannot make -inf): bounded at +-65504 like clip's.
+SCORE_FLOORS = {"maximum", "minimum"}
+#: Ops that carry a mask on its way into a softmax (arithmetic and layout). ``reduce_max`` is the
+#: row maximum a softmax's input is shifted by (GPT-OSS subtracts it after concatenating its
+#: sinks): a softmax is unchanged by that shift, whatever the masked values are.
 MASK_CARRIERS = {"add", "sub", "mul", "select", "cast", "reshape", "transpose", "expand_dims", "squeeze",
-                 "tile", "concat", "slice_by_index", "slice_by_size"}
+                 "tile", "concat", "slice_by_index", "slice_by_size", "reduce_max"}
 _SEARCH_DEPTH = 8
 
 
@@ -40,7 +45,7 @@ def _reaches_softmax(var, depth: int = 0) -> bool:
     if depth > _SEARCH_DEPTH or not var.child_ops:
         return False
     for op in var.child_ops:
-        if op.op_type == "softmax":
+        if op.op_type == "softmax" or is_dead(op):
             continue
         if op.op_type not in MASK_CARRIERS or not all(_reaches_softmax(o, depth + 1) for o in op.outputs):
             return False
@@ -62,10 +67,12 @@ def match_mask_constant(op) -> MaskConstant | NoMatch:
     for consumer in consumers:
         if consumer.op_type in MASK_CONSUMERS:
             continue
+        if consumer.op_type in SCORE_FLOORS and all(_reaches_softmax(o) for o in consumer.outputs):
+            continue
         if consumer.op_type in MASK_CARRIERS and all(_reaches_softmax(o) for o in consumer.outputs):
             continue
         return NoMatch("constant beyond fp16 range that is not a mask")
-    return MaskConstant(op, value, out_of_range, any(c.op_type == "clip" for c in consumers))
+    return MaskConstant(op, value, out_of_range, any(c.op_type in {"clip"} | SCORE_FLOORS for c in consumers))
 
 
 @register
@@ -94,10 +101,11 @@ class finite_masks(AnePass):
     uniform row PyTorch's finfo.min gives: a padding output, finite, that no valid token reads.
 
     It fires on a float constant with values beyond the fp16 range when every op reading it is
-    a ``select``, ``fill``, ``band_part`` or ``clip``, or carries it (add, sub, mul, layout ops)
-    only into a ``softmax``. Negative values become ``mask_value``, positive ones its
-    negation; for ``clip`` bounds they become +-65504, the fp16 limits, which clip nothing an
-    fp16 tensor can hold.
+    a ``select``, ``fill``, ``band_part`` or ``clip``, or carries it (add, sub, mul, layout ops,
+    the row maximum) only into a ``softmax``, or is a ``maximum``/``minimum`` bound on scores
+    going only into a softmax. Negative values become ``mask_value``, positive ones its
+    negation; for ``clip`` bounds and score floors they become +-65504, the fp16 limits, which
+    clip nothing an fp16 tensor can hold (and below which a score's exponential is 0).
 
     Does not fire on other constants beyond the fp16 range (weights, scales): those are
     reported at warning level, never silently clipped.

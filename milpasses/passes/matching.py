@@ -32,6 +32,13 @@ class NoMatch:
         return False
 
 
+def is_dead(op) -> bool:
+    """Nothing reads ``op``'s outputs (DEFAULT's dead-code elimination runs after the ``ane::``
+    passes, so dead ops are still there: torch's ``max`` leaves an unused argmax beside the
+    values). A dead reader cannot observe a rewrite."""
+    return all(not o.child_ops and o not in op.enclosing_block.outputs for o in op.outputs)
+
+
 def constant_value(var) -> np.ndarray | None:
     """The value of a var that is known at compile time, else None."""
     return None if var is None else var.val

@@ -17,6 +17,9 @@ class PassReport:
     ops_before: int = 0  # non-const ops in the main function when the pass started
     ops_after: int = 0
     seconds: float = 0.0  # wall time of the pass
+    # With the per-pass check: the largest output difference the pass made on seeded inputs
+    # ({"max_abs_error", "max_rel_error", "output", "passed"}); None when not checked.
+    check: dict | None = None
 
     @property
     def ops_removed(self) -> int:
@@ -39,6 +42,7 @@ class PassReport:
             "ops_before": self.ops_before,
             "ops_after": self.ops_after,
             "seconds": self.seconds,
+            **({} if self.check is None else {"check": self.check}),
         }
 
 

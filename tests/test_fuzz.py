@@ -1,0 +1,98 @@
+"""The fuzzer: transformer variants drawn by hypothesis (fixtures/fuzz.py), each converted in every
+attention mode with the per-pass check on, must compute what torch computes; and a bug injected
+into one rewrite is caught both by the fuzzer's property and by the per-pass check, each naming
+the pass. benchmarks/fuzz.py runs the same property for as many examples as asked."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, note, settings
+
+from fixtures.fuzz import MODES, Case, as_test, cases, check_case
+from milpasses.passes import head_rules, linear_to_conv
+from milpasses.passes.matching import NoMatch
+from milpasses.passes.translation_check import TranslationError
+
+#: Drawn models; each is converted in all four attention modes (4 x 60 = 240 conversions).
+EXAMPLES = 60
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors: threads only contend (a 1x1 conv is ~10x faster on one thread here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=False,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(case=cases())
+def test_drawn_transformers_equal_torch_in_every_attention_mode(case):
+    note(as_test(case))
+    outcomes = check_case(case)
+    assert [outcome.mode for outcome in outcomes] == list(MODES)
+
+
+def _bias_off_by_a_thousandth(monkeypatch):
+    """linear_to_conv's conv gets a bias 0.1% too large: invisible at fp16's 60 dB."""
+    original = linear_to_conv.linear_to_conv._rewrite
+
+    def rewrite(self, block, site):
+        if site.bias is not None:
+            site = replace(site, bias=site.bias * 1.001)
+        original(self, block, site)
+
+    monkeypatch.setattr(linear_to_conv.linear_to_conv, "_rewrite", rewrite)
+    return "ane::linear_to_conv"
+
+
+def _mean_off_by_a_thousandth(monkeypatch):
+    """The transport rule of reduce_mean (q/k RMSNorm inside attention) leaves a factor 1.001."""
+    original = head_rules.reduction
+
+    def reduction(op, forms, builder):
+        form = original(op, forms, builder)
+        return form if isinstance(form, NoMatch) else replace(form, scale=form.scale * 1.001)
+
+    monkeypatch.setitem(head_rules.RULES, "reduce_mean", reduction)
+    return "ane::attention_to_einsum"
+
+
+#: A case both bugs act on: biases, and a q/k RMSNorm carried per head.
+BUGGY_CASE = Case(qk_norm="rms", rotary="half", mask="causal_padding", bias=True, seq_len=5)
+
+
+@pytest.mark.parametrize("inject", [_bias_off_by_a_thousandth, _mean_off_by_a_thousandth])
+def test_an_injected_bug_is_caught_by_the_per_pass_check_and_by_the_fuzzer_naming_the_pass(monkeypatch, inject):
+    pass_id = inject(monkeypatch)
+    with pytest.raises(TranslationError, match=f"{pass_id} changed what the program computes"):
+        check_case(BUGGY_CASE, modes=("split_einsum",))
+    # The fuzzer's own property (torch against the fp32 program), with the per-pass check off,
+    # fails too, and its message names the pass.
+    with pytest.raises(AssertionError, match=f"fp32 relative error .*the per-pass check blames it: {pass_id}"):
+        check_case(BUGGY_CASE, modes=("split_einsum",), check_passes=False)
+
+
+def test_the_injected_bugs_case_passes_without_them():
+    check_case(BUGGY_CASE, modes=("split_einsum",))
+
+
+# Cases the fuzzer found (benchmarks/fuzz.py prints them shrunk, ready to paste).
+
+def test_sinks_shifted_by_torch_max_are_rewritten():
+    """torch's max leaves an unused argmax reading the scores (DEFAULT removes dead code only
+    after the ane:: passes): the scores then had "several consumers" and were left alone."""
+    (outcome,) = check_case(Case(sinks=True, gate=True, softcap=5.0, rotary="interleaved", qkv="fused",
+                                 mask="sliding", mask_style="inf"), modes=("split_einsum",))
+    assert outcome.rewritten == 1
+
+
+def test_a_constant_causal_mask_under_sinks_is_finite_in_fp16():
+    """The same argmax, and the row maximum, kept finite_masks from a float32-min causal mask:
+    the fp16 program held -inf (device_limit_violations in check_case)."""
+    check_case(Case(hidden=16, heads=1, kv_heads=1, head_dim=4, mask="causal", sinks=True, scale=0.5, norm="rms",
+                    post_norm=True, activation="relu", bias=False, seq_len=2, query_chunk=2, seed=512),
+               modes=("split_einsum",))
