@@ -1,4 +1,5 @@
-"""Bad ONNX inputs to ``milpasses convert``: a one-line error naming the problem, exit 2, nothing written."""
+"""Bad ONNX inputs to ``milpasses convert``: a one-line error naming the problem, exit 2, nothing
+written; and their good twins (external data present, names Core ML renames) converted."""
 
 import json
 
@@ -80,3 +81,15 @@ def test_directory_with_external_data_converts(tmp_path, capsys):
     report = json.loads((tmp_path / "m.report.json").read_text())
     assert report["inputs"] == {"x": [[2, 4]]} and report["outputs"] == ["y"] and report["verified"]
     assert output.is_dir() and capsys.readouterr().err == ""
+
+
+def test_names_core_ml_does_not_allow_are_renamed_and_verified(tmp_path):
+    graph = _model().graph
+    graph.input[0].name, graph.node[0].input[0] = "input:0", "input:0"
+    graph.output[0].name, graph.node[1].output[0] = "/model/y.1", "/model/y.1"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "odd.onnx"))
+    assert main(["convert", str(tmp_path / "odd.onnx"), "-o", str(tmp_path / "odd.mlpackage"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "odd.report.json").read_text())
+    assert report["inputs"] == {"input_0": [[1, 4]]} and report["outputs"] == ["_model_y_1"] and report["verified"]
+    assert "renamed: input:0 -> input_0, /model/y.1 -> _model_y_1" in report["samples"]

@@ -79,10 +79,11 @@ def convert_onnx(model, options: Options, pipeline, stage):
         except (RuntimeError, NotImplementedError, ValueError) as error:
             raise LibraryFailure(f"coremltools could not convert the MIL program of {source.path}: "
                                  f"{first_line(error)}") from error
-    output_names = [o.name for o in source.model.graph.output]
+    renamed = core_ml_names(source.model, mlmodel)
+    output_names = [renamed[o.name] for o in source.model.graph.output]
     recorded = {k: v for k, v in options.recorded(takes_images=seq_len is None).items() if k != "task"}
     report = ConversionReport(model=str(source.path), task="the ONNX graph's outputs",
-                              inputs={n: [list(s)] for n, s in shapes.items()}, outputs=output_names,
+                              inputs={renamed[n]: [list(s)] for n, s in shapes.items()}, outputs=output_names,
                               options=recorded, min_psnr_db=options.min_psnr_db, reference="ONNX Runtime",
                               passes=[r.as_dict() for r in last_reports().values()],
                               ops_after=histogram(mlmodel._mil_program))
@@ -92,7 +93,10 @@ def convert_onnx(model, options: Options, pipeline, stage):
         with ThreadPoolExecutor(max_workers=1) as pool:
             baseline = pool.submit(_default_histogram, source, shapes, target)
             inputs, report.samples = sample_inputs(source, shapes, tokenizer, rows)
-            _verify(mlmodel, session_class(str(source.path), providers=["CPUExecutionProvider"]), source, inputs,
+            changed = [f"{a} -> {b}" for a, b in renamed.items() if a != b]
+            if changed:
+                report.samples += f" (ONNX names Core ML does not allow, renamed: {', '.join(changed)})"
+            _verify(mlmodel, session_class(str(source.path), providers=["CPUExecutionProvider"]), inputs, renamed,
                     seq_len, options.batch, report, step)
             report.ops_before = baseline.result()
 
@@ -100,6 +104,15 @@ def convert_onnx(model, options: Options, pipeline, stage):
     mlmodel.user_defined_metadata["milpasses.source_model"] = str(source.path)
     mlmodel.short_description = f"{source.path.name}, converted from ONNX for the ANE by milpasses"
     return mlmodel, report
+
+
+def core_ml_names(model, mlmodel) -> dict[str, str]:
+    """ONNX input and output name -> the package's (coremltools renames what Core ML does not
+    allow, ``input:0`` to ``input_0``); the program keeps the graph's order."""
+    function = mlmodel._mil_program.functions["main"]
+    names = dict(zip((i.name for i in graph_inputs(model)), function.inputs))
+    names.update(zip((o.name for o in model.graph.output), (v.name for v in function.outputs)))
+    return names
 
 
 def _onnxruntime():
@@ -202,48 +215,55 @@ def _vocab_size(model, name: str) -> int:
     return 100
 
 
-def _verify(mlmodel, session, source: OnnxSource, inputs, seq_len, batch: int, report, step) -> None:
+def _verify(mlmodel, session, inputs, renamed: dict[str, str], seq_len, batch: int, report, step) -> None:
+    """Simulate the program and run ONNX Runtime on ``inputs`` (keyed by ONNX names), a batch at a
+    time; record each output's PSNR, per-token outputs on real tokens only."""
     from milpasses.simulator import SimulationError, Simulator, psnr
 
     simulator = Simulator(mlmodel._mil_program)
-    names = report.outputs
-    expected, simulated = {n: [] for n in names}, {n: [] for n in names}
+    onnx_names = [name for name, core_ml in renamed.items() if core_ml in report.outputs]
+    expected, simulated = {n: [] for n in onnx_names}, {n: [] for n in onnx_names}
     rows = len(next(iter(inputs.values())))
     try:
         for start in range(0, rows, batch):
             chunk = {k: v[start:start + batch] for k, v in inputs.items()}
-            for name, value in zip(names, session.run(names, chunk)):
+            for name, value in zip(onnx_names, session.run(onnx_names, chunk)):
                 expected[name].append(value)
-            fed = {k: v.astype(np.int32) if v.dtype == np.int64 else v for k, v in chunk.items()}
-            for name, value in simulator.run(fed).items():
-                simulated[name].append(value)
+            produced = simulator.run(_core_ml_inputs(chunk, renamed))
+            for name in onnx_names:
+                simulated[name].append(produced[renamed[name]])
             step()
     except SimulationError as error:
         report.verification_error = str(error)
         report.device_check = "MLModel.predict not run: the simulation failed first"
         return
     valid = inputs["attention_mask"].astype(bool) if "attention_mask" in inputs else None
-    for name in names:
+    for name in onnx_names:
         want, got = np.concatenate(expected[name]), np.concatenate(simulated[name])
         if valid is not None and want.ndim > 2 and want.shape[:2] == valid.shape:
             want, got = want[valid], got[valid]  # per-token outputs: real tokens only
-        report.psnr.append({"output": name, "seq_len": seq_len,
+        report.psnr.append({"output": renamed[name], "seq_len": seq_len,
                             "psnr_db": round(psnr(want.astype(np.float64), got.astype(np.float64)), 2)})
     report.device_check = ("MLModel.predict skipped: Core ML runs only on macOS (the simulated PSNR is the check here)"
-                           if sys.platform != "darwin" else _device_check(mlmodel, session, inputs, batch, names))
+                           if sys.platform != "darwin" else
+                           _device_check(mlmodel, session, inputs, renamed, batch, onnx_names))
 
 
-def _device_check(mlmodel, session, inputs, batch: int, names) -> str:
+def _core_ml_inputs(chunk: dict[str, np.ndarray], renamed: dict[str, str]) -> dict[str, np.ndarray]:
+    return {renamed[k]: v.astype(np.int32) if v.dtype == np.int64 else v for k, v in chunk.items()}
+
+
+def _device_check(mlmodel, session, inputs, renamed, batch: int, onnx_names) -> str:
     from milpasses.simulator import psnr
 
     chunk = {k: v[:batch] for k, v in inputs.items()}
     try:
-        predicted = mlmodel.predict({k: v.astype(np.int32) if v.dtype == np.int64 else v for k, v in chunk.items()})
+        predicted = mlmodel.predict(_core_ml_inputs(chunk, renamed))
     except Exception as error:  # Core ML's runtime reports its failures in many types
         return f"MLModel.predict failed: {first_line(error)}"
-    expected = session.run(names, chunk)
+    expected = session.run(onnx_names, chunk)
     return "MLModel.predict (CPU_AND_NE) against ONNX Runtime: " + ", ".join(
-        f"{n} {psnr(e, predicted[n]):.1f} dB" for n, e in zip(names, expected))
+        f"{renamed[n]} {psnr(e, predicted[renamed[n]]):.1f} dB" for n, e in zip(onnx_names, expected))
 
 
 def _is_integer(value_info) -> bool:

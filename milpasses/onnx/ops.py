@@ -81,13 +81,17 @@ def div(ctx, node, inputs, attrs):
     # ane:: passes read the variance's single reader, so the sqrt goes when nothing else reads it.
     if not isinstance(x, Var) and np.size(x) == 1 and np.all(np.asarray(x) == 1) \
             and producer is not None and producer.op_type == "sqrt" and ctx.readers(node.input[1]) == 1:
-        result = mb.rsqrt(x=producer.x)
-        producer.enclosing_block.remove_ops([producer])
-        return result
+        return _rsqrt_of(producer)
     if _is_int(x) or (not isinstance(x, Var) and np.asarray(x).dtype.kind in "iu"):
         # ONNX truncates, MIL floors: the same on the non-negative index arithmetic exporters write.
         return mb.floor_div(x=as_var(x), y=as_var(y))
     return mb.real_div(x=as_var(x), y=as_var(y))
+
+
+def _rsqrt_of(sqrt_op):
+    result = mb.rsqrt(x=sqrt_op.x)
+    sqrt_op.enclosing_block.remove_ops([sqrt_op])
+    return result
 
 
 _UNARY = {"Sqrt": mb.sqrt, "Erf": mb.erf, "Tanh": mb.tanh, "Sigmoid": mb.sigmoid, "Relu": mb.relu,
@@ -105,6 +109,9 @@ def unary(ctx, node, inputs, attrs):
         result = mb.not_equal(x=producer.x, y=producer.y)
         producer.enclosing_block.remove_ops([producer])
         return result
+    if node.op_type == "Reciprocal" and producer is not None and producer.op_type == "sqrt" \
+            and ctx.readers(node.input[0]) == 1:
+        return _rsqrt_of(producer)  # the dynamo exporter's rsqrt
     return _UNARY[node.op_type](x=inputs[0])
 
 
@@ -376,6 +383,16 @@ def gather(ctx, node, inputs, attrs):
     if data.dtype == types.bool:  # MIL gathers numbers only
         return mb.cast(x=mb.gather(x=mb.cast(x=data, dtype="int32"), indices=as_var(indices), axis=axis), dtype="bool")
     return mb.gather(x=data, indices=as_var(indices), axis=axis)
+
+
+@translates("GatherND")
+def gather_nd(ctx, node, inputs, attrs):
+    data, indices = as_var(inputs[0]), as_var(inputs[1])
+    batch_dims = attrs.get("batch_dims", 0)
+    if data.dtype == types.bool:  # MIL gathers numbers only
+        gathered = mb.gather_nd(x=mb.cast(x=data, dtype="int32"), indices=indices, batch_dims=batch_dims)
+        return mb.cast(x=gathered, dtype="bool")
+    return mb.gather_nd(x=data, indices=indices, batch_dims=batch_dims)
 
 
 @translates("GatherElements")
