@@ -1,6 +1,6 @@
 """The bundled all-MiniLM-L6-v2 exported to ONNX (with its tokenizer) and converted by
 ``milpasses convert DIRECTORY``: the same ane_pipeline() program as the torch route's, >= 60 dB
-against ONNX Runtime on real sentences."""
+against ONNX Runtime and against the directory's PyTorch model on real sentences."""
 
 import json
 
@@ -26,6 +26,7 @@ def minilm(tmp_path_factory):
     inputs = {k: batch[k].astype(np.int32) for k in ("input_ids", "attention_mask")}
     export(LastHiddenState(model, tuple(inputs)).eval(), inputs, directory / "model.onnx")
     tokenizer.save_pretrained(directory)
+    model.save_pretrained(directory)  # an optimum-style directory: the Hugging Face model beside its export
     return model, inputs, directory
 
 
@@ -37,6 +38,9 @@ def test_minilm_directory_converts_like_the_torch_route(minilm, tmp_path, capsys
     assert report["reference"] == "ONNX Runtime" and report["verified"]
     assert report["inputs"] == {"input_ids": [[1, SEQ_LEN]], "attention_mask": [[1, SEQ_LEN]]}
     assert report["samples"].startswith("4 real sentences") and report["psnr"][0]["psnr_db"] >= 60
+    assert "also compared with the directory's PyTorch model (BertModel" in report["samples"]
+    against_torch = [e for e in report["psnr"] if e["output"] == "last_hidden_state vs PyTorch"]
+    assert len(against_torch) == 1 and against_torch[0]["psnr_db"] >= 60
     assert output.is_dir() and (tmp_path / "minilm.report.md").is_file()
 
     with torch.no_grad():

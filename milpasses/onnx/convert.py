@@ -22,6 +22,7 @@ from milpasses.onnx.translate import UnsupportedOp, input_dtype, to_program
 _NUMPY_INPUTS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                  onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def graph_inputs(model) -> list:
@@ -96,8 +97,9 @@ def convert_onnx(model, options: Options, pipeline, stage):
             changed = [f"{a} -> {b}" for a, b in renamed.items() if a != b]
             if changed:
                 report.samples += f" (ONNX names Core ML does not allow, renamed: {', '.join(changed)})"
+            torch_model = _torch_model(source, inputs, report)
             _verify(mlmodel, session_class(str(source.path), providers=["CPUExecutionProvider"]), inputs, renamed,
-                    seq_len, options.batch, report, step)
+                    seq_len, options.batch, report, step, torch_model)
             report.ops_before = baseline.result()
 
     mlmodel.user_defined_metadata["milpasses.version"] = milpasses.__version__
@@ -215,20 +217,55 @@ def _vocab_size(model, name: str) -> int:
     return 100
 
 
-def _verify(mlmodel, session, inputs, renamed: dict[str, str], seq_len, batch: int, report, step) -> None:
+def _torch_model(source: OnnxSource, inputs: dict[str, np.ndarray], report):
+    """The Hugging Face model the directory also holds (its config and weights beside model.onnx),
+    to verify against PyTorch too; None, with the reason in the report's samples, when there is
+    none or it cannot take the ONNX graph's inputs."""
+    directory = source.directory
+    if directory is None or not (directory / "config.json").is_file() \
+            or not any((directory / f).is_file() for f in WEIGHT_FILES):
+        return None
+    import inspect
+
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        model_class = getattr(transformers, next(iter(config.architectures or []), ""), None) or transformers.AutoModel
+        model = model_class.from_pretrained(str(directory), local_files_only=True, attn_implementation="eager")
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        report.samples += f"; not compared with PyTorch: the directory's model did not load ({first_line(error)})"
+        return None
+    unknown = set(inputs) - set(inspect.signature(model.forward).parameters)
+    if unknown:
+        report.samples += f"; not compared with PyTorch: {model_class.__name__} takes no {', '.join(sorted(unknown))}"
+        return None
+    report.samples += f"; also compared with the directory's PyTorch model ({model_class.__name__}, fp32)"
+    return model.eval()
+
+
+def _verify(mlmodel, session, inputs, renamed: dict[str, str], seq_len, batch: int, report, step,
+            torch_model=None) -> None:
     """Simulate the program and run ONNX Runtime on ``inputs`` (keyed by ONNX names), a batch at a
-    time; record each output's PSNR, per-token outputs on real tokens only."""
+    time; record each output's PSNR, per-token outputs on real tokens only. With ``torch_model``
+    (the directory's Hugging Face model), outputs it names the same are compared with it too."""
     from milpasses.simulator import SimulationError, Simulator, psnr
 
     simulator = Simulator(mlmodel._mil_program)
     onnx_names = [name for name, core_ml in renamed.items() if core_ml in report.outputs]
-    expected, simulated = {n: [] for n in onnx_names}, {n: [] for n in onnx_names}
+    references = {"ONNX Runtime": {n: [] for n in onnx_names}}
+    if torch_model is not None:
+        references["PyTorch"] = {n: [] for n in onnx_names}
+    simulated = {n: [] for n in onnx_names}
     rows = len(next(iter(inputs.values())))
     try:
         for start in range(0, rows, batch):
             chunk = {k: v[start:start + batch] for k, v in inputs.items()}
             for name, value in zip(onnx_names, session.run(onnx_names, chunk)):
-                expected[name].append(value)
+                references["ONNX Runtime"][name].append(value)
+            if torch_model is not None:
+                for name, value in _torch_outputs(torch_model, chunk, onnx_names).items():
+                    references["PyTorch"][name].append(value)
             produced = simulator.run(_core_ml_inputs(chunk, renamed))
             for name in onnx_names:
                 simulated[name].append(produced[renamed[name]])
@@ -238,15 +275,28 @@ def _verify(mlmodel, session, inputs, renamed: dict[str, str], seq_len, batch: i
         report.device_check = "MLModel.predict not run: the simulation failed first"
         return
     valid = inputs["attention_mask"].astype(bool) if "attention_mask" in inputs else None
-    for name in onnx_names:
-        want, got = np.concatenate(expected[name]), np.concatenate(simulated[name])
-        if valid is not None and want.ndim > 2 and want.shape[:2] == valid.shape:
-            want, got = want[valid], got[valid]  # per-token outputs: real tokens only
-        report.psnr.append({"output": renamed[name], "seq_len": seq_len,
-                            "psnr_db": round(psnr(want.astype(np.float64), got.astype(np.float64)), 2)})
+    for reference, expected in references.items():
+        for name in onnx_names:
+            if len(expected[name]) != len(simulated[name]):
+                continue  # the PyTorch model has no output of this name
+            want, got = np.concatenate(expected[name]), np.concatenate(simulated[name])
+            if valid is not None and want.ndim > 2 and want.shape[:2] == valid.shape:
+                want, got = want[valid], got[valid]  # per-token outputs: real tokens only
+            label = renamed[name] if reference == "ONNX Runtime" else f"{renamed[name]} vs PyTorch"
+            report.psnr.append({"output": label, "seq_len": seq_len,
+                                "psnr_db": round(psnr(want.astype(np.float64), got.astype(np.float64)), 2)})
     report.device_check = ("MLModel.predict skipped: Core ML runs only on macOS (the simulated PSNR is the check here)"
                            if sys.platform != "darwin" else
                            _device_check(mlmodel, session, inputs, renamed, batch, onnx_names))
+
+
+def _torch_outputs(model, chunk: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        outputs = model(**{k: torch.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v)
+                           for k, v in chunk.items()}, return_dict=True)
+    return {n: outputs[n].float().numpy() for n in names if n in outputs}
 
 
 def _core_ml_inputs(chunk: dict[str, np.ndarray], renamed: dict[str, str]) -> dict[str, np.ndarray]:
