@@ -10,6 +10,7 @@ from milpasses.passes.attention_match import (
     carry,
     external_layout,
     extra_key_count,
+    is_sequence_last_split,
     match_attention,
     match_sdpa,
     operand_rows,
@@ -433,7 +434,10 @@ def _without_extra_keys(weights, site: AttentionSite):
 
 
 def _in_bc1s(root, source):
-    """A head split's (B, S, C) source in (B, C, 1, S): the conv output it left, or entered."""
+    """A head split's (B, S, C) source in (B, C, 1, S): the conv output it left, or entered;
+    a sequence-last cache is in that form already."""
+    if is_sequence_last_split(root):
+        return source
     left = left_from(source)
     return enter(source, f"{root.name}_source") if left is None else left
 

@@ -417,7 +417,13 @@ def broadcast_channels(small: HeadForm, full: HeadForm, builder, name: str):
     while kept < len(shape_full) and shape_small[kept] == shape_full[kept]:
         kept += 1
     if any(n != 1 for n in shape_small[kept:]):
-        return NoMatch("a per-head operand broadcasts on a channel axis that is not innermost")
+        if any(s not in (1, f) for s, f in zip(shape_small, shape_full)):
+            return NoMatch("a per-head operand does not broadcast against the heads")
+        # Shared by every head on an outer axis (a rotary table computed from run-time
+        # positions): its channel map is repeated, so the gather reads each head's copy.
+        repeated = small.with_channels(full.axes, np.broadcast_to(small.src, shape_full),
+                                       np.broadcast_to(small.chan, shape_full))
+        return materialise(repeated, builder, f"{name}_repeated")
     groups = int(np.prod(shape_small))
     repeat = full.channels // groups
     x = materialise(small, builder, f"{name}_in")
