@@ -16,6 +16,7 @@ layer, position + i - j < window; the new tokens see each other causally.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -115,12 +116,64 @@ def sliding_window(model) -> int | None:
     return getattr(config, "sliding_window", None) or getattr(config, "attention_window_size", None)
 
 
+class RotaryTables(torch.nn.Module):
+    """A rotary embedding module answering from cos/sin tables computed once, in float32, for
+    every position of the context: transformers' own module would compute the angles from the
+    run-time positions in the program's fp16, where position * frequency loses its fraction
+    (at position 1000 the angle is off by up to 0.25 rad)."""
+
+    def __init__(self, rotary: torch.nn.Module, context: int):
+        super().__init__()
+        self.rotary = rotary
+        self.last_position = context - 1
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(context)[None])
+        self.register_buffer("cos_table", cos[0].float(), persistent=False)
+        self.register_buffer("sin_table", sin[0].float(), persistent=False)
+
+    def forward(self, x, position_ids, *args, **kwargs):
+        if args or kwargs:  # a variant the tables were not computed for (a per-layer-type rotary)
+            return self.rotary(x, position_ids, *args, **kwargs)
+        # minimum, not clamp: coremltools turns clamp into a float clip, and indices stay integers.
+        positions = torch.minimum(position_ids[0], torch.tensor(self.last_position))
+        cos = torch.index_select(self.cos_table, 0, positions)[None]
+        sin = torch.index_select(self.sin_table, 0, positions)[None]
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def _rotary_modules(model: torch.nn.Module, context: int) -> list:
+    """(parent, name, module, tables) for every rotary module of ``model``: transformers names
+    them ``*RotaryEmbedding`` and calls them with ``(x, position_ids)``."""
+    found = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child).__name__.endswith("RotaryEmbedding"):
+                try:
+                    found.append((parent, name, child, RotaryTables(child, context)))
+                except TypeError:
+                    continue  # its forward takes other arguments: left as it is
+    return found
+
+
+@contextlib.contextmanager
+def _swapped(swaps):
+    """The rotary modules replaced by their tables for one call, the model restored after."""
+    for parent, name, _, tables in swaps:
+        setattr(parent, name, tables)
+    try:
+        yield
+    finally:
+        for parent, name, module, _ in swaps:
+            setattr(parent, name, module)
+
+
 class KVCacheStep(torch.nn.Module):
     """``(input_ids, position, key_cache, value_cache) -> (logits, new_keys, new_values)``."""
 
     def __init__(self, model: torch.nn.Module, context: int):
         super().__init__()
         self.model = model
+        self.rotary = _rotary_modules(model, context)
         self.shape = cache_shape(model, context)
         config = _text_config(model.config)
         self.layer_types = tuple(getattr(config, "layer_types", None) or ())
@@ -146,10 +199,11 @@ class KVCacheStep(torch.nn.Module):
         if self.max_position is not None:
             # The padded tail of a last prefill chunk may run past the model's positions; its
             # outputs are never read, but a position-embedding lookup must stay in range.
-            position_ids = torch.clamp(position_ids, max=self.max_position - 1)
+            position_ids = torch.minimum(position_ids, torch.tensor(self.max_position - 1))
         cache = StepCache(key_cache, value_cache, self.shape)
-        output = self.model(input_ids=input_ids.to(torch.long), position_ids=position_ids,
-                            attention_mask=self.masks(position, query_length), cache=cache, use_cache=True)
+        with _swapped(self.rotary):
+            output = self.model(input_ids=input_ids.to(torch.long), position_ids=position_ids,
+                                attention_mask=self.masks(position, query_length), cache=cache, use_cache=True)
         return output.logits, cache.stacked(cache.new_keys), cache.stacked(cache.new_values)
 
 
