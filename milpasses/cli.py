@@ -40,7 +40,8 @@ def convert_command(args) -> int:
         mlmodel, report = convert(
             args.model, task=args.task, seq_len=args.seq_len, seq_lens=args.seq_lens, batch=args.batch,
             attention=args.attention, target=args.target, precision=args.precision, offline=args.offline,
-            trust_remote_code=args.trust_remote_code, min_psnr_db=args.min_psnr, progress=console)
+            trust_remote_code=args.trust_remote_code, min_psnr_db=args.min_psnr, progress=console,
+            context=args.context, prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache)
         if args.strict and not report.passed:
             if not (args.quiet or args.json):
                 print(report.table())
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     lengths.add_argument("--seq-lens", type=_lengths, metavar="N,N,...",
                          help="enumerated sequence lengths, e.g. 64,128,512 (ct.EnumeratedShapes)")
     convert.add_argument("--batch", type=_positive_int, default=1)
+    convert.add_argument("--context", type=_positive_int,
+                         help="text-generation: the KV cache's length; writes prefill and decode functions")
+    convert.add_argument("--prefill-chunk", type=_positive_int, metavar="Q",
+                         help="text-generation: tokens per prefill call (default 64, or the context if shorter)")
+    convert.add_argument("--kv-cache", choices=("io", "state"), default="io",
+                         help="text-generation: the cache as inputs and outputs (io) or as Core ML state")
     convert.add_argument("--attention", choices=ATTENTION_MODES, help="attention rewrite of ane_pipeline")
     convert.add_argument("--target", choices=TARGETS, default="iOS16", help="minimum deployment target")
     convert.add_argument("--precision", choices=PRECISIONS, default="fp16")
