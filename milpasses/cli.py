@@ -65,6 +65,38 @@ def convert_command(args) -> int:
     return 0
 
 
+def generate_command(args) -> int:
+    from milpasses.generation.api import GenerationError, generate
+    from milpasses.generation.host import ContextFullError
+
+    try:
+        generate(args.package, args.prompt, args.max_new_tokens, tokenizer=args.tokenizer, chat=args.chat,
+                 top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed,
+                 stream=lambda piece: print(piece, end="", flush=True), simulate=True if args.simulate else None)
+    except (GenerationError, ContextFullError) as error:
+        print()
+        raise UserError(str(error)) from error
+    print()
+    return 0
+
+
+def _add_generate_parser(commands) -> None:
+    parser = commands.add_parser("generate", help="generate text with a converted text-generation package")
+    parser.add_argument("package", metavar="PACKAGE", help="an .mlpackage from convert --task text-generation")
+    parser.add_argument("prompt", help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    parser.add_argument("--top-k", type=_positive_int, help="sample from the k most likely tokens (seeded)")
+    parser.add_argument("--top-p", type=float, help="sample from the smallest set holding this probability")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", help="model directory or hub id of the tokenizer (default: the package's "
+                                            "source model)")
+    parser.add_argument("--simulate", action="store_true", help="run in the MIL simulator also on macOS")
+    parser.set_defaults(run=generate_command, quiet=False, json=False)
+    add_verbose_option(parser)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -126,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     from milpasses.analyze.cli import add_analyze_parser
 
     add_analyze_parser(commands)
+    _add_generate_parser(commands)
     return parser
 
 

@@ -128,7 +128,7 @@ def test_a_model_without_a_causal_head_is_refused():
         convert(build_model("llama"), task="text-generation", context=32)
 
 
-def test_cli_writes_a_verified_two_function_package(tmp_path):
+def test_cli_writes_a_verified_two_function_package(tmp_path, capsys):
     source = save_fixture(tmp_path / "models" / "gpt2", "gpt2", hf.GPT2LMHeadModel)
     output = tmp_path / "gpt2.mlpackage"
     code = main(["convert", str(source), "--task", "text-generation", "--context", "32", "--prefill-chunk", "8",
@@ -142,3 +142,18 @@ def test_cli_writes_a_verified_two_function_package(tmp_path):
     bad = main(["convert", str(source), "--task", "text-generation", "--context", "8", "--prefill-chunk", "9",
                 "--offline", "--quiet", "-o", str(tmp_path / "bad.mlpackage")])
     assert bad == 2 and not (tmp_path / "bad.mlpackage").exists()
+
+    # milpasses generate streams the package's greedy continuation: Hugging Face's, decoded.
+    prompt = "the cat sat on the mat"
+    capsys.readouterr()
+    assert main(["generate", str(output), prompt, "--max-new-tokens", "6"]) == 0
+    streamed = capsys.readouterr().out
+    tokenizer = hf.AutoTokenizer.from_pretrained(source)
+    model = hf.GPT2LMHeadModel.from_pretrained(source, attn_implementation="eager").eval()
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                                  do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+    assert streamed.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
+    assert main(["generate", str(output), "word " * 40]) == 2
+    assert "context" in capsys.readouterr().err
