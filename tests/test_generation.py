@@ -157,3 +157,12 @@ def test_cli_writes_a_verified_two_function_package(tmp_path, capsys):
     assert streamed.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
     assert main(["generate", str(output), "word " * 40]) == 2
     assert "context" in capsys.readouterr().err
+
+
+def test_analyze_reads_the_decode_function_and_prices_the_cache(llama_package, capsys):
+    _, path, _ = llama_package
+    assert main(["analyze", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "generation (decode, 1 token(s) per call, context 32)" in out
+    # 2 layers x 16 channels, fp16, K and V: 128 bytes per position; io moves the whole cache.
+    assert "io 4,224" in out and "state 128" in out

@@ -74,6 +74,14 @@ class KVCache:
         self.values[..., position:position + count] = new_values[..., :count]
 
 
+def cache_bytes_per_token(layers: int, channels: int, context: int) -> dict[str, int]:
+    """Bytes of cache that cross the model's boundary per decoded token, fp16: as inputs and
+    outputs (io) the whole cache goes in and the token's K and V come out; as state only the
+    token's K and V are written in place."""
+    entry = 2 * layers * channels * 2
+    return {"io": entry * context + entry, "state": entry}
+
+
 def run_step(run, function: str, tokens: np.ndarray, position: int, cache: KVCache):
     outputs = run(function, {"input_ids": tokens.astype(np.int32)[None, :],
                              "position": np.array([position], dtype=np.int32),
