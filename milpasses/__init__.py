@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _HOMES = {
     "ane_pipeline": "milpasses.pipeline",
     "check_fp16": "milpasses.fp16_check",
+    "generate": "milpasses.generation.api",
     "last_reports": "milpasses.passes",
     "psnr": "milpasses.simulator",
     "simulate": "milpasses.simulator",

@@ -41,7 +41,8 @@ def convert_command(args) -> int:
             args.model, task=args.task, seq_len=args.seq_len, seq_lens=args.seq_lens, batch=args.batch,
             attention=args.attention, target=args.target, precision=args.precision, offline=args.offline,
             trust_remote_code=args.trust_remote_code, min_psnr_db=args.min_psnr, progress=console,
-            check_passes=args.check_passes)
+            check_passes=args.check_passes, context=args.context, prefill_chunk=args.prefill_chunk,
+            kv_cache=args.kv_cache)
         if args.strict and not report.passed:
             if not (args.quiet or args.json):
                 print(report.table())
@@ -63,6 +64,38 @@ def convert_command(args) -> int:
         console.warning(f"verification failed: {report.failure()}; the package may not compute what the "
                         f"PyTorch model computes (see {written[2]})")
     return 0
+
+
+def generate_command(args) -> int:
+    from milpasses.generation.api import GenerationError, generate
+    from milpasses.generation.host import ContextFullError
+
+    try:
+        generate(args.package, args.prompt, args.max_new_tokens, tokenizer=args.tokenizer, chat=args.chat,
+                 top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed,
+                 stream=lambda piece: print(piece, end="", flush=True), simulate=True if args.simulate else None)
+    except (GenerationError, ContextFullError) as error:
+        print()
+        raise UserError(str(error)) from error
+    print()
+    return 0
+
+
+def _add_generate_parser(commands) -> None:
+    parser = commands.add_parser("generate", help="generate text with a converted text-generation package")
+    parser.add_argument("package", metavar="PACKAGE", help="an .mlpackage from convert --task text-generation")
+    parser.add_argument("prompt", help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    parser.add_argument("--top-k", type=_positive_int, help="sample from the k most likely tokens (seeded)")
+    parser.add_argument("--top-p", type=float, help="sample from the smallest set holding this probability")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", help="model directory or hub id of the tokenizer (default: the package's "
+                                            "source model)")
+    parser.add_argument("--simulate", action="store_true", help="run in the MIL simulator also on macOS")
+    parser.set_defaults(run=generate_command, quiet=False, json=False)
+    add_verbose_option(parser)
 
 
 def _positive_int(text: str) -> int:
@@ -101,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     lengths.add_argument("--seq-lens", type=_lengths, metavar="N,N,...",
                          help="enumerated sequence lengths, e.g. 64,128,512 (ct.EnumeratedShapes)")
     convert.add_argument("--batch", type=_positive_int, default=1)
+    convert.add_argument("--context", type=_positive_int,
+                         help="text-generation: the KV cache's length; writes prefill and decode functions")
+    convert.add_argument("--prefill-chunk", type=_positive_int, metavar="Q",
+                         help="text-generation: tokens per prefill call (default 64, or the context if shorter)")
+    convert.add_argument("--kv-cache", choices=("io", "state"), default="io",
+                         help="text-generation: the cache as inputs and outputs (io) or as Core ML state")
     convert.add_argument("--attention", choices=ATTENTION_MODES, help="attention rewrite of ane_pipeline")
     convert.add_argument("--target", choices=TARGETS, default="iOS16", help="minimum deployment target")
     convert.add_argument("--precision", choices=PRECISIONS, default="fp16")
@@ -124,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     from milpasses.analyze.cli import add_analyze_parser
 
     add_analyze_parser(commands)
+    _add_generate_parser(commands)
     return parser
 
 

@@ -29,6 +29,8 @@ def add_analyze_parser(commands) -> None:
                         help="an .mlpackage, or a Hugging Face model directory or id to convert "
                              "(default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    parser.add_argument("--function", help="the function of a multifunction package (default: main, or a "
+                                           "text-generation package's decode)")
     parser.add_argument("--html", metavar="OUT", help="also write a self-contained HTML picture of it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --html file")
     parser.add_argument("--chip", choices=tuple(CHIPS), default=DEFAULT_CHIP,
@@ -138,15 +140,43 @@ def _programs(args, console: Console) -> tuple[dict, str]:
         return _convert(model, described, args.seq_len, pipelines), described
 
 
-def _analyze_or_explain(label: str, source, chip: str):
+def _analyze_or_explain(label: str, source, chip: str, function: str | None = None):
     from milpasses.analyze.report import analyze
 
     try:
-        return analyze(source, chip)
+        return analyze(source, chip, function_name=_function_name(source, function))
     except (FileNotFoundError, ValueError, TypeError) as error:
         raise UserError(f"cannot analyse {label}: {error}") from error
     except Exception as error:  # coremltools raises bare Exceptions for a corrupt package
         raise UserError(f"cannot read {label} as a Core ML ML Program ({type(error).__name__}: {error})") from error
+
+
+def _function_name(source, function: str | None) -> str:
+    """The function asked for; without one, ``main``, or a text-generation package's ``decode``."""
+    if function is not None:
+        return function
+    from milpasses.simulator import load_program
+
+    functions = load_program(source).functions
+    return "main" if "main" in functions or "decode" not in functions else "decode"
+
+
+def generation_lines(analysis, source, function: str) -> list[str]:
+    """Per-token latency and tokens/s per chip of a KV-cache step, and what its cache costs."""
+    from milpasses.generation.host import cache_bytes_per_token
+    from milpasses.simulator import load_program
+
+    inputs = load_program(source).functions[function].inputs
+    if "key_cache" not in inputs:
+        return []
+    layers, channels, _, context = (int(d) for d in inputs["key_cache"].shape)
+    tokens = int(inputs["input_ids"].shape[1])
+    traffic = cache_bytes_per_token(layers, channels, context)
+    rates = ", ".join(f"{chip} {tokens / latency:.1f}" for chip, latency in analysis.latency_by_chip.items())
+    return [f"generation ({function}, {tokens} token(s) per call, context {context}): "
+            f"{analysis.latency / tokens * 1e3:.2f} ms per token; tokens/s by chip: {rates}",
+            f"cache bytes per token: io {traffic['io']:,} (the whole cache in, the new K/V out), "
+            f"state {traffic['state']:,} (the new K/V written in place)"]
 
 
 def _device_plan(source) -> dict:
@@ -181,7 +211,8 @@ def _run(args, console: Console) -> int:
 
     sources, described = _programs(args, console)
     with console.stage("predicting where each op runs"):
-        analyses = {label: _analyze_or_explain(label, source, args.chip) for label, source in sources.items()}
+        analyses = {label: _analyze_or_explain(label, source, args.chip, args.function)
+                    for label, source in sources.items()}
     plans = {label: _device_plan(source) for label, source in sources.items()} if args.device else {}
 
     if args.json:
@@ -200,6 +231,8 @@ def _run(args, console: Console) -> int:
         for label, analysis in analyses.items():
             print(f"== {label} ({described}) on {args.chip} ==")
             print(render.table(analysis, plans.get(label)))
+            for line in generation_lines(analysis, sources[label], _function_name(sources[label], args.function)):
+                print(line)
             if label in plans:
                 matched, compared = compute_plan.agreement(
                     {r.output_name: r.device for r in analysis.ops}, plans[label])

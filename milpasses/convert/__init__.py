@@ -50,7 +50,9 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
             attention: str | None = None, target: str = "iOS16", precision: str = "fp16",
             offline: bool = False, trust_remote_code: bool = False,
             min_psnr_db: float = DEFAULT_MIN_PSNR_DB,
-            progress: Console | Callable[[str], None] | None = None, check_passes: bool = False):
+            progress: Console | Callable[[str], None] | None = None,
+            check_passes: bool = False,
+            context: int | None = None, prefill_chunk: int | None = None, kv_cache: str = "io"):
     """Convert ``model`` for the ANE and verify it; returns ``(mlmodel, report)``.
 
     ``model`` is a hub id, a local directory, a loaded ``PreTrainedModel``, None for the
@@ -65,6 +67,11 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     naming it), and each pass's entry in the report carries its check.
     Raises :class:`ConversionError` for anything the user can fix; the report's ``passed`` says
     whether every output reached ``min_psnr_db``.
+
+    With ``context`` (``task="text-generation"``) the result is a KV-cache decoder: one package
+    with ``prefill`` (``prefill_chunk`` tokens, 64 or the context) and ``decode`` functions,
+    verified by greedy decoding against Hugging Face ``generate`` (see
+    :mod:`milpasses.convert.generation`).
     """
     import milpasses
     from milpasses.convert import coreml, load, trace, verify
@@ -72,6 +79,18 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     from milpasses.onnx.load import is_onnx
     from milpasses.passes import last_reports
 
+    if context is not None or prefill_chunk is not None or kv_cache != "io":
+        from milpasses.convert.generation import check_generation_options, convert_generation
+
+        if context is None:
+            raise ConversionError("--prefill-chunk and --kv-cache need --context (the KV cache's length)")
+        if check_passes:
+            raise ConversionError("--check-passes does not apply to text generation yet: convert without it")
+        chunk = check_generation_options(task, context, prefill_chunk, kv_cache, seq_len, seq_lens, batch)
+        options = check_options(task, 1, None, 1, attention, "iOS18", precision, offline, trust_remote_code,
+                                min_psnr_db)
+        return convert_generation(model, context, chunk, kv_cache, options, min_psnr_db, as_console(progress),
+                                  _stage)
     options = check_options(task, seq_len, seq_lens, batch, attention, target, precision, offline,
                             trust_remote_code, min_psnr_db, check_passes)
     pipeline = coreml.pipeline_for(options)

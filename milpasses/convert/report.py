@@ -29,6 +29,7 @@ class ConversionReport:
     package_bytes: int | None = None
     min_psnr_db: float = DEFAULT_MIN_PSNR_DB
     reference: str = "PyTorch fp32"  # what the simulated program is compared with
+    generation: dict = field(default_factory=dict)  # a KV-cache decoder: its functions and greedy checks
 
     @property
     def worst_psnr_db(self) -> float:
@@ -62,6 +63,7 @@ class ConversionReport:
             "verification_error": self.verification_error,
             "device_check": self.device_check, "fp16_findings": self.fp16_findings,
             "seconds": self.seconds, "package_bytes": self.package_bytes,
+            **({"generation": self.generation} if self.generation else {}),
         }
 
     def to_json(self) -> str:
@@ -98,8 +100,9 @@ class ConversionReport:
             verdict = "ok" if entry["psnr_db"] >= self.min_psnr_db else f"BELOW {self.min_psnr_db:g}"
             seq_len = "-" if entry["seq_len"] is None else entry["seq_len"]
             lines.append(f"{entry['output']:<20} {seq_len:>7} {entry['psnr_db']:>8.1f}  {verdict}")
+        lines += _generation_lines(self.generation)
         if self.verification_error:
-            lines.append(f"verification could not run: {self.verification_error}")
+            lines.append(f"verification failed: {self.verification_error}")
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -115,8 +118,11 @@ class ConversionReport:
                   "| output | seq_len | PSNR dB |", "|---|---|---|"]
         lines += [f"| {e['output']} | {e['seq_len'] if e['seq_len'] is not None else '-'} | {e['psnr_db']:.1f} |"
                   for e in self.psnr]
+        if self.generation:
+            lines += ["", "## Greedy generation against Hugging Face generate", "", "```text"]
+            lines += _generation_lines(self.generation) + ["```"]
         if self.verification_error:
-            lines += ["", f"Verification could not run: {self.verification_error}"]
+            lines += ["", f"Verification failed: {self.verification_error}"]
         lines += ["", f"Device check: {self.device_check}", ""]
         if self.fp16_findings:
             lines += ["fp16 check findings:", ""] + [f"- {f}" for f in self.fp16_findings] + [""]
@@ -152,3 +158,18 @@ def _options_text(options: dict) -> str:
 
 def _changed_ops(before: dict, after: dict) -> list[str]:
     return [op for op in sorted(set(before) | set(after)) if before.get(op, 0) != after.get(op, 0)]
+
+
+def _generation_lines(generation: dict) -> list[str]:
+    """Per prompt: tokens matched, first divergence, worst step; per function: its op count."""
+    if not generation:
+        return []
+    lines = ["", f"{'prompt':<40} {'matched':>9} {'diverges':>10} {'worst dB':>8}  (greedy vs HF generate)"]
+    for check in generation["prompts"]:
+        diverges = "-" if check["first_divergence"] is None else check["first_divergence"]
+        diverges = f"{diverges} (tie)" if check.get("near_tie") else diverges
+        worst = "-" if check["worst_psnr_db"] is None else f"{check['worst_psnr_db']:.1f}"
+        lines.append(f"{check['prompt'][:40]:<40} {check['matched']:>4}/{check['tokens']:<4} {diverges:>10} {worst:>8}")
+    for name, ops in generation["functions"].items():
+        lines.append(f"function {name}: {sum(ops.values())} ops ({', '.join(f'{k} {v}' for k, v in sorted(ops.items()))})")
+    return lines

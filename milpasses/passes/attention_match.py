@@ -20,7 +20,7 @@ region can be carried; otherwise a NoMatch names the op that could not.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from coremltools.converters.mil.mil import types
@@ -259,9 +259,27 @@ def _output_order(values_matmul_out, lead_roles, heads: int, head_dim: int):
 
 # --- the operand side --------------------------------------------------------------------------
 
+def is_sequence_last_split(op) -> bool:
+    """A reshape of a (B, C, 1, S) float activation into (B, c1, ..., S) that factors C: a KV
+    cache held in the ANE's sequence-last layout, cut into heads. Its source is already in the
+    form the heads are carried in."""
+    if op.op_type != "reshape":
+        return False
+    x, out = op.inputs["x"], op.outputs[0]
+    if rank(x) != 4 or rank(out) < 3 or not types.is_float(x.dtype) or not is_activation(x):
+        return False
+    if not all(is_static(d) for d in tuple(x.shape) + tuple(out.shape)) or x.shape[2] != 1:
+        return False
+    return (out.shape[0] == x.shape[0] and out.shape[-1] == x.shape[3] and x.shape[3] > 1
+            and int(np.prod(out.shape[1:-1])) == x.shape[1])
+
+
 def _is_head_split(op) -> bool:
     """A reshape of a (B, S, C) float activation that keeps B and S and factors C, or an
-    expand_dims of one that adds unit axes (GPT-BigCode's (B, 1, S, C) before its QKV split)."""
+    expand_dims of one that adds unit axes (GPT-BigCode's (B, 1, S, C) before its QKV split),
+    or a sequence-last cache cut into heads (:func:`is_sequence_last_split`)."""
+    if is_sequence_last_split(op):
+        return True
     if op.op_type not in ("reshape", "expand_dims"):
         return False
     x, out = op.inputs["x"], op.outputs[0]
@@ -330,6 +348,8 @@ def external_layout(var, form: HeadForm, out_axes) -> NoMatch | None:
 def _root_roles(root):
     """(axes, channel shape) of a head split's output."""
     out_shape = root.outputs[0].shape
+    if is_sequence_last_split(root):
+        return (BATCH,) + (CHANNEL,) * (len(out_shape) - 2) + (SEQ,), tuple(out_shape[1:-1])
     if root.op_type == "reshape":
         return (BATCH, SEQ) + (CHANNEL,) * (len(out_shape) - 2), tuple(out_shape[2:])
     inserted = {int(a) % len(out_shape) for a in constant_value(root.inputs["axes"])}
@@ -346,8 +366,11 @@ def carry(roots, region_ops, builder, externals, root_var, orders=(), permuted=f
     for root in roots:
         source = root.inputs["x"]
         axes, channel_shape = _root_roles(root)
-        forms[id(root.outputs[0])] = root_form(source, root_var(root, source), axes, channel_shape, id(source),
-                                               orders if id(source) in permuted else ())
+        form = root_form(source, root_var(root, source), axes, channel_shape, id(source),
+                         orders if id(source) in permuted else ())
+        if is_sequence_last_split(root):
+            form = replace(form, seq=source.shape[3])
+        forms[id(root.outputs[0])] = form
     for op in region_ops:
         names = head_rules.TENSOR_INPUTS[op.op_type]
         operands = [forms.get(id(v)) for name in names for v in as_list(op.inputs.get(name))]

@@ -10,13 +10,15 @@ from milpasses.passes.attention_match import (
     carry,
     external_layout,
     extra_key_count,
+    is_sequence_last_split,
     match_attention,
     match_sdpa,
     operand_rows,
     projection_rows,
 )
 from milpasses.passes.base import AnePass, register
-from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, Build, HeadForm, Source, materialise
+from milpasses.passes import head_rules
+from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, Build, DryRun, HeadForm, Source, materialise
 from milpasses.passes.layout import enter, leave, left_from
 from milpasses.passes.matching import NoMatch, constant_value, is_static, rank, single_consumer
 
@@ -178,8 +180,11 @@ class attention_to_einsum(AnePass):
                 out = self._per_head(site, q, k, v, steps, name)
             out = self._in_output_order(site, self._gated(site, out, forms, name), name)
             result = leave(out, 3, name)
+            views = self._bc1s_views(site, forms, name)
         block.replace_uses_of_var_after_op(anchor_op=site.anchor, old_var=site.output, new_var=result)
-        self.remove_dead(block, site.matched_ops)
+        for old, new, _ in views:
+            block.replace_uses_of_var_after_op(anchor_op=site.anchor, old_var=old, new_var=new)
+        self.remove_dead(block, [op for _, _, ops in views for op in ops] + list(site.matched_ops))
         self.report.rewritten[self._site_kind(site, folded)] += 1
 
     @staticmethod
@@ -248,6 +253,25 @@ class attention_to_einsum(AnePass):
                             scale=form.scale if tag == "v" else 1.0, orders=() if tag == "v" else site.head_orders)
             gathered.append(materialise(rows, builder, f"{name}_{tag}"))
         return (*gathered, forms)
+
+    @staticmethod
+    def _bc1s_views(site: AttentionSite, forms: dict, name: str) -> list:
+        """Region tensors read outside the region through layout ops only, into a (B, C, 1, S)
+        tensor (a KV-cache step's new K and V, returned to the host): that tensor is the
+        region's materialised form, so it is built from it and the old computation goes.
+        (old var, new var, the layout ops it replaces) for each."""
+        inside = {id(op) for op in site.matched_ops}
+        views = []
+        for op in site.region_ops:
+            for out in op.outputs:
+                form = forms.get(id(out))
+                for child in [] if form is None else out.child_ops:
+                    if id(child) not in inside:
+                        view = _bc1s_view(child, out, form)
+                        if view is not None:
+                            var, view_form, ops = view
+                            views.append((var, materialise(view_form, Build(), f"{name}_{var.name}_view"), ops))
+        return views
 
     @staticmethod
     def _gated(site: AttentionSite, out, forms: dict, name: str):
@@ -432,8 +456,32 @@ def _without_extra_keys(weights, site: AttentionSite):
                             name=f"{weights.name}_keys")
 
 
+def _bc1s_view(op, var, form: HeadForm):
+    """(view var, its form, ops) when ``op`` starts a chain of layout ops from ``var`` that ends
+    in a (B, C, 1, S) tensor holding ``form``'s channels in order; None otherwise."""
+    ops = []
+    while op is not None and op.op_type in ("transpose", "reshape", "expand_dims", "squeeze"):
+        result = head_rules.apply(op, [form], DryRun(), None)
+        if isinstance(result, NoMatch):
+            return None
+        form, var = result[0], op.outputs[0]
+        ops.append(op)
+        shape = var.shape
+        if rank(var) == 4 and all(is_static(d) for d in shape) and shape[2] == 1 and form.channels == shape[1]:
+            others = [(i, role) for i, role in enumerate(form.axes) if role != CHANNEL]
+            in_order = others == [(0, BATCH), (3, SEQ)] or (shape[3] == 1 and [r for _, r in others] == [BATCH, SEQ]
+                                                             and others[0][0] == 0)
+            if in_order and int(np.prod(form.channel_shape)) == shape[1]:
+                return var, form, ops
+        op = single_consumer(var)
+    return None
+
+
 def _in_bc1s(root, source):
-    """A head split's (B, S, C) source in (B, C, 1, S): the conv output it left, or entered."""
+    """A head split's (B, S, C) source in (B, C, 1, S): the conv output it left, or entered;
+    a sequence-last cache is in that form already."""
+    if is_sequence_last_split(root):
+        return source
     left = left_from(source)
     return enter(source, f"{root.name}_source") if left is None else left
 

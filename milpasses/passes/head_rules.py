@@ -37,6 +37,7 @@ from dataclasses import replace
 import numpy as np
 
 from milpasses.passes.head_form import (
+    BATCH,
     CHANNEL,
     SEQ,
     HeadForm,
@@ -104,8 +105,11 @@ def reshape(op, forms, builder):
 
 def _unit_channels_around(roles, sizes_in, sizes_out):
     """The output roles of a reshape group that only drops or adds size-1 channel axes around
-    one batch or sequence axis (longer than 1), or None."""
+    one batch or sequence axis (longer than 1), or None. A sequence of one token (a decode
+    step) among unit axes takes the last of them, the (B, C, 1, S) place of the sequence."""
     kept = [(role, size) for role, size in zip(roles, sizes_in) if not (role == CHANNEL and size == 1)]
+    if SEQ in roles and BATCH not in roles and set(sizes_in) == set(sizes_out) == {1}:
+        return [CHANNEL] * (len(sizes_out) - 1) + [SEQ]
     if len(kept) != 1 or kept[0][0] == CHANNEL or kept[0][1] == 1:
         return None
     role, size = kept[0]
@@ -417,7 +421,13 @@ def broadcast_channels(small: HeadForm, full: HeadForm, builder, name: str):
     while kept < len(shape_full) and shape_small[kept] == shape_full[kept]:
         kept += 1
     if any(n != 1 for n in shape_small[kept:]):
-        return NoMatch("a per-head operand broadcasts on a channel axis that is not innermost")
+        if any(s not in (1, f) for s, f in zip(shape_small, shape_full)):
+            return NoMatch("a per-head operand does not broadcast against the heads")
+        # Shared by every head on an outer axis (a rotary table computed from run-time
+        # positions): its channel map is repeated, so the gather reads each head's copy.
+        repeated = small.with_channels(full.axes, np.broadcast_to(small.src, shape_full),
+                                       np.broadcast_to(small.chan, shape_full))
+        return materialise(repeated, builder, f"{name}_repeated")
     groups = int(np.prod(shape_small))
     repeat = full.channels // groups
     x = materialise(small, builder, f"{name}_in")

@@ -1,0 +1,129 @@
+"""Text generation with a KV cache, per fixture family: greedy tokens from the simulated
+prefill + decode package against Hugging Face ``generate`` on two prompts, the worst step's
+logits PSNR, each function's op counts and the package's size; then simulated decode ms/token
+against torch's own forward with its DynamicCache (CPU), as a ratio; and the analyze estimate
+of decode tokens/s with the bytes the cache costs per token in io and in state.
+
+    PYTHONPATH=. python benchmarks/generation.py [--families gpt2,llama,qwen2,gemma2]
+        [--llama-1b]   # also analyze a Llama-3.2-1B-shaped decode function (random weights; slow)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers as hf
+
+from fixtures.families import build_model
+from milpasses.analyze import analyze
+from milpasses.generation.host import KVCache, cache_bytes_per_token, run_step
+from milpasses.generation.package import SimulatedPackage, build_package, check_prompt
+from milpasses.generation.step import cache_shape
+from milpasses.pipeline import ane_pipeline
+
+CAUSAL_LM = {"gpt2": hf.GPT2LMHeadModel, "llama": hf.LlamaForCausalLM, "qwen2": hf.Qwen2ForCausalLM,
+             "gemma2": hf.Gemma2ForCausalLM, "mistral_like": hf.MistralForCausalLM}
+CONTEXT, CHUNK = 64, 16
+PROMPTS = ([5, 17, 42, 8, 9, 33, 71, 12, 4, 60, 23, 19, 88, 41, 7, 30, 52, 11, 64],  # a chunk and a remainder
+           [7, 3, 91, 26, 45])
+LAYOUT = {"transpose", "reshape", "expand_dims", "squeeze", "slice_by_index", "split", "concat", "tile"}
+DECODE_STEPS = 24
+
+
+def _model(family: str):
+    if family == "mistral_like":  # a window everywhere, as Mistral's config has it
+        config = hf.MistralConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                                  max_position_embeddings=1024)
+        config._attn_implementation = "eager"
+        torch.manual_seed(0)
+        return hf.MistralForCausalLM(config).eval()
+    return build_model(family, CAUSAL_LM[family])
+
+
+def _torch_decode_ms(model, prompt, steps) -> float:
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        cache, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+        started = time.perf_counter()
+        for _ in range(steps):
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+    return (time.perf_counter() - started) / steps * 1e3
+
+
+def _simulated_decode_ms(run, shape, steps) -> float:
+    cache = KVCache(shape)
+    started = time.perf_counter()
+    for position in range(steps):
+        _, keys, values = run_step(run, "decode", np.array([5]), position, cache)
+        cache.write(position, keys, values, 1)
+    return (time.perf_counter() - started) / steps * 1e3
+
+
+def family_row(family: str, directory: Path) -> dict:
+    model = _model(family)
+    path = directory / f"{family}.mlpackage"
+    programs = build_package(model, CONTEXT, CHUNK, ane_pipeline, path)
+    run = SimulatedPackage(path)
+    checks = [check_prompt(run, model, p, CONTEXT, CHUNK, 16) for p in PROMPTS]
+    ops = {name: Counter(op.op_type for op in p.functions["main"].operations if op.op_type != "const")
+           for name, p in programs.items()}
+    shape = cache_shape(model, CONTEXT)
+    simulated = _simulated_decode_ms(run, shape, DECODE_STEPS)
+    torch_ms = _torch_decode_ms(model, PROMPTS[0], DECODE_STEPS)
+    decode = analyze(path, function_name="decode")
+    return {
+        "family": family,
+        "matched": " ".join(f"{c.matched}/{len(c.expected)}" + (" (tie)" if c.near_tie else "") for c in checks),
+        "worst_db": min(c.worst_psnr_db for c in checks),
+        "ops": {name: (sum(c.values()), c["matmul"] + c["linear"], c["reshape"], sum(c[k] for k in LAYOUT))
+                for name, c in ops.items()},
+        "package_kib": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1024,
+        "weights_kib": (path / "Data/com.apple.CoreML/weights/weight.bin").stat().st_size / 1024,
+        "ratio": simulated / torch_ms, "simulated_ms": simulated, "torch_ms": torch_ms,
+        "tokens_per_s": 1.0 / decode.latency, "cache": cache_bytes_per_token(shape.layers, shape.channels, shape.context),
+    }
+
+
+def llama_1b_tokens_per_second(directory: Path) -> float:
+    config = hf.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                            tie_word_embeddings=True, rope_theta=500000.0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = hf.LlamaForCausalLM(config).eval()
+    path = directory / "llama-1b.mlpackage"
+    build_package(model, 512, 64, ane_pipeline, path)
+    return 1.0 / analyze(path, function_name="decode", chip="A17Pro").latency
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=",".join(CAUSAL_LM))
+    parser.add_argument("--llama-1b", action="store_true")
+    args = parser.parse_args()
+    directory = Path(tempfile.mkdtemp())
+    print(f"context {CONTEXT}, prefill chunk {CHUNK}, fp16, kv-cache io; ops: total, matmul+linear, reshape, layout")
+    print(f"{'family':<13} {'tokens':<18} {'worst dB':>8}  {'prefill ops':<20} {'decode ops':<20} "
+          f"{'pkg KiB':>8} {'wts KiB':>8} {'sim/torch':>9} {'est tok/s':>9}")
+    for family in args.families.split(","):
+        row = family_row(family, directory)
+        ops = {k: "/".join(str(n) for n in v) for k, v in row["ops"].items()}
+        print(f"{family:<13} {row['matched']:<18} {row['worst_db']:>8.1f}  {ops['prefill']:<20} {ops['decode']:<20} "
+              f"{row['package_kib']:>8.0f} {row['weights_kib']:>8.0f} {row['ratio']:>9.1f} {row['tokens_per_s']:>9.0f}"
+              f"   (decode {row['simulated_ms']:.1f} ms simulated vs {row['torch_ms']:.2f} ms torch; cache bytes/token "
+              f"io {row['cache']['io']}, state {row['cache']['state']})")
+    if args.llama_1b:
+        print(f"Llama-3.2-1B shape, context 512, A17 Pro estimate: {llama_1b_tokens_per_second(directory):.1f} tok/s "
+              f"(ExecuTorch, c4w, iPhone 15 Pro: ~30 tok/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""One ``.mlpackage`` with a ``prefill`` and a ``decode`` function sharing one copy of the
+weights (iOS18 multifunction, coremltools' ``save_multifunction``), and its verification:
+greedy tokens from the simulated package against Hugging Face ``generate``."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from milpasses.generation.host import Sampling, generate_ids
+from milpasses.generation.step import cache_shape, convert_step
+
+FUNCTIONS = ("prefill", "decode")
+#: A divergence where torch's top-2 logits are closer than this many fp16 spacings is a near tie.
+NEAR_TIE_SPACINGS = 4
+
+
+def build_package(model, context: int, prefill_chunk: int, pass_pipeline_factory, output: Path) -> dict:
+    """Convert the two steps and write them to ``output`` as one multifunction package (the
+    default function is ``decode``); returns each function's MIL program, for op counts."""
+    import coremltools as ct
+
+    staging = Path(tempfile.mkdtemp(prefix=".milpasses-steps-"))
+    programs = {}
+    try:
+        descriptor = None
+        for function, length in (("prefill", prefill_chunk), ("decode", 1)):
+            mlmodel = convert_step(model, context, length, pass_pipeline_factory())
+            programs[function] = mlmodel._mil_program
+            path = staging / f"{function}.mlpackage"
+            mlmodel.save(str(path))
+            if descriptor is None:
+                descriptor = ct.utils.MultiFunctionDescriptor()
+            descriptor.add_function(str(path), src_function_name="main", target_function_name=function)
+        descriptor.default_function_name = "decode"
+        ct.utils.save_multifunction(descriptor, str(output))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return programs
+
+
+class SimulatedPackage:
+    """``run(function, inputs)`` over a package's functions, simulated (Linux or macOS)."""
+
+    def __init__(self, package):
+        from milpasses.simulator import Simulator, load_program
+
+        program = load_program(package)
+        self.simulators = {name: Simulator(program, name) for name in FUNCTIONS}
+
+    def __call__(self, function: str, inputs: dict) -> dict:
+        return self.simulators[function].run(inputs)
+
+
+@dataclass
+class PromptCheck:
+    prompt: str
+    expected: list[int]  # Hugging Face generate, greedy
+    produced: list[int]
+    psnr_db: list[float] = field(default_factory=list)  # per step, against torch fed the same tokens
+    margin_at_divergence: float | None = None  # torch's top-2 logit gap where the tokens diverge
+    fp16_spacing: float | None = None  # the fp16 spacing of torch's largest logit there
+
+    @property
+    def near_tie(self) -> bool:
+        """The divergence is at a step where torch's two best tokens are closer than a few fp16
+        steps of the logits: any fp16 program picks either, so it is not an error."""
+        return self.margin_at_divergence is not None and self.margin_at_divergence < NEAR_TIE_SPACINGS * self.fp16_spacing
+
+    @property
+    def matched(self) -> int:
+        """Tokens equal to Hugging Face's before the first divergence."""
+        for i, (a, b) in enumerate(zip(self.expected, self.produced)):
+            if a != b:
+                return i
+        return min(len(self.expected), len(self.produced))
+
+    @property
+    def first_divergence(self) -> int | None:
+        return None if self.matched == len(self.expected) == len(self.produced) else self.matched
+
+    @property
+    def worst_psnr_db(self) -> float:
+        return min(self.psnr_db, default=-math.inf)
+
+    def as_dict(self) -> dict:
+        worst = self.worst_psnr_db
+        return {"prompt": self.prompt, "tokens": len(self.expected), "matched": self.matched,
+                "first_divergence": self.first_divergence, "near_tie": self.near_tie,
+                "margin_at_divergence": self.margin_at_divergence,
+                "expected": self.expected, "produced": self.produced,
+                "psnr_db": [round(p, 2) for p in self.psnr_db],
+                "worst_psnr_db": round(worst, 2) if math.isfinite(worst) else None}
+
+
+def check_prompt(run, model, prompt_ids: list[int], context: int, prefill_chunk: int, new_tokens: int,
+                 label: str = "") -> PromptCheck:
+    """``new_tokens`` greedy tokens from ``run`` against Hugging Face ``generate`` on the same
+    prompt, and each step's logits against the torch model fed the tokens the package chose."""
+    from milpasses.simulator import psnr
+
+    shape = cache_shape(model, context)
+    steps = list(generate_ids(run, prompt_ids, shape, prefill_chunk, new_tokens, Sampling()))
+    produced = [s.token for s in steps]
+    with torch.no_grad():
+        ids = torch.tensor([prompt_ids])
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=_pad_id(model))[0, len(prompt_ids):].tolist()
+        logits = model(torch.tensor([prompt_ids + produced[:-1]])).logits[0].float().numpy()
+    psnrs = [psnr(logits[len(prompt_ids) - 1 + i], step.logits) for i, step in enumerate(steps)]
+    check = PromptCheck(label, expected, produced, psnrs)
+    if check.first_divergence is not None and check.first_divergence < len(produced):
+        reference = logits[len(prompt_ids) - 1 + check.first_divergence]
+        best = np.sort(reference)[-2:]
+        check.margin_at_divergence = float(best[1] - best[0])
+        check.fp16_spacing = float(np.spacing(np.float16(np.abs(reference).max())))
+    return check
+
+
+def _pad_id(model) -> int:
+    config = model.generation_config
+    for candidate in (config.pad_token_id, config.eos_token_id, 0):
+        if isinstance(candidate, list):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return 0
