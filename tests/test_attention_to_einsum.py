@@ -436,3 +436,22 @@ def test_an_output_gate_not_cut_into_heads_is_left_alone():
     reports = run_passes(program, TO_CONV, PASS)
     assert reports[PASS].sites_rewritten == 0
     assert list(reports[PASS].skipped) == ["'mul' gates the attention output with a tensor not cut into heads"]
+
+
+def test_an_operand_read_outside_the_attention_leaves_it_alone():
+    """The rotated keys also feed another output: rewriting would keep their computation alive
+    on projection rows the rewrite permutes, so the block is left as it was."""
+    def attention_and_shifted_keys(x):
+        q, k, v = (mb.transpose(x=mb.reshape(x=t, shape=[B, S, H, DP]), perm=[0, 2, 1, 3])
+                   for t in mb.split(x=mb.linear(x=x, weight=FUSED), num_splits=3, axis=-1))
+        query, key = (_rotate_every_two(t, PAIR_COS, PAIR_SIN) for t in (q, k))
+        scores = mb.mul(x=mb.matmul(x=query, y=key, transpose_y=True), y=np.float32(DP ** -0.5))
+        out = mb.matmul(x=mb.softmax(x=scores, axis=-1), y=v)
+        merged = mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[B, S, H * DP])
+        return merged, mb.add(x=key, y=np.float32(1.0))
+
+    program = mil_program(attention_and_shifted_keys, x=XQKV)
+    _, _, reports = rewritten_matches_original(program, {"x": XQKV}, TO_CONV, PASS)
+    assert not reports[PASS].rewritten
+    assert any("consumers outside it" in reason for reason in reports[PASS].skipped)
+    assert "matmul" in op_types(program)

@@ -382,16 +382,44 @@ def carry(roots, region_ops, builder, externals, root_var, orders=(), permuted=f
     return forms
 
 
-def _check_consumers(region: _Region, core_ops) -> NoMatch | None:
+def _check_consumers(region: _Region, core_ops, forms) -> NoMatch | None:
+    """Why the region cannot be rewritten because something outside it reads it, or None.
+    A region op may be read outside only through layout ops into a (B, C, 1, S) tensor (a
+    KV-cache step's new K and V), which the rewrite builds from the region's forms; any other
+    reader would keep the original computation alive, and it would see a projection whose rows
+    the rewrite permuted or scaled."""
     inside = set(region.ops) | {id(op) for op in core_ops} | set(region.roots)
     for op in list(region.ops.values()) + list(region.roots.values()):
         for out in op.outputs:
-            if is_block_output(out) or any(id(child) not in inside for child in out.child_ops):
+            outside = [child for child in out.child_ops if id(child) not in inside]
+            form = forms.get(id(out))
+            if is_block_output(out) or any(form is None or bc1s_view(child, out, form) is None for child in outside):
                 return NoMatch(f"'{op.op_type}' inside the attention has consumers outside it")
     for root in region.roots.values():
         source = root.inputs["x"]
         if any(id(child) not in inside for child in source.child_ops) or is_block_output(source):
             return NoMatch("a projection feeding attention has other consumers")
+    return None
+
+
+def bc1s_view(op, var, form: HeadForm):
+    """(view var, its form, ops) when ``op`` starts a chain of layout ops from ``var`` that ends
+    in a (B, C, 1, S) tensor holding ``form``'s channels in order; None otherwise."""
+    ops = []
+    while op is not None and op.op_type in ("transpose", "reshape", "expand_dims", "squeeze"):
+        result = head_rules.apply(op, [form], DryRun(), None)
+        if isinstance(result, NoMatch):
+            return None
+        form, var = result[0], op.outputs[0]
+        ops.append(op)
+        shape = var.shape
+        if rank(var) == 4 and all(is_static(d) for d in shape) and shape[2] == 1 and form.channels == shape[1]:
+            others = [(i, role) for i, role in enumerate(form.axes) if role != CHANNEL]
+            in_order = others == [(0, BATCH), (3, SEQ)] or (shape[3] == 1 and [r for _, r in others] == [BATCH, SEQ]
+                                                             and others[0][0] == 0)
+            if in_order and int(np.prod(form.channel_shape)) == shape[1]:
+                return var, form, ops
+        op = single_consumer(var)
     return None
 
 
@@ -431,9 +459,6 @@ def _assemble(block, core, key_transposed, steps, scale, values_out, matched, sd
                 op = region.stopped_at[0]
                 return NoMatch(f"'{op.op_type}' on an attention operand has no rule (at '{op.name}')")
             return NoMatch("an attention operand is not cut into heads from a (B, S, C) tensor")
-    failed = _check_consumers(region, matched)
-    if failed:
-        return failed
     region_ops = tuple(op for op in block.operations if id(op) in region.ops)
     dry_run = DryRun()
     forms = carry(region.roots.values(), region_ops, dry_run, _DryExternals(),
@@ -469,6 +494,10 @@ def _assemble(block, core, key_transposed, steps, scale, values_out, matched, sd
             return forms
         region_ops = tuple(op for op in block.operations if id(op) in region.ops)
         gate_roots = frozenset().union(*(forms[id(gate.other)].roots for gate in gates))
+    else:
+        failed = _check_consumers(region, tuple(matched) + tuple(out_ops), forms)
+        if failed is not None:
+            return failed
     sources = {id(root.inputs["x"]): root.inputs["x"] for root in region.roots.values()}
     foldable = q.linear and len(q.roots) == 1 and q.roots.isdisjoint(k.roots | v.roots | gate_roots)
     query_root = sources[next(iter(q.roots))] if foldable else None
@@ -488,14 +517,14 @@ def _with_gates(block, region: _Region, gates, matched):
     for gate in gates:
         if not region.holds(gate.other):
             return NoMatch(f"'{gate.kind}' gates the attention output with a tensor not cut into heads")
-    failed = _check_consumers(region, matched)
-    if failed:
-        return failed
     region_ops = tuple(op for op in block.operations if id(op) in region.ops)
     forms = carry(region.roots.values(), region_ops, DryRun(), _DryExternals(),
                   lambda root, source: Placeholder(source.name))
     if isinstance(forms, NoMatch):
         return forms
+    failed = _check_consumers(region, matched, forms)
+    if failed is not None:
+        return failed
     for gate in gates:
         other = forms[id(gate.other)]
         if other.axes != gate.axes or other.channel_shape != gate.positions.shape:

@@ -6,6 +6,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.attention_match import (
+    bc1s_view,
     AttentionSite,
     carry,
     external_layout,
@@ -267,7 +268,7 @@ class attention_to_einsum(AnePass):
                 form = forms.get(id(out))
                 for child in [] if form is None else out.child_ops:
                     if id(child) not in inside:
-                        view = _bc1s_view(child, out, form)
+                        view = bc1s_view(child, out, form)
                         if view is not None:
                             var, view_form, ops = view
                             views.append((var, materialise(view_form, Build(), f"{name}_{var.name}_view"), ops))
@@ -454,27 +455,6 @@ def _without_extra_keys(weights, site: AttentionSite):
         return weights
     return mb.slice_by_size(x=weights, begin=[0, 0, 0, 0], size=[-1, weights.shape[1] - extra, -1, -1],
                             name=f"{weights.name}_keys")
-
-
-def _bc1s_view(op, var, form: HeadForm):
-    """(view var, its form, ops) when ``op`` starts a chain of layout ops from ``var`` that ends
-    in a (B, C, 1, S) tensor holding ``form``'s channels in order; None otherwise."""
-    ops = []
-    while op is not None and op.op_type in ("transpose", "reshape", "expand_dims", "squeeze"):
-        result = head_rules.apply(op, [form], DryRun(), None)
-        if isinstance(result, NoMatch):
-            return None
-        form, var = result[0], op.outputs[0]
-        ops.append(op)
-        shape = var.shape
-        if rank(var) == 4 and all(is_static(d) for d in shape) and shape[2] == 1 and form.channels == shape[1]:
-            others = [(i, role) for i, role in enumerate(form.axes) if role != CHANNEL]
-            in_order = others == [(0, BATCH), (3, SEQ)] or (shape[3] == 1 and [r for _, r in others] == [BATCH, SEQ]
-                                                             and others[0][0] == 0)
-            if in_order and int(np.prod(form.channel_shape)) == shape[1]:
-                return var, form, ops
-        op = single_consumer(var)
-    return None
 
 
 def _in_bc1s(root, source):
