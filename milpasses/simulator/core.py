@@ -39,7 +39,13 @@ class InputMismatchError(SimulationError, ValueError):
 
 
 Observer = Callable[[object, list], None]
-"""Called as ``observer(op, outputs)`` after each non-const op, outputs as numpy arrays."""
+"""Called as ``observer(op, outputs)`` after each non-const op, outputs as numpy arrays; a
+weight decompression op (``constexpr_*``) is reported with its decompressed weights."""
+
+
+def is_decompression(op) -> bool:
+    """A ``constexpr_*`` op: compressed weights Core ML expands once, when it loads the model."""
+    return op.op_type.startswith("constexpr_")
 
 
 def _storage_dtype(builtin) -> np.dtype:
@@ -140,6 +146,12 @@ class Simulator:
             if op.op_type == "const":
                 var = op.outputs[0]
                 self._constants[var.name] = _to_storage(var.val, var.dtype, emulate_fp16)
+            elif is_decompression(op):
+                self._execute(op, self._constants)
+
+    def constant(self, var) -> np.ndarray | None:
+        """The value of a const's or a decompression op's output (decompressed), else None."""
+        return self._constants.get(var.name)
 
     @property
     def expected_inputs(self) -> dict[str, tuple]:
@@ -188,6 +200,10 @@ class Simulator:
         env.update(self._check_inputs(inputs))
         for op in self.function.operations:
             if op.op_type == "const":
+                continue
+            if is_decompression(op):
+                if observer is not None:
+                    observer(op, [env[var.name] for var in op.outputs])
                 continue
             outputs = self._execute(op, env)
             if observer is not None:
