@@ -117,31 +117,35 @@ def expanded(plan: Compressed, at: int, count: int) -> Compressed | NoMatch:
 
 
 def transposed(plan: Compressed) -> Compressed | NoMatch:
-    """A rank-2 weight transposed."""
+    """The weight with axes 0 and 1 swapped (a rank-2 weight transposed)."""
 
     def swap(value):
         if isinstance(value, Compressed):
             return transposed(value)
         return np.swapaxes(value, 0, 1)
 
+    def swapped_axis(axis) -> np.int32:
+        axis = _axis(axis, plan.rank)
+        return np.int32(1 - axis if axis < 2 else axis)
+
     form = _form(plan)
-    if plan.rank != 2:
+    if plan.rank < 2:
         return NoMatch(f"a rank-{plan.rank} compressed weight is not transposed")
     if form == "lut18":
         result = _map_arrays(plan, ("indices", "lut"), swap)
         if result and plan.inputs.get("vector_axis") is not None:
-            result.inputs["vector_axis"] = np.int32(1 - _axis(plan.inputs["vector_axis"], 2))
+            result.inputs["vector_axis"] = swapped_axis(plan.inputs["vector_axis"])
     elif form == "constexpr_blockwise_shift_scale":
         result = _map_arrays(plan, ("data", "scale", "offset"), swap)
     elif form == "constexpr_affine_dequantize":
         result = _map_arrays(plan, ("quantized_data",), swap)
         if result:
-            result.inputs["axis"] = np.int32(1 - _axis(plan.inputs["axis"], 2))
+            result.inputs["axis"] = swapped_axis(plan.inputs["axis"])
     elif form == "constexpr_cast":
         result = _map_arrays(plan, ("source_val",), swap)
     else:
         return NoMatch(f"{plan.op_type} ({form}) weights cannot be transposed compressed: their indices are packed")
-    return replace(result, shape=plan.shape[::-1]) if result else result
+    return replace(result, shape=(plan.shape[1], plan.shape[0]) + plan.shape[2:]) if result else result
 
 
 def rows_scaled(plan: Compressed, lo: int, hi: int, factor: float) -> Compressed | NoMatch:
