@@ -7,6 +7,8 @@ A conversion goes through these stages, one module each, in this order:
 - ``samples``: inputs for tracing and verifying (real sentences, question/context pairs, images);
 - ``trace``: the module ``torch.jit.trace`` records, with the task's outputs;
 - ``coreml``: ``ct.convert`` with ``ane_pipeline()``, and DEFAULT's op counts for comparison;
+- ``compress``: weights palettized or quantized in NE-valid forms (data-aware 4-bit before
+  tracing; the others after converting; ``auto`` chooses bits per layer by simulation);
 - ``verify``: the converted program simulated against the PyTorch fp32 model;
 - ``report``: :class:`ConversionReport`, printed and written;
 - ``saving``: the package and its reports, named after it, staged and renamed.
@@ -49,7 +51,7 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
             seq_lens: list[int] | tuple[int, ...] | None = None, batch: int = 1,
             attention: str | None = None, target: str = "iOS16", precision: str = "fp16",
             offline: bool = False, trust_remote_code: bool = False,
-            min_psnr_db: float = DEFAULT_MIN_PSNR_DB,
+            min_psnr_db: float | None = None, compress: str | None = None, calibration=None,
             progress: Console | Callable[[str], None] | None = None):
     """Convert ``model`` for the ANE and verify it; returns ``(mlmodel, report)``.
 
@@ -58,14 +60,23 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     inputs ``ct.EnumeratedShapes``; ``seq_len`` one fixed length (128 by default). ``attention``
     is handed to ``ane_pipeline`` only when given. ``progress`` shows the stages: a
     :class:`milpasses.console.Console`, or a function called with each stage's description.
-    Raises :class:`ConversionError` for anything the user can fix; the report's ``passed`` says
-    whether every output reached ``min_psnr_db``.
+    ``compress`` is one of ``palettize8``, ``palettize6``, ``palettize4`` (data-aware, calibrated
+    on the verification samples or on ``calibration``, a file of texts, one a line), ``int8`` or
+    ``auto`` (bits per layer, the smallest weights keeping every output at ``min_psnr_db``).
+    ``min_psnr_db`` defaults to 60 dB, or 40 dB (Apple's acceptance level for 4-bit) when
+    compressing. Raises :class:`ConversionError` for anything the user can fix; the report's
+    ``passed`` says whether every output reached ``min_psnr_db``.
     """
     import milpasses
+    from milpasses.convert import compress as compressing
     from milpasses.convert import coreml, load, trace, verify
     from milpasses.convert.options import check_options
     from milpasses.passes import last_reports
 
+    scheme = compressing.check_scheme(compress)
+    texts = compressing.check_calibration(calibration, scheme)
+    if min_psnr_db is None:
+        min_psnr_db = DEFAULT_MIN_PSNR_DB if scheme is None else compressing.DEFAULT_COMPRESSED_MIN_PSNR_DB
     options = check_options(task, seq_len, seq_lens, batch, attention, target, precision, offline,
                             trust_remote_code, min_psnr_db)
     pipeline = coreml.pipeline_for(options)
@@ -73,15 +84,24 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
 
     with _stage(console, seconds, "load", "loading the model"):
         loaded = load.load(model, options)
+    compression = None if scheme is None else compressing.Compression(scheme)
+    traced_model = None
+    if scheme == "palettize4":
+        with _stage(console, seconds, "calibrate", "palettizing to 4 bits, calibrated (sensitive k-means)"):
+            traced_model = compressing.calibrated_palettization(loaded, options, texts, compression)
     with _stage(console, seconds, "trace", "tracing"):
-        traced = trace.trace(loaded, options)
+        traced = trace.trace(loaded, options, traced_model)
     with _stage(console, seconds, "convert", "converting with ane_pipeline()"):
         mlmodel = coreml.convert_traced(traced, pipeline, options, loaded.model.config.model_type)
+    if scheme is not None:
+        with _stage(console, seconds, "compress", f"compressing ({scheme})"):
+            mlmodel = compressing.compress(mlmodel, scheme, compression, traced, loaded, options)
     recorded = options.recorded(takes_images=loaded.modality == "vision")
     report = ConversionReport(model=loaded.description, task=task, inputs=traced.shapes,
                               outputs=traced.output_names, options=recorded, min_psnr_db=min_psnr_db,
                               passes=[r.as_dict() for r in last_reports().values()],
-                              ops_after=coreml.histogram(mlmodel._mil_program))
+                              ops_after=coreml.histogram(mlmodel._mil_program),
+                              compression=None if compression is None else compression.as_dict())
 
     # DEFAULT's histogram is pure-Python pass work; the verification is mostly torch arithmetic,
     # which releases the GIL. Run side by side, they share the cores.
@@ -93,7 +113,8 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
             baseline = pool.submit(coreml.default_histogram, traced, options)
             verify.verify(mlmodel, traced, loaded, options, lengths, report, step)
             report.ops_before, seconds["baseline"] = baseline.result()
-    report.seconds = {k: round(seconds[k], 3) for k in ("load", "trace", "convert", "baseline", "verify")}
+    report.seconds = {k: round(seconds[k], 3) for k in ("load", "calibrate", "trace", "convert", "compress",
+                                                         "baseline", "verify") if k in seconds}
 
     mlmodel.user_defined_metadata["milpasses.version"] = milpasses.__version__
     mlmodel.user_defined_metadata["milpasses.task"] = task

@@ -28,6 +28,8 @@ class ConversionReport:
     seconds: dict[str, float] = field(default_factory=dict)
     package_bytes: int | None = None
     min_psnr_db: float = DEFAULT_MIN_PSNR_DB
+    compression: dict | None = None  # scheme, bits per weight, weight bytes before and after
+    cosine: list[dict] = field(default_factory=list)  # {"output", "seq_len", "worst_cosine"}: embeddings
 
     @property
     def worst_psnr_db(self) -> float:
@@ -61,6 +63,7 @@ class ConversionReport:
             "verification_error": self.verification_error,
             "device_check": self.device_check, "fp16_findings": self.fp16_findings,
             "seconds": self.seconds, "package_bytes": self.package_bytes,
+            "compression": self.compression, "cosine": self.cosine,
         }
 
     def to_json(self) -> str:

@@ -195,8 +195,13 @@ class Simulator:
             checked[name] = _to_storage(value, var.dtype, self.emulate_fp16)
         return checked
 
-    def run(self, inputs: Mapping[str, np.ndarray], observer: Observer | None = None) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, np.ndarray], observer: Observer | None = None,
+            constants: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The outputs on ``inputs``; ``constants`` replaces constants' values by var name (what a
+        program computes with one weight changed, without building another program)."""
         env = dict(self._constants)
+        if constants:
+            env.update(constants)
         env.update(self._check_inputs(inputs))
         for op in self.function.operations:
             if op.op_type == "const":

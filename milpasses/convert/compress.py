@@ -1,0 +1,234 @@
+"""Compressing: weights palettized or quantized in forms the Neural Engine runs.
+
+- ``palettize8`` / ``palettize6``: one lookup table per weight tensor (``ct.optimize.coreml``'s
+  k-means, after conversion). Per tensor, because on MiniLM grouped tables (16 rows a table)
+  cost 28-33 points of package size for 1.6 dB (``benchmarks/compression.py``).
+- ``palettize4``: data-aware, before tracing: coremltools' ``optimize.torch`` sensitive k-means
+  (SKM), weighting each weight by how much the outputs move with it, measured on calibration
+  inputs (the verification samples, or ``--calibration FILE`` of texts). The converted program
+  then carries the compressed weights through ``ane_pipeline()``.
+- ``int8``: symmetric, one scale per output channel (the quantization the NE runs correctly).
+- ``auto``: bits per layer from {8, 6, 4}, chosen by simulation (:mod:`milpasses.convert.auto`).
+
+Per-block integer weights are refused: Core ML runs them wrong or off the Neural Engine
+(coremltools #2510). Weights under :data:`SMALL_WEIGHT_ELEMENTS` elements (norm gains, biases,
+small tables) stay fp16; the token embedding table and an LM head (a projection to as many
+channels as the table has rows) keep at least 6 bits, as ANEMLL keeps its LM head at LUT6.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from milpasses.convert.options import ConversionError
+
+SCHEMES = ("palettize8", "palettize6", "palettize4", "int8", "auto")
+SMALL_WEIGHT_ELEMENTS = 4096
+EMBEDDING_MIN_BITS = 6
+DEFAULT_COMPRESSED_MIN_PSNR_DB = 40.0  # Apple's acceptance level for 4-bit palettization
+_PER_BLOCK = re.compile(r"(u?int4|int8[-_]?block|block|per[-_]?block|c4w|w4a16)", re.IGNORECASE)
+
+
+def check_scheme(scheme: str | None) -> str | None:
+    """The scheme, or a ConversionError saying why it cannot be used and what to use instead."""
+    if scheme is None or scheme in SCHEMES:
+        return scheme
+    if _PER_BLOCK.search(scheme):
+        raise ConversionError(
+            f"compression '{scheme}' is per-block integer quantization, which the Neural Engine does not run "
+            f"(Core ML computes it wrong or moves it off the NE: coremltools #2510); use int8 (one scale per "
+            f"output channel) or palettize4/palettize6 (lookup tables)")
+    raise ConversionError(f"unknown compression '{scheme}'; choose one of {', '.join(SCHEMES)}")
+
+
+def check_calibration(path, scheme: str | None) -> tuple[str, ...] | None:
+    """The calibration texts of ``path`` (one per non-empty line), checked before any slow work."""
+    if path is None:
+        return None
+    if scheme not in ("palettize4",):
+        raise ConversionError("--calibration is read by --compress palettize4 only (the data-aware scheme)")
+    file = Path(path)
+    if not file.is_file():
+        raise ConversionError(f"calibration file {file} does not exist; give a text file, one sample a line")
+    texts = tuple(line.strip() for line in file.read_text(encoding="utf-8", errors="replace").splitlines()
+                  if line.strip())
+    if not texts:
+        raise ConversionError(f"calibration file {file} has no text; give one sample a line")
+    return texts
+
+
+@dataclass
+class Compression:
+    """What compression did, for the report: bits per compressed weight, bytes before and after."""
+
+    scheme: str
+    bits: dict[str, int] = field(default_factory=dict)  # weight-reading op -> bits (8 for int8)
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    calibration: str = ""
+    plan: list[dict] = field(default_factory=list)  # auto: per-layer sensitivity and choice
+
+    def as_dict(self) -> dict:
+        return {"scheme": self.scheme, "bits": self.bits, "weight_bytes_before": self.weight_bytes_before,
+                "weight_bytes_after": self.weight_bytes_after, "calibration": self.calibration,
+                "plan": self.plan}
+
+
+@dataclass(frozen=True)
+class WeightSite:
+    """An op computing with a large constant weight: a conv (a linear layer), a gather (an
+    embedding table), a linear or a matmul by a constant."""
+
+    op_name: str
+    role: str  # "body", "embedding" or "head"
+    elements: int
+
+
+_WEIGHT_INPUT = {"conv": "weight", "linear": "weight", "gather": "x", "matmul": "y"}
+
+
+def weight_sites(program) -> list[WeightSite]:
+    """The ops whose weights compression touches, in program order, each with its role."""
+    function = program.functions["main"]
+    found = []
+    for op in function.operations:
+        name = _WEIGHT_INPUT.get(op.op_type)
+        var = op.inputs.get(name) if name else None
+        if var is None or var.op is None or var.op.op_type != "const" or var.val is None:
+            continue
+        if not np.issubdtype(np.asarray(var.val).dtype, np.floating) or var.val.size < SMALL_WEIGHT_ELEMENTS:
+            continue
+        found.append((op, var))
+    table_rows = {int(var.shape[0]) for op, var in found if op.op_type == "gather"}
+    sites = []
+    for op, var in found:
+        if op.op_type == "gather":
+            role = "embedding"
+        elif int(var.shape[0 if op.op_type in ("conv", "linear") else -1]) in table_rows:
+            role = "head"
+        else:
+            role = "body"
+        sites.append(WeightSite(op.name, role, int(var.val.size)))
+    return sites
+
+
+def uniform_bits(sites: list[WeightSite], bits: int) -> dict[str, int]:
+    """``bits`` for every weight, the embedding table and LM head at least :data:`EMBEDDING_MIN_BITS`."""
+    return {s.op_name: bits if s.role == "body" else max(bits, EMBEDDING_MIN_BITS) for s in sites}
+
+
+def palettized(mlmodel, bits: dict[str, int]):
+    """``mlmodel`` with each named op's weight in a per-tensor lookup table of ``bits[op]`` bits."""
+    import coremltools.optimize.coreml as cto
+
+    configs = {name: cto.OpPalettizerConfig(nbits=n, granularity="per_tensor", weight_threshold=SMALL_WEIGHT_ELEMENTS)
+               for name, n in bits.items()}
+    return cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=configs))
+
+
+def int8_quantized(mlmodel, names):
+    """``mlmodel`` with the named ops' weights int8, symmetric, one scale per output channel."""
+    import coremltools.optimize.coreml as cto
+
+    config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                         weight_threshold=SMALL_WEIGHT_ELEMENTS)
+    return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(op_name_configs={n: config for n in names}))
+
+
+def compress(mlmodel, scheme: str, compression: Compression, traced, loaded, options):
+    """The converted model compressed by ``scheme`` (palettize4's weights arrive compressed
+    already); records the weight bytes before and after in ``compression``."""
+    from milpasses.weights import dense_bytes, stored_bytes
+
+    compression.weight_bytes_before = dense_bytes(mlmodel._mil_program.functions["main"])
+    sites = weight_sites(mlmodel._mil_program)
+    if scheme == "int8":
+        compression.bits = {s.op_name: 8 for s in sites}
+        mlmodel = int8_quantized(mlmodel, [s.op_name for s in sites])
+    elif scheme == "auto":
+        from milpasses.convert import auto
+
+        compression.bits, compression.plan = auto.plan(mlmodel, sites, traced, loaded, options)
+        mlmodel = palettized(mlmodel, compression.bits)
+    elif scheme != "palettize4":
+        compression.bits = uniform_bits(sites, int(scheme.removeprefix("palettize")))
+        mlmodel = palettized(mlmodel, compression.bits)
+    compression.weight_bytes_after = stored_bytes(mlmodel._mil_program.functions["main"])
+    return mlmodel
+
+
+# ----------------------------------------------------------------------------- data-aware 4-bit
+
+
+def calibration_inputs(loaded, options, texts: tuple[str, ...] | None) -> tuple[list[dict], str]:
+    """Batches of one row each for calibration: the user's texts tokenized, else the verification samples."""
+    import torch
+
+    from milpasses.convert.samples import as_tensors, sample_inputs, verification_rows
+
+    length = loaded.lengths[-1]
+    if texts is not None:
+        if loaded.tokenizer is None:
+            raise ConversionError("--calibration texts need the model's tokenizer, and this model has none")
+        batch = loaded.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
+                                 return_tensors="np")
+        inputs = {n: (batch[n] if n in batch else np.zeros_like(batch["input_ids"])).astype(np.int32)
+                  for n in loaded.input_names}
+        what = f"{len(texts)} texts from the calibration file"
+    else:
+        inputs, _ = sample_inputs(loaded, options.task, verification_rows(options.batch), length)
+        what = "the verification samples"
+    tensors = dict(zip(inputs, as_tensors(inputs)))
+    rows = len(next(iter(tensors.values())))
+    return [{k: v[i:i + 1] for k, v in tensors.items()} for i in range(rows)], what
+
+
+def _output_projection_loss():
+    """A loss for sensitivity: the first output projected on a random direction, new each call.
+    The square of its gradient is, in expectation, the diagonal of J^T J, how much the outputs
+    move with each weight, which is what an output-matching loss weighs; a loss against the
+    model's own outputs would have zero gradient at its own weights."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+
+    def loss(model, data):
+        outputs = model(**data)
+        first = outputs[0] if isinstance(outputs, (tuple, list)) else next(iter(outputs.values()))
+        return (first * torch.randn(first.shape, generator=generator)).sum()
+
+    return loss
+
+
+def calibrated_palettization(loaded, options, texts, compression: Compression):
+    """A copy of the torch model with its weights palettized to 4 bits by sensitive k-means
+    (the embedding table and LM head at :data:`EMBEDDING_MIN_BITS`)."""
+    import torch
+    from coremltools.optimize.torch.palettization import SKMPalettizer, SKMPalettizerConfig
+
+    batches, compression.calibration = calibration_inputs(loaded, options, texts)
+    model = loaded.model
+    vocab = getattr(model.config, "vocab_size", None)
+    body = {"n_bits": 4, "granularity": "per_tensor"}
+    wide = {"n_bits": EMBEDDING_MIN_BITS, "granularity": "per_tensor"}
+    names = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or weight is None:
+            continue
+        if weight.numel() < SMALL_WEIGHT_ELEMENTS:
+            names[name] = None
+        elif isinstance(module, torch.nn.Embedding) or module.weight.shape[0] == vocab:
+            names[name] = wide
+        else:
+            names[name] = body
+    config = SKMPalettizerConfig.from_dict({"module_name_configs": names, "calibration_nsamples": len(batches)})
+    with torch.enable_grad():
+        compressed = SKMPalettizer(model, config).compress(dataloader=batches, loss_fn=_output_projection_loss())
+    compressed.eval()
+    compression.bits = {name: spec["n_bits"] for name, spec in names.items() if spec is not None}
+    return compressed
