@@ -76,6 +76,9 @@ def test_overwrite_replaces_package_and_reports(tmp_path, bert_dir):
     (["nobody-here/no-such-model"], "cannot load model 'nobody-here/no-such-model'"),
     (["-o", "OUT/absent/m.mlpackage"], "cannot write to"),
     (["-o", "OUT/m.mlmodel"], "must end in .mlpackage"),
+    (["MODEL", "--compress", "int4"], "per-block integer quantization, which the Neural Engine does not run"),
+    (["MODEL", "--compress", "zip"], "unknown compression 'zip'"),
+    (["MODEL", "--compress", "palettize4", "--calibration", "ABSENT"], "does not exist"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, bert_dir, capsys, arguments, message):
     arguments = [a.replace("MODEL", str(bert_dir)).replace("ABSENT", str(tmp_path / "absent"))

@@ -188,7 +188,7 @@ def calibration_inputs(loaded, options, texts: tuple[str, ...] | None) -> tuple[
 
 
 def _output_projection_loss():
-    """A loss for sensitivity: the first output projected on a random direction, new each call.
+    """A loss for sensitivity: the outputs projected on a random direction, new each call.
     The square of its gradient is, in expectation, the diagonal of J^T J, how much the outputs
     move with each weight, which is what an output-matching loss weighs; a loss against the
     model's own outputs would have zero gradient at its own weights."""
@@ -198,8 +198,9 @@ def _output_projection_loss():
 
     def loss(model, data):
         outputs = model(**data)
-        first = outputs[0] if isinstance(outputs, (tuple, list)) else next(iter(outputs.values()))
-        return (first * torch.randn(first.shape, generator=generator)).sum()
+        tensors = outputs if isinstance(outputs, (tuple, list)) else tuple(outputs.values())
+        return sum((t * torch.randn(t.shape, generator=generator)).sum()
+                   for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point())
 
     return loss
 
