@@ -41,3 +41,16 @@ def dense_bytes(function) -> int:
         if op.op_type == "const" or op.op_type.startswith("constexpr_"):
             total += sum(stored_bits(v) for v in outputs_read) // 8
     return total
+
+
+def is_decompressed(var) -> bool:
+    """Whether ``var`` is a weight a decompression op (``constexpr_*``) expands when the model loads."""
+    return var is not None and var.op is not None and var.op.op_type.startswith("constexpr_")
+
+
+def compressed_bytes(var) -> int:
+    """Bytes of the indices, tables and scales a decompressed weight is stored as."""
+    bits = 0
+    for input_var in var.op.get_flattened_inputs():
+        bits += compressed_bytes(input_var) * 8 if is_decompressed(input_var) else stored_bits(input_var)
+    return bits // 8

@@ -154,7 +154,11 @@ def compress(mlmodel, scheme: str, compression: Compression, traced, loaded, opt
 
         compression.bits, compression.plan = auto.plan(mlmodel, sites, traced, loaded, options)
         mlmodel = palettized(mlmodel, compression.bits)
-    elif scheme != "palettize4":
+    elif scheme == "palettize4":
+        tables = {s.op_name: EMBEDDING_MIN_BITS for s in sites if s.role == "embedding"}
+        compression.bits.update(tables)
+        mlmodel = palettized(mlmodel, tables) if tables else mlmodel
+    else:
         compression.bits = uniform_bits(sites, int(scheme.removeprefix("palettize")))
         mlmodel = palettized(mlmodel, compression.bits)
     compression.weight_bytes_after = stored_bytes(mlmodel._mil_program.functions["main"])
@@ -206,8 +210,9 @@ def _output_projection_loss():
 
 
 def calibrated_palettization(loaded, options, texts, compression: Compression):
-    """A copy of the torch model with its weights palettized to 4 bits by sensitive k-means
-    (the embedding table and LM head at :data:`EMBEDDING_MIN_BITS`)."""
+    """A copy of the torch model with its linear layers palettized to 4 bits by sensitive
+    k-means (an LM head at :data:`EMBEDDING_MIN_BITS`); embedding tables are left to
+    :func:`compress`, after conversion."""
     import torch
     from coremltools.optimize.torch.palettization import SKMPalettizer, SKMPalettizerConfig
 
@@ -218,15 +223,13 @@ def calibrated_palettization(loaded, options, texts, compression: Compression):
     wide = {"n_bits": EMBEDDING_MIN_BITS, "granularity": "per_tensor"}
     names = {}
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or weight is None:
-            continue
-        if weight.numel() < SMALL_WEIGHT_ELEMENTS:
-            names[name] = None
-        elif isinstance(module, torch.nn.Embedding) or module.weight.shape[0] == vocab:
-            names[name] = wide
-        else:
-            names[name] = body
+        if isinstance(module, torch.nn.Embedding):
+            names[name] = None  # palettized after conversion: SKM's weighted k-means takes minutes on a vocabulary
+        elif isinstance(module, torch.nn.Linear):
+            if module.weight.numel() < SMALL_WEIGHT_ELEMENTS:
+                names[name] = None
+            else:
+                names[name] = wide if module.weight.shape[0] == vocab else body
     config = SKMPalettizerConfig.from_dict({"module_name_configs": names, "calibration_nsamples": len(batches)})
     with torch.enable_grad():
         compressed = SKMPalettizer(model, config).compress(dataloader=batches, loss_fn=_output_projection_loss())
