@@ -9,6 +9,7 @@ uncalibrated, with palettize4's bits: the comparison for the data-aware scheme),
 Bars (issue 13): palettize8 >= 55 dB on last_hidden_state; palettize6 cosine >= 0.995;
 palettize4 >= plain4 + 5 dB with weights <= 40% of fp16; auto >= 40 dB with fewer bytes than
 palettize6. Each scheme is a full ``convert()``; auto takes minutes (it simulates each layer).
+First, the analyze estimate of stock DistilBERT-base on A15, fp16 and 4-bit (bar: 4-bit below).
 """
 
 from __future__ import annotations
@@ -21,6 +22,24 @@ from collections import Counter
 from pathlib import Path
 
 SCHEMES = ("fp16", "palettize8", "palettize6", "plain4", "palettize4", "int8", "auto")
+
+
+def distilbert_estimates(seq_len: int = 128) -> dict[str, float]:
+    """``milpasses analyze``'s A15 latency of stock DistilBERT-base (seeded weights) after
+    ``ane_pipeline()``: fp16, and with 4-bit palettized weights (embedding table at 6 bits)."""
+    import coremltools as ct
+
+    from fixtures import families as F
+    from milpasses import ane_pipeline
+    from milpasses.analyze import analyze
+    from milpasses.convert import compress as compressing
+
+    _, inputs, traced = F.distilbert_base(seq_len)
+    mlmodel = F.convert_traced(traced, inputs, "fp16", ane_pipeline(), ct.target.iOS18)
+    sites = compressing.weight_sites(mlmodel._mil_program)
+    palettized = compressing.palettized(mlmodel, compressing.uniform_bits(sites, 4))
+    return {name: analyze(model._mil_program, "A15").latency * 1e3
+            for name, model in (("fp16", mlmodel), ("4-bit", palettized))}
 
 
 def _plain4(seq_len: int, min_psnr_db: float):
@@ -66,8 +85,15 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--min-psnr", type=float, default=40.0)
     parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--skip-analyze", action="store_true", help="leave out the DistilBERT-base estimates")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if not args.skip_analyze:
+        estimates = distilbert_estimates()
+        print("DistilBERT-base, A15, S=128, analyze estimate: "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in estimates.items())
+              + f"  (bar: 4-bit below fp16: {'met' if estimates['4-bit'] < estimates['fp16'] else 'MISSED'})",
+              flush=True)
     rows, fp16_bytes = [], None
     for scheme in args.schemes.split(","):
         report, seconds = run(scheme, args.seq_len, args.min_psnr)

@@ -1,5 +1,7 @@
 """The simulator's weight decompression ops against coremltools' own materialisation, value for value."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -34,12 +36,18 @@ _SCHEMES = {
 }
 
 
-def _compressed(target, config):
+@functools.lru_cache(maxsize=None)
+def _converted(target):
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 32)).eval()
     example = torch.randn(1, 4, 32)
     mlmodel = ct.convert(torch.jit.trace(module, example), inputs=[ct.TensorType(name="x", shape=example.shape)],
                          convert_to="mlprogram", minimum_deployment_target=target, skip_model_load=True)
+    return mlmodel, module, example
+
+
+def _compressed(target, config):
+    mlmodel, module, example = _converted(target)
     compress = cto.palettize_weights if isinstance(config, cto.OpPalettizerConfig) else cto.linear_quantize_weights
     return compress(mlmodel, cto.OptimizationConfig(global_config=config)), module, example
 

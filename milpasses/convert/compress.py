@@ -29,6 +29,9 @@ from milpasses.convert.options import ConversionError
 SCHEMES = ("palettize8", "palettize6", "palettize4", "int8", "auto")
 SMALL_WEIGHT_ELEMENTS = 4096
 EMBEDDING_MIN_BITS = 6
+#: palettize4's lookup tables (see the module docstring for the measurement behind the choice).
+PALETTIZE4_TABLES = {"granularity": "per_tensor"}
+SENSITIVITY_PROJECTIONS = 8
 DEFAULT_COMPRESSED_MIN_PSNR_DB = 40.0  # Apple's acceptance level for 4-bit palettization
 _PER_BLOCK = re.compile(r"(u?int4|int8[-_]?block|block|per[-_]?block|c4w|w4a16)", re.IGNORECASE)
 
@@ -219,7 +222,7 @@ def calibrated_palettization(loaded, options, texts, compression: Compression):
     batches, compression.calibration = calibration_inputs(loaded, options, texts)
     model = loaded.model
     vocab = getattr(model.config, "vocab_size", None)
-    body = {"n_bits": 4, "granularity": "per_tensor"}
+    body = {"n_bits": 4, **PALETTIZE4_TABLES}
     wide = {"n_bits": EMBEDDING_MIN_BITS, "granularity": "per_tensor"}
     names = {}
     for name, module in model.named_modules():
@@ -230,6 +233,9 @@ def calibrated_palettization(loaded, options, texts, compression: Compression):
                 names[name] = None
             else:
                 names[name] = wide if module.weight.shape[0] == vocab else body
+    # each sample seen under several random directions: one direction per sample estimates the
+    # squared-gradient sensitivity too noisily to weigh k-means by
+    batches = [batch for batch in batches for _ in range(SENSITIVITY_PROJECTIONS)]
     config = SKMPalettizerConfig.from_dict({"module_name_configs": names, "calibration_nsamples": len(batches)})
     with torch.enable_grad():
         compressed = SKMPalettizer(model, config).compress(dataloader=batches, loss_fn=_output_projection_loss())
