@@ -91,3 +91,19 @@ def test_data_aware_palettize4_converts_with_every_linear_a_conv_reading_compres
     (cosine,) = report.cosine
     assert cosine["output"] == "sentence_embedding" and 0.9 < cosine["worst_cosine"] <= 1.0
     assert all(np.isfinite(e["psnr_db"]) and e["psnr_db"] > 20 for e in report.psnr)
+
+
+def test_auto_picks_bits_per_layer_that_keep_the_floor_with_fewer_bytes_than_8_bits(tmp_path, monkeypatch):
+    from tests.convert_helpers import save_fixture
+
+    monkeypatch.setattr(compressing, "SMALL_WEIGHT_ELEMENTS", FIXTURE_SMALL_WEIGHT)
+    directory = save_fixture(tmp_path / "bert", "bert")
+    _, report = convert(str(directory), seq_len=F.SEQ_LEN, target="iOS18", offline=True, compress="auto",
+                        min_psnr_db=35.0)
+    plan = report.compression["plan"]
+    assert report.passed and report.worst_psnr_db >= 35.0
+    assert all(set(layer["psnr_db_alone"]) == {8, 6, 4} for layer in plan)
+    assert {layer["bits"] for layer in plan if layer["role"] == "body"} & {4, 6}, "nothing was lowered"
+    assert all(layer["bits"] >= compressing.EMBEDDING_MIN_BITS for layer in plan if layer["role"] != "body")
+    eight_bits = sum(s["elements"] for s in plan) + 2 * 256 * len(plan)
+    assert report.compression["weight_bytes_after"] < report.compression["weight_bytes_before"] - 0.5 * eight_bits
