@@ -173,8 +173,6 @@ def compress(mlmodel, scheme: str, compression: Compression, traced, loaded, opt
 
 def calibration_inputs(loaded, options, texts: tuple[str, ...] | None) -> tuple[list[dict], str]:
     """Batches of one row each for calibration: the user's texts tokenized, else the verification samples."""
-    import torch
-
     from milpasses.convert.samples import as_tensors, sample_inputs, verification_rows
 
     length = loaded.lengths[-1]

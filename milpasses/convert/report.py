@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 from milpasses.convert.options import DEFAULT_MIN_PSNR_DB
@@ -88,6 +89,8 @@ class ConversionReport:
         lines += ["", "seconds  " + ", ".join(f"{stage} {s:.1f}" for stage, s in self.seconds.items())]
         if self.package_bytes is not None:
             lines.append(f"package  {self.package_bytes / 2**20:.1f} MiB")
+        if self.compression:
+            lines.append(f"weights  {self.compression_summary()}")
         lines.append(f"device   {self.device_check}")
         if self.fp16_findings:
             lines.append(f"fp16 check: {len(self.fp16_findings)} finding(s)")
@@ -98,9 +101,20 @@ class ConversionReport:
             verdict = "ok" if entry["psnr_db"] >= self.min_psnr_db else f"BELOW {self.min_psnr_db:g}"
             seq_len = "-" if entry["seq_len"] is None else entry["seq_len"]
             lines.append(f"{entry['output']:<20} {seq_len:>7} {entry['psnr_db']:>8.1f}  {verdict}")
+        for entry in self.cosine:
+            seq_len = "-" if entry["seq_len"] is None else entry["seq_len"]
+            lines.append(f"{entry['output']:<20} {seq_len:>7} cosine {entry['worst_cosine']:.5f} (worst sentence)")
         if self.verification_error:
             lines.append(f"verification could not run: {self.verification_error}")
         return "\n".join(lines)
+
+    def compression_summary(self) -> str:
+        """The compression in one line: scheme, weight bytes before and after, how many weights at each width."""
+        c = self.compression
+        widths = Counter(c["bits"].values())
+        return (f"{c['scheme']}: {c['weight_bytes_before'] / 2**20:.1f} -> {c['weight_bytes_after'] / 2**20:.1f} MiB "
+                f"({c['weight_bytes_after'] / max(c['weight_bytes_before'], 1):.2f}); "
+                + ", ".join(f"{n} weights at {b} bits" for b, n in sorted(widths.items(), reverse=True)))
 
     def to_markdown(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
@@ -135,6 +149,14 @@ class ConversionReport:
         lines += [f"| {stage} | {s:.2f} |" for stage, s in self.seconds.items()]
         if self.package_bytes is not None:
             lines += ["", f"Package size: {self.package_bytes / 2**20:.1f} MiB"]
+        if self.compression:
+            lines += ["", "## Compression", "", self.compression_summary()
+                      + (f"; calibrated on {self.compression['calibration']}" if self.compression["calibration"] else ""),
+                      "", "| weight | bits |", "|---|---|"]
+            lines += [f"| {name} | {bits} |" for name, bits in self.compression["bits"].items()]
+        if self.cosine:
+            lines += ["", "Worst sentence-embedding cosine to PyTorch fp32: "
+                      + ", ".join(f"{e['worst_cosine']:.5f}" for e in self.cosine)]
         return "\n".join(lines) + "\n"
 
 
