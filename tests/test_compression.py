@@ -24,8 +24,10 @@ def test_per_block_integer_schemes_are_refused_saying_why(scheme):
 def test_unknown_schemes_and_misplaced_calibration_are_conversion_errors(tmp_path):
     with pytest.raises(ConversionError, match="unknown compression 'zip'"):
         convert(None, compress="zip")
+    with pytest.raises(ConversionError, match="needs --target iOS18"):
+        convert(None, compress="palettize4")
     with pytest.raises(ConversionError, match="does not exist"):
-        convert(None, compress="palettize4", calibration=tmp_path / "absent.txt")
+        convert(None, compress="palettize4", target="iOS18", calibration=tmp_path / "absent.txt")
     (tmp_path / "texts.txt").write_text("a sentence\n")
     with pytest.raises(ConversionError, match="read by --compress palettize4 only"):
         convert(None, compress="palettize8", calibration=tmp_path / "texts.txt")

@@ -74,6 +74,7 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     from milpasses.passes import last_reports
 
     scheme = compressing.check_scheme(compress)
+    compressing.check_target(scheme, target)
     texts = compressing.check_calibration(calibration, scheme)
     if min_psnr_db is None:
         min_psnr_db = DEFAULT_MIN_PSNR_DB if scheme is None else compressing.DEFAULT_COMPRESSED_MIN_PSNR_DB

@@ -6,7 +6,9 @@
 - ``palettize4``: data-aware, before tracing: coremltools' ``optimize.torch`` sensitive k-means
   (SKM), weighting each weight by how much the outputs move with it, measured on calibration
   inputs (the verification samples, or ``--calibration FILE`` of texts). The converted program
-  then carries the compressed weights through ``ane_pipeline()``.
+  then carries the compressed weights through ``ane_pipeline()``. A table per 16 output
+  channels: on MiniLM it gains 2.7 dB over one table per tensor at the same package size
+  (at 4 bits the tables are small beside the indices). Grouped tables need iOS18.
 - ``int8``: symmetric, one scale per output channel (the quantization the NE runs correctly).
 - ``auto``: bits per layer from {8, 6, 4}, chosen by simulation (:mod:`milpasses.convert.auto`).
 
@@ -30,7 +32,7 @@ SCHEMES = ("palettize8", "palettize6", "palettize4", "int8", "auto")
 SMALL_WEIGHT_ELEMENTS = 4096
 EMBEDDING_MIN_BITS = 6
 #: palettize4's lookup tables (see the module docstring for the measurement behind the choice).
-PALETTIZE4_TABLES = {"granularity": "per_tensor"}
+PALETTIZE4_TABLES = {"granularity": "per_grouped_channel", "group_size": 16, "channel_axis": 0}
 SENSITIVITY_PROJECTIONS = 8
 DEFAULT_COMPRESSED_MIN_PSNR_DB = 40.0  # Apple's acceptance level for 4-bit palettization
 _PER_BLOCK = re.compile(r"(u?int4|int8[-_]?block|block|per[-_]?block|c4w|w4a16)", re.IGNORECASE)
@@ -46,6 +48,12 @@ def check_scheme(scheme: str | None) -> str | None:
             f"(Core ML computes it wrong or moves it off the NE: coremltools #2510); use int8 (one scale per "
             f"output channel) or palettize4/palettize6 (lookup tables)")
     raise ConversionError(f"unknown compression '{scheme}'; choose one of {', '.join(SCHEMES)}")
+
+
+def check_target(scheme: str | None, target: str) -> None:
+    if scheme == "palettize4" and target != "iOS18":
+        raise ConversionError("--compress palettize4 needs --target iOS18 (a lookup table per group of channels "
+                              "is an iOS18 form)")
 
 
 def check_calibration(path, scheme: str | None) -> tuple[str, ...] | None:
