@@ -15,7 +15,7 @@
 - ``auto``: bits per layer from {8, 6, 4}, chosen by simulation (:mod:`milpasses.convert.auto`).
 
 Per-block integer weights are refused: Core ML runs them wrong or off the Neural Engine
-(coremltools #2510). Weights under :data:`SMALL_WEIGHT_ELEMENTS` elements (norm gains, biases,
+(coremltools #2510). Weights of :data:`SMALL_WEIGHT_ELEMENTS` elements or fewer (norm gains, biases,
 small tables) stay fp16; the token embedding table and an LM head (a projection to as many
 channels as the table has rows) keep at least 6 bits, as ANEMLL keeps its LM head at LUT6.
 """
@@ -114,7 +114,7 @@ def weight_sites(program) -> list[WeightSite]:
         var = op.inputs.get(name) if name else None
         if var is None or var.op is None or var.op.op_type != "const" or var.val is None:
             continue
-        if not np.issubdtype(np.asarray(var.val).dtype, np.floating) or var.val.size < SMALL_WEIGHT_ELEMENTS:
+        if not np.issubdtype(np.asarray(var.val).dtype, np.floating) or var.val.size <= SMALL_WEIGHT_ELEMENTS:
             continue
         found.append((op, var))
     table_rows = {int(var.shape[0]) for op, var in found if op.op_type == "gather"}
@@ -244,7 +244,7 @@ def calibrated_palettization(loaded, options, texts, compression: Compression):
         if isinstance(module, torch.nn.Embedding):
             names[name] = None  # palettized after conversion: SKM's weighted k-means takes minutes on a vocabulary
         elif isinstance(module, torch.nn.Linear):
-            if module.weight.numel() < SMALL_WEIGHT_ELEMENTS:
+            if module.weight.numel() <= SMALL_WEIGHT_ELEMENTS:
                 names[name] = None
             else:
                 names[name] = wide if module.weight.shape[0] == vocab else body
