@@ -137,15 +137,18 @@ def uniform_bits(sites: list[WeightSite], bits: int) -> dict[str, int]:
 
 def palettized(mlmodel, bits: dict[str, int]):
     """``mlmodel`` with each named op's weight in lookup tables of ``bits[op]`` bits: one per
-    :data:`TABLE_ROWS` output channels below 8 bits, one per tensor at 8."""
+    :data:`TABLE_ROWS` output channels below 8 bits, one per tensor at 8 and for embedding tables."""
     import coremltools.optimize.coreml as cto
 
-    def tables(n):
-        if n >= 8:
+    op_types = {op.name: op.op_type for op in mlmodel._mil_program.functions["main"].operations}
+
+    def tables(name, n):
+        # ct.optimize.coreml leaves a gathered table uncompressed when asked for grouped tables
+        if n >= 8 or op_types.get(name) == "gather":
             return {"granularity": "per_tensor"}
         return {"granularity": "per_grouped_channel", "group_size": TABLE_ROWS, "channel_axis": 0}
 
-    configs = {name: cto.OpPalettizerConfig(nbits=n, weight_threshold=SMALL_WEIGHT_ELEMENTS, **tables(n))
+    configs = {name: cto.OpPalettizerConfig(nbits=n, weight_threshold=SMALL_WEIGHT_ELEMENTS, **tables(name, n))
                for name, n in bits.items()}
     return cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=configs))
 
