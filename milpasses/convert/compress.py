@@ -140,7 +140,8 @@ def palettized(mlmodel, bits: dict[str, int]):
     :data:`TABLE_ROWS` output channels below 8 bits, one per tensor at 8 and for embedding tables."""
     import coremltools.optimize.coreml as cto
 
-    op_types = {op.name: op.op_type for op in mlmodel._mil_program.functions["main"].operations}
+    ops = {op.name: op for op in mlmodel._mil_program.functions["main"].operations}
+    op_types = {name: op.op_type for name, op in ops.items()}
 
     def tables(name, n):
         # ct.optimize.coreml leaves a gathered table uncompressed when asked for grouped tables
@@ -148,9 +149,16 @@ def palettized(mlmodel, bits: dict[str, int]):
             return {"granularity": "per_tensor"}
         return {"granularity": "per_grouped_channel", "group_size": TABLE_ROWS, "channel_axis": 0}
 
-    configs = {name: cto.OpPalettizerConfig(nbits=n, weight_threshold=SMALL_WEIGHT_ELEMENTS, **tables(name, n))
+    configs = {_weight_const(ops[name]): cto.OpPalettizerConfig(nbits=n, weight_threshold=SMALL_WEIGHT_ELEMENTS,
+                                                               **tables(name, n))
                for name, n in bits.items()}
     return cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=configs))
+
+
+def _weight_const(op) -> str:
+    """The name of the const op holding ``op``'s weight: configs name the constant, since one
+    named by its reader would apply to every constant that op reads (a bias another op shares)."""
+    return op.inputs[_WEIGHT_INPUT[op.op_type]].op.name
 
 
 def int8_quantized(mlmodel, names):
@@ -159,7 +167,9 @@ def int8_quantized(mlmodel, names):
 
     config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                          weight_threshold=SMALL_WEIGHT_ELEMENTS)
-    return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(op_name_configs={n: config for n in names}))
+    ops = {op.name: op for op in mlmodel._mil_program.functions["main"].operations}
+    configs = {_weight_const(ops[name]): config for name in names}
+    return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=configs))
 
 
 def compress(mlmodel, scheme: str, compression: Compression, traced, loaded, options):
