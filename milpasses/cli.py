@@ -40,9 +40,9 @@ def convert_command(args) -> int:
         mlmodel, report = convert(
             args.model, task=args.task, seq_len=args.seq_len, seq_lens=args.seq_lens, batch=args.batch,
             attention=args.attention, target=args.target, precision=args.precision, offline=args.offline,
-            trust_remote_code=args.trust_remote_code, min_psnr_db=args.min_psnr, progress=console,
-            check_passes=args.check_passes, context=args.context, prefill_chunk=args.prefill_chunk,
-            kv_cache=args.kv_cache)
+            trust_remote_code=args.trust_remote_code, min_psnr_db=args.min_psnr, compress=args.compress,
+            calibration=args.calibration, progress=console, check_passes=args.check_passes, context=args.context,
+            prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache)
         if args.strict and not report.passed:
             if not (args.quiet or args.json):
                 print(report.table())
@@ -121,6 +121,7 @@ def _lengths(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from milpasses.convert import ATTENTION_MODES, DEFAULT_MIN_PSNR_DB, PRECISIONS, TARGETS, TASKS
+    from milpasses.convert.compress import DEFAULT_COMPRESSED_MIN_PSNR_DB
 
     parser = argparse.ArgumentParser(prog="milpasses", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -148,8 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--offline", action="store_true", help="read local files only, never the network")
     convert.add_argument("--trust-remote-code", action="store_true",
                          help="run the model repository's own Python code (off unless given)")
-    convert.add_argument("--min-psnr", type=float, default=DEFAULT_MIN_PSNR_DB,
-                         help="verification threshold in dB (default %(default)s)")
+    convert.add_argument("--min-psnr", type=float, default=None,
+                         help=f"verification threshold in dB (default {DEFAULT_MIN_PSNR_DB:g}, or "
+                              f"{DEFAULT_COMPRESSED_MIN_PSNR_DB:g} with --compress; auto's floor)")
+    convert.add_argument("--compress", metavar="SCHEME",
+                         help="palettize8, palettize6, palettize4 (data-aware), int8 (per channel) or auto "
+                              "(bits per layer by simulation); per-block int schemes are refused")
+    convert.add_argument("--calibration", metavar="FILE",
+                         help="texts, one a line, calibrating --compress palettize4 (default: the samples)")
     convert.add_argument("--strict", action="store_true",
                          help="exit non-zero, writing nothing, when verification is below --min-psnr")
     convert.add_argument("--check-passes", action="store_true",

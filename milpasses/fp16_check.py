@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 from coremltools.converters.mil.mil import types
 
-from milpasses.simulator import Simulator, load_program, psnr
+from milpasses.simulator import Simulator, is_decompression, load_program, psnr
 
 DEFAULT_MIN_PSNR_DB = 40.0
 NO_PASS = "none in milpasses: keep this op in fp32 (coremltools' FP16ComputePrecision op_selector)"
+RECOMPRESS = ("recompress this weight so it decompresses inside fp16's range (its scales or lookup table "
+              "exceed 65504), or leave it uncompressed")
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,10 @@ class Finding:
         return f"{self.kind} at {self.op_type} '{self.op}': {self.detail}; fix: {self.fix}"
 
 
-def _fix_for(op, kind: str) -> str:
-    constants = [v.val for v in op.get_flattened_inputs() if v.val is not None]
+def _fix_for(op, kind: str, constant) -> str:
+    if is_decompression(op):
+        return RECOMPRESS
+    constants = [value for value in map(constant, op.get_flattened_inputs()) if value is not None]
     has_unsafe_constant = any(
         np.issubdtype(np.asarray(c).dtype, np.floating) and not np.isfinite(np.asarray(c, dtype=np.float16)).all()
         for c in constants
@@ -79,7 +83,14 @@ def check_fp16(model, inputs: dict[str, np.ndarray] | None = None,
                     observed.setdefault(var.name, [None, None])[slot] = value
         return observer
 
-    Simulator(program).run(inputs, record(0))
+    device = Simulator(program)
+    device.run(inputs, record(0))
+
+    def constant(var):
+        """A constant input's value as the device holds it, a compressed weight decompressed."""
+        value = device.constant(var)
+        return var.val if value is None else value
+
     Simulator(program, emulate_fp16=False).run(inputs, record(1))
     quality = {name: _quality(device, reference) for name, (device, reference) in observed.items()}
 
@@ -89,7 +100,7 @@ def check_fp16(model, inputs: dict[str, np.ndarray] | None = None,
             if var.name not in quality:
                 continue
             upstream = [quality[v.name] for v in op.get_flattened_inputs() if v.name in quality]
-            finding = _finding(op, quality[var.name], upstream, min_psnr_db)
+            finding = _finding(op, quality[var.name], upstream, min_psnr_db, constant)
             if finding is not None:
                 findings.append(finding)
     return findings
@@ -106,19 +117,19 @@ def _quality(device: np.ndarray, reference: np.ndarray) -> dict:
     }
 
 
-def _finding(op, quality: dict, upstream: list[dict], min_psnr_db: float) -> Finding | None:
+def _finding(op, quality: dict, upstream: list[dict], min_psnr_db: float, constant) -> Finding | None:
     if quality["nan"] and not any(q["nan"] for q in upstream):
-        return Finding(op.name, op.op_type, "nan", "NaN first appears here", _fix_for(op, "nan"))
+        return Finding(op.name, op.op_type, "nan", "NaN first appears here", _fix_for(op, "nan", constant))
     if quality["inf"] and not any(q["inf"] or q["nan"] for q in upstream):
         if quality["reference_finite"]:
             detail = (f"overflows fp16: the fp32-storage run peaks at {quality['max_abs']:.4g}, "
                       f"fp16 holds at most 65504")
-            return Finding(op.name, op.op_type, "overflow", detail, _fix_for(op, "overflow"))
+            return Finding(op.name, op.op_type, "overflow", detail, _fix_for(op, "overflow", constant))
         return Finding(op.name, op.op_type, "inf", "inf first appears here, from an infinite constant",
-                       _fix_for(op, "inf"))
+                       _fix_for(op, "inf", constant))
     clean_inputs = all(q["psnr"] >= min_psnr_db for q in upstream)
     if quality["psnr"] < min_psnr_db and clean_inputs and not (quality["nan"] or quality["inf"]):
         return Finding(op.name, op.op_type, "precision",
                        f"PSNR {quality['psnr']:.1f} dB against the fp32-storage run (below {min_psnr_db} dB)",
-                       _fix_for(op, "precision"))
+                       _fix_for(op, "precision", constant))
     return None

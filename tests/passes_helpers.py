@@ -5,7 +5,7 @@ import copy
 import numpy as np
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
-import milpasses.passes  # noqa: F401  (registers the ane:: passes this module looks up)
+import milpasses.passes  # noqa: F401  (registers the ane:: passes, so a test file runs on its own)
 from milpasses.simulator import simulate
 
 

@@ -169,3 +169,28 @@ def test_distilbert_after_the_pipeline_is_on_the_ane_outside_its_embeddings(dist
     assert after.ane_flop_share >= 0.99
     assert any(r.op_type == "gather" and r.device == CPU and r.input_stage for r in after.ops)
     assert "predicted speed-up of ane_pipeline()" in compare_lines(before, after)[-1]
+
+
+def test_a_compressed_weight_costs_its_stored_bytes():
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    from milpasses.analyze import analyze
+    from tests.helpers import mil_program
+
+    x = np.zeros((1, 64, 1, 8), np.float16)
+    dense = np.random.default_rng(0).standard_normal((256, 64, 1, 1)).astype(np.float16)
+    indices = np.random.default_rng(0).integers(0, 16, (256, 64, 1, 1)).astype(types.np_uint4_dtype)
+    lut = np.random.default_rng(0).standard_normal((1, 1, 1, 1, 16, 1)).astype(np.float16)
+
+    def program(weight):
+        return mil_program(lambda x: mb.conv(x=x, weight=weight()), opset=ct.target.iOS18, x=x)
+
+    fp16 = analyze(program(lambda: dense), chip="A15")
+    palettized = analyze(program(lambda: mb.constexpr_lut_to_dense(indices=indices, lut=lut)), chip="A15")
+    (fp16_conv,) = [r for r in fp16.ops if r.op_type == "conv"]
+    (palettized_conv,) = [r for r in palettized.ops if r.op_type == "conv"]
+    assert fp16_conv.cost.weight_bytes == dense.nbytes
+    assert palettized_conv.cost.weight_bytes == dense.size // 2 + lut.size * 2
+    assert [r.op_type for r in palettized.ops] == ["conv"]  # decompression happens at load time

@@ -116,11 +116,25 @@ def test_weights_over_1_gb_on_iphone_and_2_gib_on_mac():
     weight = np.zeros((3, 4), np.float16)
     linear = only_op(mil_program(lambda x: mb.linear(x=x, weight=weight), x=np.zeros((2, 4), np.float16)), "linear")
     check_prediction(R.weights_too_large(linear, R.Context(weight_bytes=1.5e9)), R.weights_too_large, R.GPU)
-    assert R.weights_too_large(linear, R.Context(weight_bytes=1.5e9, is_mac=True)) is None
+    macos27 = R.weights_too_large(linear, R.Context(weight_bytes=1.5e9, is_mac=True))
+    check_prediction(macos27, R.weights_too_large, R.CPU)
+    assert "macOS 27" in macos27.scope and "--compress" in macos27.reason
+    assert R.weights_too_large(linear, R.Context(weight_bytes=0.9 * 2**30, is_mac=True)) is None
     check_prediction(R.weights_too_large(linear, R.Context(weight_bytes=3 * 2**30, is_mac=True)),
                      R.weights_too_large, R.GPU)
     assert R.weights_too_large(linear, R.Context(weight_bytes=10**8)) is None
     assert R.weights_too_large(relu_op((2, 8)), R.Context(weight_bytes=1.5e9)) is None  # reads no weights
+
+
+def test_an_op_reading_a_compressed_weight_reads_weights():
+    def compressed_linear(x):
+        weight = mb.constexpr_blockwise_shift_scale(data=np.ones((3, 4), np.int8), scale=np.ones((3, 1), np.float16))
+        return mb.linear(x=x, weight=weight)
+
+    linear = only_op(mil_program(compressed_linear, opset=ct.target.iOS18, x=np.zeros((2, 4), np.float16)), "linear")
+    prediction = R.weights_too_large(linear, R.Context(weight_bytes=3 * 2**30, is_mac=True))
+    check_prediction(prediction, R.weights_too_large, R.GPU)
+    assert "split the model" in prediction.reason
 
 
 def test_an_fp16_op_with_no_constraint_is_predicted_on_the_ane_as_a_heuristic():

@@ -33,11 +33,19 @@ def _projection(x, name):
     return mb.linear(x=x, weight=weight, bias=bias)
 
 
-def attention(x, mask, scores_then=None, softmax_axis=-1, value_scale=None):
+def _int8_projection(x, name):
+    """The projection with its weight stored as int8 per output channel, as ct.optimize.coreml writes it."""
+    weight, bias = WEIGHTS[name]
+    scale = np.abs(weight).max(axis=1, keepdims=True) / 127
+    data = np.round(weight / scale).astype(np.int8)
+    return mb.linear(x=x, weight=mb.constexpr_blockwise_shift_scale(data=data, scale=scale), bias=bias)
+
+
+def attention(x, mask, scores_then=None, softmax_axis=-1, value_scale=None, projection=_projection):
     """Multi-head attention in the torch frontend's form; the keyword arguments break it."""
-    q = _heads(_projection(x, "q"), [0, 2, 1, 3])
-    k = _heads(_projection(x, "k"), [0, 2, 3, 1])
-    v = _heads(_projection(x, "v"), [0, 2, 1, 3])
+    q = _heads(projection(x, "q"), [0, 2, 1, 3])
+    k = _heads(projection(x, "k"), [0, 2, 3, 1])
+    v = _heads(projection(x, "v"), [0, 2, 1, 3])
     if value_scale == "layer_norm":
         v = mb.layer_norm(x=v, axes=[-2])
     elif value_scale == "head_norms":  # Persimmon's q/k LayerNorms over head_dim (K is (B, H, d, S))
@@ -83,6 +91,18 @@ def test_split_einsum_rewrites_each_head_and_computes_what_torch_does():
     assert len(key_transposes) == 1
     assert dict(reports[PASS].rewritten) == {"attention": 1}
     assert reports[PASS].sites_skipped == 0
+
+
+def test_scale_folds_into_a_compressed_q_projection_which_stays_compressed():
+    program = mil_program(lambda x, mask: attention(x, mask, projection=_int8_projection), opset=ct.target.iOS18,
+                          x=X, mask=MASK)
+    _, _, reports = rewritten_matches_original(program, {"x": X, "mask": MASK}, TO_CONV, PASS)
+    assert dict(reports[PASS].rewritten) == {"attention": 1} and "mul" not in op_types(program)
+    convs = [op for op in _main_ops(program) if op.op_type == "conv"]
+    assert len(convs) == 3 and all(c.inputs["weight"].op.op_type == "constexpr_blockwise_shift_scale" for c in convs)
+    dense = [op for op in _main_ops(program) if op.op_type == "const" and op.outputs[0].shape == (C, C, 1, 1)
+             and np.issubdtype(op.outputs[0].val.dtype, np.floating)]
+    assert dense == [], "a compressed weight was materialised"
 
 
 def test_scale_stays_a_multiply_when_q_is_not_a_conv_output():

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from milpasses.cli import main
-from milpasses.simulator import load_program
 from tests.convert_helpers import save_fixture
 
 
@@ -76,6 +75,10 @@ def test_overwrite_replaces_package_and_reports(tmp_path, bert_dir):
     (["nobody-here/no-such-model"], "cannot load model 'nobody-here/no-such-model'"),
     (["-o", "OUT/absent/m.mlpackage"], "cannot write to"),
     (["-o", "OUT/m.mlmodel"], "must end in .mlpackage"),
+    (["MODEL", "--compress", "int4"], "per-block integer quantization, which the Neural Engine does not run"),
+    (["MODEL", "--compress", "zip"], "unknown compression 'zip'"),
+    (["MODEL", "--compress", "palettize4", "--target", "iOS18", "--calibration", "ABSENT"], "does not exist"),
+    (["MODEL", "--compress", "palettize4"], "needs --target iOS18"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, bert_dir, capsys, arguments, message):
     arguments = [a.replace("MODEL", str(bert_dir)).replace("ABSENT", str(tmp_path / "absent"))

@@ -95,3 +95,87 @@ def test_a_program_with_several_functions_is_left_alone():
     reports = run_passes(program, PASS)
     assert op_types(program) == ["linear"]
     assert list(reports[PASS].skipped) == ["the program has functions ['main', 'second'], not one 'main'"]
+
+
+# ----------------------------------------------------------------------------- compressed weights
+
+import copy  # noqa: E402
+
+import coremltools as ct  # noqa: E402
+from coremltools.converters.mil.mil import types  # noqa: E402
+
+from milpasses.simulator import simulate  # noqa: E402
+
+XH = rng.standard_normal((1, 5, 16)).astype(np.float16)
+INDICES4 = rng.integers(0, 16, (8, 16)).astype(types.np_uint4_dtype)
+GROUPED_LUT = rng.standard_normal((2, 1, 16, 1)).astype(np.float16)  # a table per 4 rows
+
+
+def _lut_weight():
+    return mb.constexpr_lut_to_dense(indices=INDICES4, lut=GROUPED_LUT, name="weight")
+
+
+def _channel_scaled_lut_weight():
+    lut = mb.constexpr_blockwise_shift_scale(data=rng.standard_normal((8, 1, 16, 1)).astype(np.float16),
+                                             scale=rng.uniform(0.5, 2, (8, 1, 1, 1)).astype(np.float16))
+    return mb.constexpr_lut_to_dense(indices=INDICES4, lut=lut, name="weight")
+
+
+def _vector_lut_weight():
+    indices = rng.integers(0, 4, (8, 8)).astype(types.np_uint2_dtype)
+    return mb.constexpr_lut_to_dense(indices=indices, lut=rng.standard_normal((1, 1, 4, 2)).astype(np.float16),
+                                     vector_axis=1, name="weight")
+
+
+def _int8_weight():
+    return mb.constexpr_blockwise_shift_scale(data=rng.integers(-127, 128, (8, 16)).astype(np.int8),
+                                              scale=rng.uniform(0.01, 0.02, (8, 1)).astype(np.float16), name="weight")
+
+
+def _compressed_rewrite(build, x=XH):
+    program = mil_program(build, opset=ct.target.iOS18, x=x)
+    before = simulate(copy.deepcopy(program), {"x": x})
+    reports = run_passes(program, PASS)
+    (after,), (expected,) = simulate(program, {"x": x}).values(), before.values()
+    np.testing.assert_allclose(after, expected, rtol=2e-3, atol=2e-3)
+    return program, reports[PASS]
+
+
+def _conv_weight_op(program):
+    conv = next(op for op in program.functions["main"].operations if op.op_type == "conv")
+    return conv.inputs["weight"].op
+
+
+@pytest.mark.parametrize("weight", [_lut_weight, _channel_scaled_lut_weight, _vector_lut_weight, _int8_weight],
+                         ids=["grouped lut", "lut scaled per channel", "vector lut", "int8 per channel"])
+def test_linear_with_a_compressed_weight_becomes_a_conv_reading_it_compressed(weight):
+    program, report = _compressed_rewrite(lambda x: mb.linear(x=x, weight=weight()))
+    decompressions = [t for t in op_types(program) if t.startswith("constexpr_")]
+    assert [t for t in op_types(program) if not t.startswith("constexpr_")] == BOUNDED_CONV
+    assert len(decompressions) == (2 if weight is _channel_scaled_lut_weight else 1), "the old weight was kept"
+    weight_op = _conv_weight_op(program)
+    assert weight_op.op_type.startswith("constexpr_") and weight_op.outputs[0].shape == (8, 16, 1, 1)
+    stored = [op.outputs[0].shape for op in program.functions["main"].operations
+              if op.op_type == "const" and types.is_float(op.outputs[0].dtype)]
+    assert (8, 16, 1, 1) not in stored and (8, 16) not in stored, "the weight was materialised"
+    assert dict(report.rewritten) == {"linear": 1}
+
+
+def test_matmul_by_a_compressed_weight_takes_it_transposed_and_compressed():
+    transposed = rng.integers(0, 16, (16, 8)).astype(types.np_uint4_dtype)
+    lut = rng.standard_normal((1, 2, 16, 1)).astype(np.float16)
+    program, report = _compressed_rewrite(
+        lambda x: mb.matmul(x=x, y=mb.constexpr_lut_to_dense(indices=transposed, lut=lut)))
+    weight_op = _conv_weight_op(program)
+    assert weight_op.op_type == "constexpr_lut_to_dense" and weight_op.inputs["lut"].shape == (2, 1, 1, 1, 16, 1)
+    assert dict(report.rewritten) == {"matmul": 1}
+
+
+def test_a_compressed_weight_other_ops_read_is_left_alone():
+    def shared(x):
+        weight = _int8_weight()
+        return mb.add(x=mb.linear(x=x, weight=weight), y=mb.reduce_sum(x=weight, axes=[1]))
+
+    program, report = _compressed_rewrite(shared)
+    assert "linear" in op_types(program)
+    assert any("store it twice" in reason for reason in report.skipped)

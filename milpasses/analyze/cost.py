@@ -19,6 +19,7 @@ from coremltools.converters.mil.mil import types
 
 from milpasses.analyze.chips import CHIPS, DEFAULT_CHIP, GIGA, TERA, Chip  # noqa: F401  (used as cost.CHIPS)
 from milpasses.analyze.rules import ANE, CPU, GPU
+from milpasses.weights import compressed_bytes, is_decompressed
 
 ANE_ROW_ALIGNMENT = 64  # bytes: the ANE stores the last axis contiguous, padded to 64 bytes (Apple)
 
@@ -128,12 +129,20 @@ def _itemsize(var) -> int:
 
 
 def is_weight(var) -> bool:
-    """A float tensor known at compile time; integer constants (axes, shapes, perms) are parameters."""
-    return var.val is not None and types.is_tensor(var.sym_type) and types.is_float(var.dtype)
+    """A float tensor known at compile time, compressed or not; integer constants (axes, shapes,
+    perms) are parameters."""
+    known = var.val is not None or is_decompressed(var)
+    return known and types.is_tensor(var.sym_type) and types.is_float(var.dtype)
 
 
 def dense_bytes(var) -> int:
     return _elements(var) * _itemsize(var)
+
+
+def weight_bytes(var) -> int:
+    """Bytes a weight is read as: a compressed one at its stored size (the ANE expands
+    palettized and int8 weights as it reads them)."""
+    return compressed_bytes(var) if is_decompressed(var) else dense_bytes(var)
 
 
 def padded_bytes(var) -> int:
@@ -231,7 +240,9 @@ FREE = OpCost(0, 0, 0, 0)
 
 def _gathered_weight_bytes(op) -> int:
     table, out = op.inputs.get("x"), op.outputs[0]
-    return dense_bytes(out) if table is not None and table.val is not None else 0
+    if table is None or not is_weight(table):
+        return 0
+    return dense_bytes(out) * weight_bytes(table) // max(dense_bytes(table), 1)  # the rows read, as stored
 
 
 def op_cost(op, device: str) -> OpCost:
@@ -241,12 +252,12 @@ def op_cost(op, device: str) -> OpCost:
     if op.op_type == "transpose" and _transpose_is_view(op):
         return FREE
     inputs = op.get_flattened_inputs()
-    activations = [v for v in inputs if v.val is None and types.is_tensor(v.sym_type)]
+    activations = [v for v in inputs if v.val is None and not is_decompressed(v) and types.is_tensor(v.sym_type)]
     tensors = tuple(size(v) for v in activations) + tuple(size(v) for v in op.outputs if types.is_tensor(v.sym_type))
     if op.op_type in ("gather", "gather_nd", "gather_along_axis"):
         weights = _gathered_weight_bytes(op)
     else:
-        weights = sum(dense_bytes(v) for v in inputs if is_weight(v))
+        weights = sum(weight_bytes(v) for v in inputs if is_weight(v))
     relayout_tensors = ()
     if device == ANE and op.op_type in LAST_AXIS_REDUCERS and _reduces_last_axis(op) and activations:
         relayout_tensors = (size(activations[0]), size(op.outputs[0]))

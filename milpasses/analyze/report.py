@@ -11,6 +11,7 @@ from coremltools.converters.mil.mil import types
 from milpasses.analyze import cost as costs
 from milpasses.analyze.rules import ANE, COMMUNITY, GPU, Context, Prediction, predict
 from milpasses.simulator.core import load_program
+from milpasses.weights import is_decompressed
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,10 @@ def _shape(var) -> tuple:
 
 
 def _weight_bytes(function) -> int:
-    return sum(costs.dense_bytes(op.outputs[0]) for op in function.operations
-               if op.op_type == "const" and costs.is_weight(op.outputs[0]))
+    """The model's weights as stored: a compressed weight at the size of its compressed parts."""
+    return sum(costs.weight_bytes(var) for op in function.operations for var in op.outputs
+               if (op.op_type == "const" or is_decompressed(var)) and costs.is_weight(var)
+               and not all(is_decompressed(child.outputs[0]) for child in var.child_ops if child.outputs))
 
 
 def _enumerated_inputs(model, function) -> frozenset:
@@ -195,7 +198,8 @@ def _analyze_function(function, chip: costs.Chip, weight_bytes: int, enumerated:
                       ane_allowed: bool = True) -> Analysis:
     context = Context(opset=function.opset_version, is_mac=chip.is_mac, weight_bytes=weight_bytes,
                       enumerated_inputs=enumerated)
-    ops = [op for op in function.operations if op.op_type != "const"]
+    # decompression ops run once, when Core ML loads the model; their weights are read by the ops using them
+    ops = [op for op in function.operations if op.op_type != "const" and not is_decompressed(op.outputs[0])]
     stage = _input_stage(function, ops)
     records = []
     for op in ops:
@@ -206,7 +210,7 @@ def _analyze_function(function, chip: costs.Chip, weight_bytes: int, enumerated:
         cost = costs.op_cost(op, device)
         records.append(OpRecord(
             op.name, op.outputs[0].name if op.outputs else op.name, op.op_type,
-            tuple(_shape(v) for v in op.get_flattened_inputs() if v.val is None),
+            tuple(_shape(v) for v in op.get_flattened_inputs() if v.val is None and not is_decompressed(v)),
             tuple(_shape(v) for v in op.outputs),
             predictions, cost, costs.op_seconds(cost, device, chip), op.name in stage))
     partitions = _partitions(ops, {r.name: r.device for r in records})

@@ -14,6 +14,8 @@ import coremltools as ct
 import numpy as np
 from coremltools.converters.mil.mil import types
 
+from milpasses.weights import is_decompressed
+
 ANE, GPU, CPU = "ANE", "GPU", "CPU"
 
 # Confidence tags, strongest first.
@@ -25,6 +27,7 @@ APPLE_ARTICLE = "Apple, 'Deploying Transformers on the Apple Neural Engine' (202
 
 IPHONE_WEIGHT_LIMIT = 10**9  # about 1 GB per model on iPhone (Apple)
 MAC_WEIGHT_LIMIT = 2 * 2**30  # a weight file over 2 GiB is refused on macOS (community)
+MACOS27_WEIGHT_LIMIT = 2**30  # from macOS 27, a model over 1 GiB of weights runs on the CPU
 MAX_ANE_DIMENSION = 16384
 MAX_ANE_RANK = 5
 
@@ -145,18 +148,32 @@ def activation_matmul_before_ios16(op, context: Context) -> Prediction | None:
                       rule="activation_matmul_before_ios16")
 
 
+WEIGHT_FIX = ("compress the weights (milpasses convert --compress palettize6, palettize4 or auto) "
+              "or split the model into parts that each fit")
+
+
 def weights_too_large(op, context: Context) -> Prediction | None:
-    limit = MAC_WEIGHT_LIMIT if context.is_mac else IPHONE_WEIGHT_LIMIT
-    reads_weights = any(v.val is not None and types.is_tensor(v.sym_type) and types.is_float(v.dtype)
-                        for v in op.get_flattened_inputs())
-    if context.weight_bytes <= limit or not reads_weights:
+    """Weights (as stored: compressed ones at their compressed size) past what the OS keeps on
+    the NE: 2 GiB on a Mac, 1 GiB from macOS 27, about 1 GB per model on iPhone."""
+    reads_weights = any(types.is_tensor(v.sym_type) and types.is_float(v.dtype)
+                        and (v.val is not None or is_decompressed(v)) for v in op.get_flattened_inputs())
+    if not reads_weights:
         return None
-    if context.is_mac:
-        return Prediction(GPU, f"model weights {context.weight_bytes / 2**30:.2f} GiB exceed the 2 GiB a Mac loads",
+    size = context.weight_bytes
+    if context.is_mac and size > MAC_WEIGHT_LIMIT:
+        return Prediction(GPU, f"model weights {size / 2**30:.2f} GiB exceed the 2 GiB a Mac loads; fix: {WEIGHT_FIX}",
                           COMMUNITY, "ANE_NOTES: weight file over 2 GiB refused on macOS (folk)", scope="Mac",
                           rule="weights_too_large")
-    return Prediction(GPU, f"model weights {context.weight_bytes / 1e9:.2f} GB exceed about 1 GB per model on iPhone",
-                      DOCUMENTED, APPLE_ARTICLE, scope="iPhone (A-series)", rule="weights_too_large")
+    if context.is_mac and size > MACOS27_WEIGHT_LIMIT:
+        return Prediction(CPU, f"model weights {size / 2**30:.2f} GiB exceed 1 GiB: from macOS 27 such a model runs "
+                          f"on the CPU; fix: {WEIGHT_FIX}", COMMUNITY,
+                          "issue 13: macOS 27 moves models above 1 GiB of weights off the NE", scope="Mac, macOS 27",
+                          rule="weights_too_large")
+    if not context.is_mac and size > IPHONE_WEIGHT_LIMIT:
+        return Prediction(GPU, f"model weights {size / 1e9:.2f} GB exceed about 1 GB per model on iPhone; "
+                          f"fix: {WEIGHT_FIX}", DOCUMENTED, APPLE_ARTICLE, scope="iPhone (A-series)",
+                          rule="weights_too_large")
+    return None
 
 
 #: Every rule, in the order their device wins when several apply.

@@ -7,6 +7,8 @@ A conversion goes through these stages, one module each, in this order:
 - ``samples``: inputs for tracing and verifying (real sentences, question/context pairs, images);
 - ``trace``: the module ``torch.jit.trace`` records, with the task's outputs;
 - ``coreml``: ``ct.convert`` with ``ane_pipeline()``, and DEFAULT's op counts for comparison;
+- ``compress``: weights palettized or quantized in NE-valid forms (data-aware 4-bit before
+  tracing; the others after converting; ``auto`` chooses bits per layer by simulation);
 - ``verify``: the converted program simulated against the PyTorch fp32 model;
 - ``report``: :class:`ConversionReport`, printed and written;
 - ``saving``: the package and its reports, named after it, staged and renamed.
@@ -49,9 +51,8 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
             seq_lens: list[int] | tuple[int, ...] | None = None, batch: int = 1,
             attention: str | None = None, target: str = "iOS16", precision: str = "fp16",
             offline: bool = False, trust_remote_code: bool = False,
-            min_psnr_db: float = DEFAULT_MIN_PSNR_DB,
-            progress: Console | Callable[[str], None] | None = None,
-            check_passes: bool = False,
+            min_psnr_db: float | None = None, compress: str | None = None, calibration=None,
+            progress: Console | Callable[[str], None] | None = None, check_passes: bool = False,
             context: int | None = None, prefill_chunk: int | None = None, kv_cache: str = "io"):
     """Convert ``model`` for the ANE and verify it; returns ``(mlmodel, report)``.
 
@@ -65,8 +66,12 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     ``check_passes`` converts with ``ane_pipeline(check=True)``: each pass is simulated before and
     after it runs, a pass that changes the function stops the conversion (a ConversionError
     naming it), and each pass's entry in the report carries its check.
-    Raises :class:`ConversionError` for anything the user can fix; the report's ``passed`` says
-    whether every output reached ``min_psnr_db``.
+    ``compress`` is one of ``palettize8``, ``palettize6``, ``palettize4`` (data-aware, calibrated
+    on the verification samples or on ``calibration``, a file of texts, one a line), ``int8`` or
+    ``auto`` (bits per layer, the smallest weights keeping every output at ``min_psnr_db``).
+    ``min_psnr_db`` defaults to 60 dB, or 40 dB (Apple's acceptance level for 4-bit) when
+    compressing. Raises :class:`ConversionError` for anything the user can fix; the report's
+    ``passed`` says whether every output reached ``min_psnr_db``.
 
     With ``context`` (``task="text-generation"``) the result is a KV-cache decoder: one package
     with ``prefill`` (``prefill_chunk`` tokens, 64 or the context) and ``decode`` functions,
@@ -74,18 +79,25 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     :mod:`milpasses.convert.generation`).
     """
     import milpasses
+    from milpasses.convert import compress as compressing
     from milpasses.convert import coreml, load, trace, verify
     from milpasses.convert.options import check_options
     from milpasses.onnx.load import is_onnx
     from milpasses.passes import last_reports
 
+    scheme = compressing.check_scheme(compress)
+    compressing.check_target(scheme, target)
+    texts = compressing.check_calibration(calibration, scheme)
+    if min_psnr_db is None:
+        min_psnr_db = DEFAULT_MIN_PSNR_DB if scheme is None else compressing.DEFAULT_COMPRESSED_MIN_PSNR_DB
     if context is not None or prefill_chunk is not None or kv_cache != "io":
         from milpasses.convert.generation import check_generation_options, convert_generation
 
         if context is None:
             raise ConversionError("--prefill-chunk and --kv-cache need --context (the KV cache's length)")
-        if check_passes:
-            raise ConversionError("--check-passes does not apply to text generation yet: convert without it")
+        if check_passes or scheme is not None:
+            raise ConversionError("--check-passes and --compress do not apply to text generation yet: convert "
+                                  "without them")
         chunk = check_generation_options(task, context, prefill_chunk, kv_cache, seq_len, seq_lens, batch)
         options = check_options(task, 1, None, 1, attention, "iOS18", precision, offline, trust_remote_code,
                                 min_psnr_db)
@@ -98,21 +110,33 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     if is_onnx(model):
         from milpasses.onnx.convert import convert_onnx
 
+        if scheme is not None:
+            raise ConversionError("--compress does not apply to ONNX models yet: convert without it")
+
         mlmodel, report = convert_onnx(model, options, pipeline, lambda *stage: _stage(console, seconds, *stage))
         report.seconds = {k: round(v, 3) for k, v in seconds.items()}
         return mlmodel, report
 
     with _stage(console, seconds, "load", "loading the model"):
         loaded = load.load(model, options)
+    compression = None if scheme is None else compressing.Compression(scheme)
+    traced_model = None
+    if scheme == "palettize4":
+        with _stage(console, seconds, "calibrate", "palettizing to 4 bits, calibrated (sensitive k-means)"):
+            traced_model = compressing.calibrated_palettization(loaded, options, texts, compression)
     with _stage(console, seconds, "trace", "tracing"):
-        traced = trace.trace(loaded, options)
+        traced = trace.trace(loaded, options, traced_model)
     with _stage(console, seconds, "convert", "converting with ane_pipeline()"):
         mlmodel = coreml.convert_traced(traced, pipeline, options, loaded.model.config.model_type)
+    if scheme is not None:
+        with _stage(console, seconds, "compress", f"compressing ({scheme})"):
+            mlmodel = compressing.compress(mlmodel, scheme, compression, traced, loaded, options)
     recorded = options.recorded(takes_images=loaded.modality == "vision")
     report = ConversionReport(model=loaded.description, task=task, inputs=traced.shapes,
                               outputs=traced.output_names, options=recorded, min_psnr_db=min_psnr_db,
                               passes=[r.as_dict() for r in last_reports().values()],
-                              ops_after=coreml.histogram(mlmodel._mil_program))
+                              ops_after=coreml.histogram(mlmodel._mil_program),
+                              compression=None if compression is None else compression.as_dict())
 
     # DEFAULT's histogram is pure-Python pass work; the verification is mostly torch arithmetic,
     # which releases the GIL. Run side by side, they share the cores.
@@ -124,7 +148,8 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
             baseline = pool.submit(coreml.default_histogram, traced, options)
             verify.verify(mlmodel, traced, loaded, options, lengths, report, step)
             report.ops_before, seconds["baseline"] = baseline.result()
-    report.seconds = {k: round(seconds[k], 3) for k in ("load", "trace", "convert", "baseline", "verify")}
+    report.seconds = {k: round(seconds[k], 3) for k in ("load", "calibrate", "trace", "convert", "compress",
+                                                         "baseline", "verify") if k in seconds}
 
     mlmodel.user_defined_metadata["milpasses.version"] = milpasses.__version__
     mlmodel.user_defined_metadata["milpasses.task"] = task

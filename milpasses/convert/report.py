@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 from milpasses.convert.options import DEFAULT_MIN_PSNR_DB
@@ -30,6 +31,8 @@ class ConversionReport:
     min_psnr_db: float = DEFAULT_MIN_PSNR_DB
     reference: str = "PyTorch fp32"  # what the simulated program is compared with
     generation: dict = field(default_factory=dict)  # a KV-cache decoder: its functions and greedy checks
+    compression: dict | None = None  # scheme, bits per weight, weight bytes before and after
+    cosine: list[dict] = field(default_factory=list)  # {"output", "seq_len", "worst_cosine"}: embeddings
 
     @property
     def worst_psnr_db(self) -> float:
@@ -64,6 +67,7 @@ class ConversionReport:
             "device_check": self.device_check, "fp16_findings": self.fp16_findings,
             "seconds": self.seconds, "package_bytes": self.package_bytes,
             **({"generation": self.generation} if self.generation else {}),
+            "compression": self.compression, "cosine": self.cosine,
         }
 
     def to_json(self) -> str:
@@ -90,6 +94,8 @@ class ConversionReport:
         lines += ["", "seconds  " + ", ".join(f"{stage} {s:.1f}" for stage, s in self.seconds.items())]
         if self.package_bytes is not None:
             lines.append(f"package  {self.package_bytes / 2**20:.1f} MiB")
+        if self.compression:
+            lines.append(f"weights  {self.compression_summary()}")
         lines.append(f"device   {self.device_check}")
         if self.fp16_findings:
             lines.append(f"fp16 check: {len(self.fp16_findings)} finding(s)")
@@ -101,9 +107,20 @@ class ConversionReport:
             seq_len = "-" if entry["seq_len"] is None else entry["seq_len"]
             lines.append(f"{entry['output']:<20} {seq_len:>7} {entry['psnr_db']:>8.1f}  {verdict}")
         lines += _generation_lines(self.generation)
+        for entry in self.cosine:
+            seq_len = "-" if entry["seq_len"] is None else entry["seq_len"]
+            lines.append(f"{entry['output']:<20} {seq_len:>7} cosine {entry['worst_cosine']:.5f} (worst sentence)")
         if self.verification_error:
             lines.append(f"verification failed: {self.verification_error}")
         return "\n".join(lines)
+
+    def compression_summary(self) -> str:
+        """The compression in one line: scheme, weight bytes before and after, how many weights at each width."""
+        c = self.compression
+        widths = Counter(c["bits"].values())
+        return (f"{c['scheme']}: {c['weight_bytes_before'] / 2**20:.1f} -> {c['weight_bytes_after'] / 2**20:.1f} MiB "
+                f"({c['weight_bytes_after'] / max(c['weight_bytes_before'], 1):.2f}); "
+                + ", ".join(f"{n} weights at {b} bits" for b, n in sorted(widths.items(), reverse=True)))
 
     def to_markdown(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
@@ -141,6 +158,14 @@ class ConversionReport:
         lines += [f"| {stage} | {s:.2f} |" for stage, s in self.seconds.items()]
         if self.package_bytes is not None:
             lines += ["", f"Package size: {self.package_bytes / 2**20:.1f} MiB"]
+        if self.compression:
+            lines += ["", "## Compression", "", self.compression_summary()
+                      + (f"; calibrated on {self.compression['calibration']}" if self.compression["calibration"] else ""),
+                      "", "| weight | bits |", "|---|---|"]
+            lines += [f"| {name} | {bits} |" for name, bits in self.compression["bits"].items()]
+        if self.cosine:
+            lines += ["", "Worst sentence-embedding cosine to PyTorch fp32: "
+                      + ", ".join(f"{e['worst_cosine']:.5f}" for e in self.cosine)]
         return "\n".join(lines) + "\n"
 
 

@@ -28,8 +28,11 @@ class Traced:
     trace_length: int | None  # the length traced at (the default of enumerated shapes)
 
 
-def trace(loaded: LoadedModel, options: Options) -> Traced:
+def trace(loaded: LoadedModel, options: Options, model=None) -> Traced:
+    """Trace ``model`` (the loaded model when None; its compressed copy when compressing before
+    tracing); the reference stays the loaded model, so verification measures against fp32."""
     names, lengths, batch = loaded.input_names, loaded.lengths, options.batch
+    model = loaded.model if model is None else model
 
     def first_batch(length):
         inputs, _ = sample_inputs(loaded, options.task, verification_rows(batch), length)
@@ -41,7 +44,7 @@ def trace(loaded: LoadedModel, options: Options) -> Traced:
 
     trace_length = lengths[len(lengths) // 2] if options.enumerated else lengths[0]
     causal = options.enumerated and is_causal(loaded.model, names)
-    module = TaskOutputs(loaded.model, names, tuple(output_names), loaded.pooling, mask_4d=options.enumerated,
+    module = TaskOutputs(model, names, tuple(output_names), loaded.pooling, mask_4d=options.enumerated,
                          causal=causal).eval()
     reference = TaskOutputs(loaded.model, names, tuple(output_names), loaded.pooling).eval()
     example = first_batch(trace_length)

@@ -24,6 +24,18 @@ from milpasses.fp16_check import check_fp16
 from milpasses.simulator import SimulationError, Simulator, psnr
 
 
+#: Outputs compared by cosine similarity too (what a sentence-embedding search ranks by).
+EMBEDDING_OUTPUTS = ("sentence_embedding",)
+
+
+def worst_cosine(reference: np.ndarray, actual: np.ndarray) -> float:
+    """The lowest cosine similarity between a row of ``reference`` and the same row of ``actual``."""
+    reference = reference.reshape(len(reference), -1).astype(np.float64)
+    actual = actual.reshape(len(actual), -1).astype(np.float64)
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(actual, axis=1)
+    return float(np.min(np.sum(reference * actual, axis=1) / np.maximum(norms, 1e-30)))
+
+
 def verified_lengths(lengths: tuple) -> list:
     """Every enumerated length, or the smallest and largest when there are more than three."""
     return list(lengths) if len(lengths) <= 3 else [lengths[0], lengths[-1]]
@@ -74,6 +86,8 @@ def _compare(mlmodel, traced: Traced, loaded: LoadedModel, options: Options, len
             if name in token_outputs and valid is not None:
                 want, got = want[valid], got[valid]
             report.psnr.append({"output": name, "seq_len": length, "psnr_db": round(psnr(want, got), 2)})
+            if name in EMBEDDING_OUTPUTS:
+                report.cosine.append({"output": name, "seq_len": length, "worst_cosine": round(worst_cosine(want, got), 5)})
     return first_inputs
 
 

@@ -12,7 +12,6 @@ import platform
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from milpasses.generation.host import Sampling, generate_ids
 from milpasses.generation.step import CacheShape

@@ -89,8 +89,8 @@ def convert_onnx(model, options: Options, pipeline, stage):
                               passes=[r.as_dict() for r in last_reports().values()],
                               ops_after=histogram(mlmodel._mil_program))
     rows = verification_rows(options.batch)
-    with stage("verify", f"verifying: simulating the program against ONNX Runtime, beside a DEFAULT-pipeline "
-                         f"conversion for comparison", rows // options.batch) as step:
+    with stage("verify", "verifying: simulating the program against ONNX Runtime, beside a DEFAULT-pipeline "
+                         "conversion for comparison", rows // options.batch) as step:
         with ThreadPoolExecutor(max_workers=1) as pool:
             baseline = pool.submit(_default_histogram, source, shapes, target)
             inputs, report.samples = sample_inputs(source, shapes, tokenizer, rows)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from coremltools.converters.mil.mil import types
 
-from milpasses.passes import head_rules
+from milpasses.passes import compressed, head_rules
 from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, DryRun, HeadForm, Placeholder, root_form
 from milpasses.passes.layout import left_from
 from milpasses.passes.matching import (
@@ -548,8 +548,11 @@ def _permutation_worth_folding(region, region_ops, dry_run: DryRun, operands, so
         if id(source) not in qk_roots:
             continue
         size = _root_roles(root)[1][-1]
-        if size not in sizes or projection_rows(source) is None or head_size.setdefault(id(source), size) != size:
+        found = projection_rows(source)
+        if size not in sizes or found is None or head_size.setdefault(id(source), size) != size:
             return (), ()
+        if constant_value(found[0].inputs["weight"]) is None:
+            return (), ()  # a compressed projection's rows are not permuted
     trial = DryRun()
     carry(region.roots.values(), region_ops, trial, _DryExternals(), lambda root, source: Placeholder(source.name),
           orders, frozenset(qk_roots))
@@ -598,7 +601,8 @@ def _is_strided(indices) -> bool:
 
 def projection_rows(source):
     """The conv whose output channels [lo, hi) are ``source`` (B, S, C), reached through a
-    layout leave and perhaps a channel split, each read by one op: (conv, lo, hi), or None."""
+    layout leave and perhaps a channel split, each read by one op: (conv, lo, hi), or None.
+    The conv's weight is a constant, or compressed (a decompression op's output)."""
     lo = 0
     var = source
     op = var.op
@@ -613,7 +617,10 @@ def projection_rows(source):
     conv = entered.op
     if single_consumer(squeezed) is None or conv is None or conv.op_type != "conv":
         return None
-    if constant_value(conv.inputs["weight"]) is None or int(constant_value(conv.inputs["groups"])) != 1:
+    weight = conv.inputs["weight"]
+    if constant_value(weight) is None and not compressed.is_compressed(weight):
+        return None
+    if int(constant_value(conv.inputs["groups"])) != 1:
         return None
     bias = conv.inputs.get("bias")
     if bias is not None and constant_value(bias) is None:

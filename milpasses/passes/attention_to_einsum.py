@@ -17,11 +17,11 @@ from milpasses.passes.attention_match import (
     operand_rows,
     projection_rows,
 )
-from milpasses.passes.base import AnePass, register
-from milpasses.passes import head_rules
-from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, Build, DryRun, HeadForm, Source, materialise
+from milpasses.passes import compressed
+from milpasses.passes.base import AnePass, logger, register
+from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, Build, HeadForm, Source, materialise
 from milpasses.passes.layout import enter, leave, left_from
-from milpasses.passes.matching import NoMatch, constant_value, is_static, rank, single_consumer
+from milpasses.passes.matching import NoMatch, constant_value, is_static, rank
 
 MODES = ("split_einsum", "split_einsum_v2", "batched", "off")
 #: The one einsum MIL has: contract axis -1 of the first operand with axis -3 of the second.
@@ -182,7 +182,10 @@ class attention_to_einsum(AnePass):
             out = self._in_output_order(site, self._gated(site, out, forms, name), name)
             result = leave(out, 3, name)
             views = self._bc1s_views(site, forms, name)
-        block.replace_uses_of_var_after_op(anchor_op=site.anchor, old_var=site.output, new_var=result)
+        # forced: coremltools refuses when a compressed weight upstream of the old output is not
+        # upstream of the new one (the Q scale folded into a rebuilt one); remove_dead drops only dead ops
+        block.replace_uses_of_var_after_op(anchor_op=site.anchor, old_var=site.output, new_var=result,
+                                           force_replace=True)
         for old, new, _ in views:
             block.replace_uses_of_var_after_op(anchor_op=site.anchor, old_var=old, new_var=new)
         self.remove_dead(block, [op for _, _, ops in views for op in ops] + list(site.matched_ops))
@@ -206,18 +209,38 @@ class attention_to_einsum(AnePass):
         if found is None:
             return False
         conv, lo, hi = found
-        weight = np.array(constant_value(conv.inputs["weight"]), copy=True)
-        weight[lo:hi] *= np.asarray(site.scale, dtype=weight.dtype)
+        weight = self._scaled_weight(conv, lo, hi, site.scale)
+        if isinstance(weight, NoMatch):
+            logger.debug("%s left the scale of %s unfolded: %s", self.pass_id, site.anchor.name, weight.reason)
+            return False
         bias = conv.inputs.get("bias")
         if bias is not None:
             bias = np.array(constant_value(bias), copy=True)
             bias[lo:hi] *= np.asarray(site.scale, dtype=bias.dtype)
         arguments = {key: conv.inputs[key] for key in ("x", "strides", "pad_type", "pad", "dilations", "groups")}
         with mb.set_before_op(before_op=conv):
+            if isinstance(weight, compressed.Compressed):
+                weight = compressed.build(weight, f"{conv.name}_scaled_weight")
             scaled = mb.conv(weight=weight, bias=bias, name=f"{conv.name}_scaled", **arguments)
-        block.replace_uses_of_var_after_op(anchor_op=conv, old_var=conv.outputs[0], new_var=scaled)
+        block.replace_uses_of_var_after_op(anchor_op=conv, old_var=conv.outputs[0], new_var=scaled,
+                                           force_replace=compressed.is_compressed(conv.inputs["weight"]))
         self.remove_dead(block, [conv])
         return True
+
+    @staticmethod
+    def _scaled_weight(conv, lo: int, hi: int, scale: float):
+        """The conv's weight with output channels [lo, hi) times ``scale``: a constant scaled, a
+        compressed weight through its tables or scales (NoMatch when those rows share them)."""
+        var = conv.inputs["weight"]
+        value = constant_value(var)
+        if value is not None:
+            weight = np.array(value, copy=True)
+            weight[lo:hi] *= np.asarray(scale, dtype=weight.dtype)
+            return weight
+        if len(var.child_ops) != 1:
+            return NoMatch("the compressed Q weight is read by other ops too")
+        plan = compressed.read(var)
+        return compressed.rows_scaled(plan, lo, hi, scale) if plan else plan
 
     def _permute_projection(self, block, source, order) -> None:
         """Permute the rows of the conv that computes ``source`` within each head by ``order``

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
+from milpasses.passes import compressed
 from milpasses.passes.base import AnePass, BoolOption, register
 from milpasses.passes.layout import enter, leave
 from milpasses.passes.matching import (
@@ -26,33 +27,55 @@ class LinearSite:
 
     op: object
     x: object  # the activation, rank 2 or 3
-    weight: np.ndarray  # (C_out, C_in)
+    weight: np.ndarray | compressed.Compressed  # (C_out, C_in); a compressed one already (C_out, C_in, 1, 1)
     bias: np.ndarray | None
     output: object  # the var the conv result replaces
     flatten: object = None  # the reshape (B, S, C) -> (B*S, C) folded away, if any
     unflatten: object = None  # the reshape (B*S, C_out) -> (B, S, C_out) folded away, if any
 
 
+def _conv_weight(var, transpose: bool):
+    """A constant or compressed (C_out, C_in) weight (transposed first if ``transpose``) in the
+    conv's (C_out, C_in, 1, 1), or NoMatch. A compressed weight stays compressed, and only a
+    weight nothing else reads is taken, so its stored bytes are not duplicated."""
+    weight = constant_value(var)
+    if weight is not None:
+        if weight.ndim != 2:
+            return NoMatch(f"constant has rank {weight.ndim}, not 2")
+        weight = weight.T if transpose else weight
+        return weight.reshape(weight.shape + (1, 1))
+    if not compressed.is_compressed(var):
+        return NoMatch("weight is neither a constant nor a compressed constant")
+    if len(var.child_ops) != 1:
+        return NoMatch("compressed weight is read by other ops too; rewriting it would store it twice")
+    plan = compressed.read(var)
+    if plan and plan.rank != 2:
+        return NoMatch(f"compressed weight has rank {plan.rank}, not 2")
+    if plan and transpose:
+        plan = compressed.transposed(plan)
+    return compressed.expanded(plan, 2, 2) if plan else plan
+
+
 def _as_linear(op):
-    """(x, weight (C_out, C_in), bias) of a linear or a matmul by a constant, or NoMatch."""
+    """(x, conv weight (C_out, C_in, 1, 1), bias) of a linear or a matmul by a constant, or NoMatch."""
     if op.op_type == "linear":
-        weight, bias = constant_value(op.inputs["weight"]), op.inputs.get("bias")
-        if weight is None:
-            return NoMatch("linear weight is not a constant")
+        weight, bias = _conv_weight(op.inputs["weight"], transpose=False), op.inputs.get("bias")
+        if isinstance(weight, NoMatch):
+            return NoMatch(f"linear {weight.reason}")
         if bias is not None and constant_value(bias) is None:
             return NoMatch("linear bias is not a constant")
         return op.inputs["x"], weight, None if bias is None else constant_value(bias)
     x, y = op.inputs["x"], op.inputs["y"]
-    if constant_value(y) is None:
+    if constant_value(y) is None and not compressed.is_compressed(y):
         return NoMatch("matmul has no constant right operand")
     if not is_activation(x):
         return NoMatch("matmul of two constants")
     if constant_value(op.inputs["transpose_x"]):
         return NoMatch("matmul transposes its activation")
-    weight = constant_value(y)
-    if weight.ndim != 2:
-        return NoMatch(f"matmul constant has rank {weight.ndim}, not 2")
-    return x, (weight if constant_value(op.inputs["transpose_y"]) else weight.T), None
+    weight = _conv_weight(y, transpose=not constant_value(op.inputs["transpose_y"]))
+    if isinstance(weight, NoMatch):
+        return NoMatch(f"matmul {weight.reason}")
+    return x, weight, None
 
 
 def _flattened(x, output):
@@ -114,7 +137,14 @@ class linear_to_conv(AnePass):
     that a second reshape undoes (GPT-2's Conv1D), both reshapes are folded away. The
     boundary transposes are for ``ane::bc1s_layout`` to cancel between layers.
 
-    Does not fire when: the weight or bias is not a constant; the matmul has no constant right
+    A weight that arrives compressed (a ``constexpr_*`` decompression op: palettized or
+    quantized) stays compressed: the conv reads a decompression op rebuilt in the conv's
+    ``(C_out, C_in, 1, 1)`` shape from the same indices, tables and scales (transposed for a
+    matmul), never the dense weight (``milpasses/passes/compressed.py``).
+
+    Does not fire when: the weight or bias is not a constant (or a compressed weight that
+    other ops read too, or whose form cannot be reshaped compressed, like iOS16's packed
+    lookup table under a matmul's transpose); the matmul has no constant right
     operand, or transposes its activation; the activation is not a float tensor of rank 2 or 3.
 
     Options:
@@ -136,12 +166,15 @@ class linear_to_conv(AnePass):
         if site.flatten and rank(x) != 3:
             with mb.set_before_op(before_op=anchor):
                 x = mb.reshape(x=x, shape=list(output.shape[:2]) + [site.x.shape[-1]], name=f"{site.op.name}_unflatten")
-        weight = site.weight.reshape(site.weight.shape + (1, 1))
         with mb.set_before_op(before_op=anchor):
+            weight = site.weight
+            if isinstance(weight, compressed.Compressed):
+                weight = compressed.build(weight, f"{site.op.name}_conv_weight")
             entered = enter(x, site.op.name)
             conv = mb.conv(x=entered, weight=weight, bias=site.bias, name=f"{site.op.name}_conv")
             result = leave(conv, rank(x), site.op.name + "_out")
-        block.replace_uses_of_var_after_op(anchor_op=site.unflatten or site.op, old_var=output, new_var=result)
+        block.replace_uses_of_var_after_op(anchor_op=site.unflatten or site.op, old_var=output, new_var=result,
+                                           force_replace=isinstance(site.weight, compressed.Compressed))
         removed = [o for o in (site.unflatten, site.op, site.flatten) if o is not None]
         self.remove_dead(block, removed)
         self.report.rewritten["matmul" if site.op.op_type == "matmul" else "linear"] += 1

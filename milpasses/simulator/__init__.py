@@ -6,6 +6,7 @@ from milpasses.simulator.core import (
     SimulationError,
     Simulator,
     UnsupportedOpError,
+    is_decompression,
     load_program,
     psnr,
     simulate,
@@ -13,5 +14,5 @@ from milpasses.simulator.core import (
 
 __all__ = [
     "InputMismatchError", "RangeObserver", "SimulationError", "Simulator", "UnsupportedOpError",
-    "load_program", "psnr", "simulate",
+    "is_decompression", "load_program", "psnr", "simulate",
 ]

@@ -39,7 +39,13 @@ class InputMismatchError(SimulationError, ValueError):
 
 
 Observer = Callable[[object, list], None]
-"""Called as ``observer(op, outputs)`` after each non-const op, outputs as numpy arrays."""
+"""Called as ``observer(op, outputs)`` after each non-const op, outputs as numpy arrays; a
+weight decompression op (``constexpr_*``) is reported with its decompressed weights."""
+
+
+def is_decompression(op) -> bool:
+    """A ``constexpr_*`` op: compressed weights Core ML expands once, when it loads the model."""
+    return op.op_type.startswith("constexpr_")
 
 
 def _storage_dtype(builtin) -> np.dtype:
@@ -140,6 +146,12 @@ class Simulator:
             if op.op_type == "const":
                 var = op.outputs[0]
                 self._constants[var.name] = _to_storage(var.val, var.dtype, emulate_fp16)
+            elif is_decompression(op):
+                self._execute(op, self._constants)
+
+    def constant(self, var) -> np.ndarray | None:
+        """The value of a const's or a decompression op's output (decompressed), else None."""
+        return self._constants.get(var.name)
 
     @property
     def expected_inputs(self) -> dict[str, tuple]:
@@ -183,11 +195,20 @@ class Simulator:
             checked[name] = _to_storage(value, var.dtype, self.emulate_fp16)
         return checked
 
-    def run(self, inputs: Mapping[str, np.ndarray], observer: Observer | None = None) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, np.ndarray], observer: Observer | None = None,
+            constants: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The outputs on ``inputs``; ``constants`` replaces constants' values by var name (what a
+        program computes with one weight changed, without building another program)."""
         env = dict(self._constants)
+        if constants:
+            env.update(constants)
         env.update(self._check_inputs(inputs))
         for op in self.function.operations:
             if op.op_type == "const":
+                continue
+            if is_decompression(op):
+                if observer is not None:
+                    observer(op, [env[var.name] for var in op.outputs])
                 continue
             outputs = self._execute(op, env)
             if observer is not None:

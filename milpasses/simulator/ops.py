@@ -527,3 +527,98 @@ def scatter_nd(data, indices, updates, mode="add", validate_indices=False):
     else:
         _SCATTER_MODES[str(mode)](out, where, updates)
     return out
+
+
+# ----------------------------------------------------------------------------- weight decompression
+# The constexpr ops coremltools' ``ct.optimize.coreml`` writes: compressed weights that Core ML
+# decompresses when it loads the model. Inputs arrive already unpacked to one integer per element
+# (coremltools' loader expands sub-byte types), except the iOS16 forms, which keep their packed bytes.
+
+
+def _unpack_bits(packed, nbits: int, count: int) -> np.ndarray:
+    """Unsigned ``nbits``-wide integers packed into bytes from each byte's least significant bit up."""
+    bits = np.unpackbits(np.asarray(packed).astype(np.uint8), bitorder="little")[: nbits * count]
+    weights = (1 << np.arange(nbits, dtype=np.int64))
+    return (bits.reshape(count, nbits).astype(np.int64) * weights).sum(axis=1)
+
+
+def _along(vector, rank: int, axis: int) -> np.ndarray:
+    """A scalar or a per-``axis`` vector shaped to broadcast against a rank-``rank`` tensor."""
+    vector = np.asarray(vector, dtype=np.float32)
+    if vector.ndim == 0:
+        return vector
+    shape = [1] * rank
+    shape[axis] = vector.size
+    return vector.reshape(shape)
+
+
+@implements("constexpr_affine_dequantize")
+def constexpr_affine_dequantize(quantized_data, zero_point, scale, axis):
+    """iOS16: ``scale * (quantized_data - zero_point)``, scale and zero point scalars or vectors along ``axis``."""
+    rank = quantized_data.ndim
+    axis = int(axis) % rank
+    return _along(scale, rank, axis) * (quantized_data.astype(np.float32) - _along(zero_point, rank, axis))
+
+
+@implements("constexpr_cast")
+def constexpr_cast(source_val, output_dtype):
+    return source_val.astype(_mil_dtype_to_numpy(output_dtype))
+
+
+def _block_repeat(values, shape) -> np.ndarray:
+    """``values`` with each element repeated over its block: block size ``shape[i] / values.shape[i]``."""
+    for axis, (full, blocks) in enumerate(zip(shape, values.shape)):
+        if full != blocks:
+            values = np.repeat(values, full // blocks, axis=axis)
+    return values
+
+
+@implements("constexpr_blockwise_shift_scale")
+def constexpr_blockwise_shift_scale(data, scale, offset=None):
+    """iOS18: ``scale * (data - offset)``, one scale (and offset) per block; a block spans
+    ``data.shape[i] / scale.shape[i]`` elements along axis i."""
+    values = data.astype(np.float32)
+    if offset is not None:
+        values = values - _block_repeat(offset.astype(np.float32), data.shape)
+    return _block_repeat(scale, data.shape) * values
+
+
+@implements("constexpr_lut_to_dense")
+def constexpr_lut_to_dense(lut, indices, shape=None, vector_axis=None):
+    """Palettized weights: each index replaced by its entry of a lookup table.
+
+    iOS16 (``shape`` given): one table of scalars, indices packed ``log2(len(lut))`` bits each.
+    iOS18: ``lut`` has the rank of ``indices`` plus two, ``(groups..., palettes, vector)``; along
+    axis i one table serves ``indices.shape[i] / lut.shape[i]`` consecutive elements, and each
+    index stands for ``vector`` consecutive elements along ``vector_axis``.
+    """
+    if shape is not None:
+        count = int(np.prod(shape))
+        nbits = int(round(math.log2(lut.size)))
+        return lut[_unpack_bits(indices, nbits, count)].reshape(tuple(int(d) for d in shape))
+    rank = indices.ndim
+    group_shape, (palettes, vector) = lut.shape[:rank], lut.shape[rank:]
+    group_coordinates = [
+        (np.arange(n) // (n // g)).reshape([-1 if a == axis else 1 for a in range(rank)])
+        for axis, (n, g) in enumerate(zip(indices.shape, group_shape))
+    ]
+    group = np.ravel_multi_index(np.broadcast_arrays(*group_coordinates), group_shape)
+    entries = lut.reshape(-1, palettes, vector)[group, indices.astype(np.int64)]  # indices.shape + (vector,)
+    if vector == 1:
+        return entries[..., 0]
+    axis = int(vector_axis) % rank
+    entries = np.moveaxis(entries, -1, axis + 1)
+    out_shape = list(indices.shape)
+    out_shape[axis] *= vector
+    return entries.reshape(out_shape)
+
+
+@implements("constexpr_sparse_to_dense")
+def constexpr_sparse_to_dense(nonzero_data, mask, shape=None):
+    """Zeros, with ``nonzero_data`` written in order where the mask is set. iOS16 packs the mask
+    one bit per element (``shape`` given); iOS18 gives it as a tensor."""
+    if shape is not None:
+        mask = _unpack_bits(mask, 1, int(np.prod(shape))).reshape(tuple(int(d) for d in shape))
+    dense = np.zeros(mask.shape, dtype=nonzero_data.dtype)
+    dense[mask != 0] = nonzero_data
+    return dense
