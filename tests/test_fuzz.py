@@ -9,13 +9,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, note, settings
 
-from fixtures.fuzz import MODES, Case, as_test, cases, check_case
+from fixtures.fuzz import Case, as_test, cases, check_case
 from milpasses.passes import head_rules, linear_to_conv
 from milpasses.passes.matching import NoMatch
 from milpasses.passes.translation_check import TranslationError
 
-#: Drawn models; each is converted in all four attention modes (4 x 60 = 240 conversions).
-EXAMPLES = 60
+#: Drawn models, each converted in the three modes that rewrite attention (3 x 70 = 210
+#: conversions; "off" leaves attention as DEFAULT does, and benchmarks/fuzz.py runs it too).
+EXAMPLES = 70
+CI_MODES = ("split_einsum", "split_einsum_v2", "batched")
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +34,8 @@ def one_torch_thread():
 @given(case=cases())
 def test_drawn_transformers_equal_torch_in_every_attention_mode(case):
     note(as_test(case))
-    outcomes = check_case(case)
-    assert [outcome.mode for outcome in outcomes] == list(MODES)
+    outcomes = check_case(case, modes=CI_MODES)
+    assert [outcome.mode for outcome in outcomes] == list(CI_MODES)
 
 
 def _bias_off_by_a_thousandth(monkeypatch):
