@@ -98,3 +98,11 @@ def test_a_constant_causal_mask_under_sinks_is_finite_in_fp16():
     check_case(Case(hidden=16, heads=1, kv_heads=1, head_dim=4, mask="causal", sinks=True, scale=0.5, norm="rms",
                     post_norm=True, activation="relu", bias=False, seq_len=2, query_chunk=2, seed=512),
                modes=("split_einsum",))
+
+
+def test_real_tokens_torch_leaves_nan_are_not_compared():
+    """Left padding under a causal -inf mask: a padded query sees no key and is NaN in torch, and
+    the NaN reaches real tokens in the second layer through 0 * NaN; the program stays finite."""
+    check_case(Case(hidden=16, heads=2, kv_heads=1, head_dim=4, layers=2, mask="causal_padding", mask_style="bool",
+                    window=2, post_norm=True, activation="silu", bias=False, seq_len=9, query_chunk=2, seed=1323),
+               modes=("split_einsum",))
