@@ -3,7 +3,7 @@ converted in every attention mode with ``ane_pipeline(check=True)`` and held to 
 tests/test_fuzz.py (equal to torch in fp32, fp16 at 60 dB or within 1 dB of DEFAULT, every
 attention site rewritten or left alone with a reason, device limits, each pass checked).
 
-    nice python benchmarks/fuzz.py --examples N [--seed S] [--modes split_einsum,batched]
+    nice python benchmarks/fuzz.py --examples N [--seed S] [--modes split_einsum,batched] [--minutes M]
 
 Prints each case it tried and what each mode did, then the counts per mode and the reasons sites
 were left alone. A failing case is shrunk (each field put back to its default while the failure
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default=",".join(MODES), help="attention modes, comma-separated")
     parser.add_argument("--no-shrink", action="store_true", help="print failing cases as drawn")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop drawing after this long (the examples not run are not counted)")
     args = parser.parse_args(argv)
     modes = tuple(args.modes.split(","))
     torch.set_num_threads(1)  # tiny tensors: threads only contend
@@ -82,6 +84,8 @@ def main(argv=None) -> int:
               suppress_health_check=list(HealthCheck))
     @given(case=cases())
     def run(case):
+        if args.minutes is not None and time.perf_counter() - started > 60 * args.minutes:
+            return
         tried[0] += 1
         print(f"[{tried[0]}] {_summary(case)}", flush=True)
         try:

@@ -9,13 +9,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, note, settings
 
-from fixtures.fuzz import MODES, Case, as_test, cases, check_case
+from fixtures.fuzz import Case, as_test, cases, check_case
 from milpasses.passes import head_rules, linear_to_conv
 from milpasses.passes.matching import NoMatch
 from milpasses.passes.translation_check import TranslationError
 
-#: Drawn models; each is converted in all four attention modes (4 x 60 = 240 conversions).
-EXAMPLES = 60
+#: Drawn models, each converted in the three modes that rewrite attention (3 x 70 = 210
+#: conversions; "off" leaves attention as DEFAULT does, and benchmarks/fuzz.py runs it too).
+EXAMPLES = 70
+CI_MODES = ("split_einsum", "split_einsum_v2", "batched")
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +34,8 @@ def one_torch_thread():
 @given(case=cases())
 def test_drawn_transformers_equal_torch_in_every_attention_mode(case):
     note(as_test(case))
-    outcomes = check_case(case)
-    assert [outcome.mode for outcome in outcomes] == list(MODES)
+    outcomes = check_case(case, modes=CI_MODES)
+    assert [outcome.mode for outcome in outcomes] == list(CI_MODES)
 
 
 def _bias_off_by_a_thousandth(monkeypatch):
@@ -95,4 +97,12 @@ def test_a_constant_causal_mask_under_sinks_is_finite_in_fp16():
     the fp16 program held -inf (device_limit_violations in check_case)."""
     check_case(Case(hidden=16, heads=1, kv_heads=1, head_dim=4, mask="causal", sinks=True, scale=0.5, norm="rms",
                     post_norm=True, activation="relu", bias=False, seq_len=2, query_chunk=2, seed=512),
+               modes=("split_einsum",))
+
+
+def test_real_tokens_torch_leaves_nan_are_not_compared():
+    """Left padding under a causal -inf mask: a padded query sees no key and is NaN in torch, and
+    the NaN reaches real tokens in the second layer through 0 * NaN; the program stays finite."""
+    check_case(Case(hidden=16, heads=2, kv_heads=1, head_dim=4, layers=2, mask="causal_padding", mask_style="bool",
+                    window=2, post_norm=True, activation="silu", bias=False, seq_len=9, query_chunk=2, seed=1323),
                modes=("split_einsum",))
