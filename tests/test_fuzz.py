@@ -106,3 +106,22 @@ def test_real_tokens_torch_leaves_nan_are_not_compared():
     check_case(Case(hidden=16, heads=2, kv_heads=1, head_dim=4, layers=2, mask="causal_padding", mask_style="bool",
                     window=2, post_norm=True, activation="silu", bias=False, seq_len=9, query_chunk=2, seed=1323),
                modes=("split_einsum",))
+
+
+def test_device_limits_name_each_violation():
+    from coremltools.converters.mil import Builder as mb
+    import numpy as np
+
+    from fixtures.fuzz import device_limit_violations
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 1024, 2, 1024)), mb.TensorSpec(shape=(1, 600, 4, 600))])
+    def program(big, small):
+        too_many = mb.softmax(x=big, axis=1)  # one head's 1024 x 1024 scores
+        fine = mb.softmax(x=small, axis=1)  # four heads of 600 x 600, keys first
+        deep = mb.reshape(x=fine, shape=[1, 2, 3, 100, 4, 600])
+        return too_many, deep, mb.add(x=fine, y=np.float32(np.inf))
+
+    violations = device_limit_violations(program)
+    assert len(violations) == 3
+    assert "softmax" in violations[0] and "1024" in violations[0]
+    assert "rank-6" in violations[1] and "inf or NaN" in violations[2]
