@@ -18,12 +18,7 @@ from onnx import helper, numpy_helper
 def fuse_layer_norms(model: onnx.ModelProto) -> int:
     """Replace each recognised decomposed layer norm of ``model``'s graph, in place; returns how many."""
     graph = model.graph
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    for out in graph.output:
-        readers.setdefault(out.name, []).append(None)
+    readers = _readers(graph)
     constants = _constants(graph)
 
     def only_reader(name, op_type):
@@ -78,10 +73,7 @@ def fuse_layer_norms(model: onnx.ModelProto) -> int:
             replaced[id(node)] = None
         replaced[id(last)] = fused_node
         fused += 1
-    if fused:
-        kept = [replaced.get(id(n), n) for n in graph.node]
-        del graph.node[:]
-        graph.node.extend(n for n in kept if n is not None)
+    _replace_nodes(graph, replaced)
     return fused
 
 
@@ -101,12 +93,7 @@ def fuse_tanh_gelus(model: onnx.ModelProto) -> int:
     """Replace each recognised tanh-approximated GELU of ``model``'s graph, in place; returns how many."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    for out in graph.output:
-        readers.setdefault(out.name, []).append(None)
+    readers = _readers(graph)
     constants = _constants(graph)
 
     def scalar(name, value):
@@ -176,11 +163,27 @@ def fuse_tanh_gelus(model: onnx.ModelProto) -> int:
             replaced[id(part)] = None
         replaced[id(last)] = node
         fused += 1
-    if fused:
+    _replace_nodes(graph, replaced)
+    return fused
+
+
+def _readers(graph) -> dict[str, list]:
+    """Each value's reading nodes; a graph output is read by None (it is never fused away)."""
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for out in graph.output:
+        readers.setdefault(out.name, []).append(None)
+    return readers
+
+
+def _replace_nodes(graph, replaced: dict) -> None:
+    """Each node whose id is in ``replaced`` becomes its value there (None: removed), in place."""
+    if replaced:
         kept = [replaced.get(id(n), n) for n in graph.node]
         del graph.node[:]
         graph.node.extend(n for n in kept if n is not None)
-    return fused
 
 
 def _constants(graph) -> dict:
