@@ -118,10 +118,10 @@ def test_readme_first_command_prints_only_milpasses_lines_and_ends_with_psnr_and
         "milpasses: loading the model", "milpasses: tracing", "milpasses: converting with ane_pipeline()",
         "milpasses: verifying: simulating the program at 128, beside a DEFAULT-pipeline conversion for comparison"]
     out = done.stdout.splitlines()
-    assert out[-7:-4] == ["output               seq_len  PSNR dB  vs PyTorch fp32 (simulated)",
-                          out[-6], out[-5]]
-    assert [line.split()[0] for line in out[-6:-4]] == ["last_hidden_state", "sentence_embedding"]
-    assert all(float(line.split()[2]) >= 60 and line.endswith("ok") for line in out[-6:-4])
+    assert out[-8] == "output               seq_len  PSNR dB  vs PyTorch fp32 (simulated)"
+    assert [line.split()[0] for line in out[-7:-5]] == ["last_hidden_state", "sentence_embedding"]
+    assert all(float(line.split()[2]) >= 60 and line.endswith("ok") for line in out[-7:-5])
+    assert out[-5].split()[:3] == ["sentence_embedding", "128", "cosine"] and float(out[-5].split()[3]) > 0.9999
     assert out[-4:] == ["", "wrote all-MiniLM-L6-v2.mlpackage", "      all-MiniLM-L6-v2.report.json",
                         "      all-MiniLM-L6-v2.report.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
