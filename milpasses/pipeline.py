@@ -20,12 +20,14 @@ INSERT_BEFORE = "common::merge_consecutive_reshapes"
 # back on (B, S, C) when its linears become convs, and attention on (B*H, S, d) heads is rank 4.
 # attention_to_einsum runs once the projections are convs, so that it reads q, k and v from
 # their (B, C, 1, S) outputs, and before bc1s_layout, which then cancels the boundaries it leaves.
-# fold_unit_transposes runs last, on the transposes attention_to_einsum leaves on masks.
+# gather_from_transposed_table runs after bc1s_layout, on the transposes it leaves after table
+# lookups; fold_unit_transposes runs last, on the transposes attention_to_einsum leaves on masks.
 # key_padding_mask runs before attention_to_einsum, which then reads a (B, 1, 1, Sk) mask term;
 # gather_to_reshape before it, so that the mask it proves key-only is built from reshapes.
 ANE_PASSES = ("ane::finite_masks", "ane::gather_to_reshape", "ane::key_padding_mask", "ane::rms_norm_scale",
               "ane::unmerge_leading_axes", "ane::linear_to_conv",
-              "ane::attention_to_einsum", "ane::bc1s_layout", "ane::fold_unit_transposes")
+              "ane::attention_to_einsum", "ane::bc1s_layout", "ane::gather_from_transposed_table",
+              "ane::fold_unit_transposes")
 
 #: ane_pipeline() keyword -> (pass id, the pass's option name). Each option is a pass option,
 #: so ``pipeline.set_options(pass_id, {option: value})`` sets the same thing.
@@ -38,6 +40,7 @@ OPTIONS = {
     "unmerge_leading_axes": ("ane::unmerge_leading_axes", "enabled"),
     "include_matmul": ("ane::linear_to_conv", "include_matmul"),
     "propagate_layout": ("ane::bc1s_layout", "enabled"),
+    "gather_from_transposed_table": ("ane::gather_from_transposed_table", "enabled"),
     "fold_unit_transposes": ("ane::fold_unit_transposes", "enabled"),
     "attention": ("ane::attention_to_einsum", "mode"),
     "query_chunk": ("ane::attention_to_einsum", "query_chunk"),
@@ -69,8 +72,11 @@ def ane_pipeline(**options) -> ct.PassPipeline:
     - ``query_chunk`` (512): the query chunk length of ``split_einsum_v2``;
     - ``propagate_layout`` (true): carry the model's body in (B, C, 1, S) between region boundaries;
       when false each conv keeps its own layout boundaries;
+    - ``gather_from_transposed_table`` (true): rows looked up in a constant table (embeddings,
+      position and rotary tables) and then turned channels-first are looked up in the table
+      stored transposed, with no transpose;
     - ``fold_unit_transposes`` (true): a transpose that only moves size-1 axes joins the reshape
-      above it, through the elementwise ops between (the keys-first padding mask);
+      (or expand_dims, squeeze) above it, through the elementwise ops between (keys-first masks);
     - ``check`` (false): every ``ane::`` pass simulates the program before and after it runs, on
       seeded inputs, and raises ``TranslationError`` naming the pass, what it rewrote and the
       error when it changed what the program computes; each pass's report records the check.

@@ -42,6 +42,21 @@ def test_a_transpose_of_a_reshape_alone_folds_too():
     assert op_types(program) == ["reshape"]
 
 
+def test_a_mask_unsqueezed_by_expand_dims_folds_into_one_reshape():
+    """A decode step's mask: built per key from the position, unsqueezed, then turned keys-first."""
+    def build(mask):
+        additive = mb.select(cond=mb.cast(x=mask, dtype="bool"), a=np.zeros((1, 6), np.float32),
+                             b=np.full((1, 6), -1e4, np.float32))
+        return mb.transpose(x=mb.expand_dims(x=additive, axes=[1, 2]), perm=KEYS_FIRST)
+
+    row = MASK[:1]
+    program = mil_program(build, mask=row)
+    _, after, reports = rewritten_matches_original(program, {"mask": row}, PASS)
+    assert op_types(program) == ["cast", "select", "reshape"]
+    assert list(after.values())[0].shape == (1, 6, 1, 1)
+    assert dict(reports[PASS].rewritten) == {"transpose folded into a reshape": 1}
+
+
 def test_a_transpose_that_moves_data_is_no_candidate():
     program = mil_program(lambda mask: padding_mask(mask, perm=[0, 1, 3, 2], shape=(2, 1, 2, 3)), mask=MASK)
     before = op_types(program)

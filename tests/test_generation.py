@@ -69,9 +69,14 @@ def test_decode_step_attends_over_the_cache_per_head():
     assert counts["matmul"] == counts["linear"] == 0 and counts["einsum"] == 16
     assert all(int(op.inputs["axis"].val) % 4 == 1 for op in ops if op.op_type == "softmax")
     assert max(len(v.shape) for op in ops for v in op.outputs) <= 5
-    # The new K and V go to the host straight from the per-head region's (B, C, 1, S) tensors:
-    # no reshape is left, and the transposes are the K of each block and the model's boundaries.
-    assert counts["reshape"] == 0 and counts["transpose"] <= 4 + 2 + 1
+    # The new K and V go to the host straight from the per-head region's (B, C, 1, S) tensors.
+    # The one transpose per block turns the sequence-last cache keys-first; the embedding, the
+    # rotary tables, the mask and the logits cross the boundary by reshapes that only move unit
+    # axes (the tables are looked up transposed), so no reshape moves data.
+    assert counts["transpose"] == 2
+    for op in ops:
+        if op.op_type == "reshape":
+            assert [d for d in op.inputs["x"].shape if d != 1] == [d for d in op.outputs[0].shape if d != 1]
 
 
 @pytest.fixture(scope="module")

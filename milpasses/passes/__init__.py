@@ -5,6 +5,7 @@ from milpasses.passes import (  # noqa: F401  (registration)
     bc1s_layout,
     finite_masks,
     fold_unit_transposes,
+    gather_from_transposed_table,
     gather_to_reshape,
     key_padding_mask,
     linear_to_conv,

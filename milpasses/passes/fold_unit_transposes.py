@@ -13,6 +13,7 @@ from milpasses.passes.matching import (
     BINARY,
     LOGICAL,
     UNARY,
+    RELABELLING,
     NoMatch,
     constant_value,
     has_static_shape,
@@ -28,7 +29,7 @@ ELEMENTWISE = UNARY | BINARY | LOGICAL | {"cast", "select"}
 @dataclass(frozen=True)
 class UnitTranspose:
     transpose: object
-    reshape: object  # the reshape whose output the chain starts from
+    reshape: object  # the first of the reshapes (expand_dims, squeezes) the chain starts from
     chain: tuple  # elementwise ops from the reshape's output to the transpose's input, in order
 
 
@@ -73,23 +74,28 @@ def match_unit_transpose(transpose) -> UnitTranspose | NoMatch | None:
             return NoMatch(f"'{var.name}' has other readers")
         chain.insert(0, var.op)
         var = operand
-    if var.op is None or var.op.op_type != "reshape":
+    if var.op is None or var.op.op_type not in RELABELLING:
         return NoMatch("no reshape above the transpose")
     if single_consumer(var) is None or is_block_output(var):
         return NoMatch(f"'{var.name}' has other readers")
-    return UnitTranspose(transpose, var.op, tuple(chain))
+    top = var.op
+    while (above := top.inputs["x"].op) is not None and above.op_type in RELABELLING and single_consumer(above.outputs[0]):
+        top = above
+    return UnitTranspose(transpose, top, tuple(chain))
 
 
 @register
 class fold_unit_transposes(AnePass):
     """
-    Fold a ``transpose`` that only moves size-1 axes into the ``reshape`` its input comes
-    from, through the elementwise ops between them: one layout op instead of two.
+    Fold a ``transpose`` that only moves size-1 axes into the ``reshape`` (or ``expand_dims``,
+    ``squeeze``) its input comes from, through the elementwise ops between them: one layout op
+    instead of two.
 
     Why: every layout op is a memory copy on the ANE (Apple's principle 3). Such a transpose
     keeps the order of the elements, so it is a reshape; elementwise ops do not care about the
     shape they run on, so the chain can run on the already-relabelled tensor. It appears where
-    ``ane::attention_to_einsum`` turns a key-only padding mask keys-first.
+    ``ane::attention_to_einsum`` turns a key-only padding mask keys-first, whether the mask was
+    shaped by a reshape (BERT's) or by ``unsqueeze`` (a decode step's mask built from the position).
 
     .. code-block::
 
@@ -104,8 +110,9 @@ class fold_unit_transposes(AnePass):
     Constants the chain reads are transposed with it at compile time.
 
     Does not fire when: the transpose moves an axis longer than 1 or its input's shape is not
-    known; an op between the reshape and the transpose is not elementwise, reads another
-    tensor than the chain, or changes the rank; the reshape's output or any value in the chain
+    known; no reshape, expand_dims or squeeze is above it; an op between that op and the
+    transpose is not elementwise, reads another tensor than the chain, or changes the rank;
+    the reshape's output or any value in the chain
     has other readers.
 
     Options:
@@ -129,5 +136,5 @@ class fold_unit_transposes(AnePass):
                     arguments[name] = var if constant is None else value if relabelled is None else relabelled
                 var = getattr(mb, op.op_type)(**arguments, name=f"{op.name}_relabelled")
         block.replace_uses_of_var_after_op(anchor_op=site.transpose, old_var=out, new_var=var)
-        self.remove_dead(block, [site.transpose, *reversed(site.chain), site.reshape])
+        self.remove_dead(block, [site.transpose])
         self.report.rewritten["transpose folded into a reshape"] += 1

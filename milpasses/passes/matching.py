@@ -18,6 +18,8 @@ BINARY = frozenset({"add", "sub", "mul", "real_div", "maximum", "minimum", "pow"
 LOGICAL = frozenset({"logical_and", "logical_or", "logical_xor", "logical_not",
                      "equal", "not_equal", "less", "less_equal", "greater", "greater_equal"})
 #: Reductions over given axes.
+#: Ops that only relabel their input's shape, keeping the order of its elements.
+RELABELLING = frozenset({"reshape", "expand_dims", "squeeze"})
 REDUCTIONS = frozenset({"reduce_mean", "reduce_sum", "reduce_max", "reduce_min", "reduce_sum_square",
                         "reduce_l2_norm"})
 
@@ -106,3 +108,13 @@ def as_list(value) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def relabels_below(var) -> list:
+    """The reshape-like ops that read ``var`` one after another, each the only reader of the
+    one before (``expand_dims`` into ``reshape``...): what one reshape of ``var`` can replace."""
+    chain = []
+    while (reader := single_consumer(var)) is not None and reader.op_type in RELABELLING:
+        chain.append(reader)
+        var = reader.outputs[0]
+    return chain
