@@ -155,7 +155,8 @@ class ConversionReport:
         for op in sorted(set(self.ops_before) | set(self.ops_after)):
             lines.append(f"| {op} | {self.ops_before.get(op, 0)} | {self.ops_after.get(op, 0)} |")
         if self.functions:
-            lines += ["", "## Functions, one per sequence length", "", "```text"] + _function_lines(self.functions) + ["```"]
+            lines += ["", "## Functions, one per sequence length", "", "```text"]
+            lines += _function_lines(self.functions) + ["```"]
         lines += ["", "## Passes", "", "| pass | rewritten | left alone (why) |", "|---|---|---|"]
         for report in self.passes:
             rewritten = ", ".join(f"{k} x{n}" for k, n in report["rewritten"].items()) or "-"

@@ -53,9 +53,9 @@ def function_name(seq_len: int) -> str:
 def check_lengths_target(options: Options) -> None:
     """Several lengths become the functions of one multifunction package, which needs iOS18."""
     if options.enumerated and options.target != "iOS18":
-        raise ConversionError(f"--seq-lens on an ONNX model needs --target iOS18: each length becomes a function "
-                              f"of one multifunction package (weights shared), and Core ML reads those from iOS 18; "
-                              f"below it, convert once per length with --seq-len")
+        raise ConversionError("--seq-lens on an ONNX model needs --target iOS18: each length becomes a function "
+                              "of one multifunction package (weights shared), and Core ML reads those from iOS 18; "
+                              "below it, convert once per length with --seq-len")
 
 
 def fixed_shapes(source: OnnxSource, options: Options) -> dict[int | None, dict[str, tuple[int, ...]]]:
@@ -114,7 +114,9 @@ def convert_onnx(model, options: Options, pipeline, stage):
     several = len(lengths) > 1
     described = f" at {', '.join(str(n) for n in lengths)}, one function per length" if several else ""
     with stage("convert", f"converting with ane_pipeline(){described}"):
-        converted = {n: _convert(source, shapes, target, pipeline, options) for n, shapes in variants.items()}
+        # A length's own model is never run when it becomes a function of the package: not loaded.
+        converted = {n: _convert(source, shapes, target, pipeline, options, load=not several)
+                     for n, shapes in variants.items()}
         if several:
             package = _write_length_package(converted)
             mlmodel = ct.models.MLModel(str(package), skip_model_load=True)
@@ -167,8 +169,9 @@ def convert_onnx(model, options: Options, pipeline, stage):
     return mlmodel, report
 
 
-def _convert(source: OnnxSource, shapes, target, pipeline, options: Options) -> _Converted:
-    """``ct.convert`` of the graph translated at ``shapes``, with ``pipeline``."""
+def _convert(source: OnnxSource, shapes, target, pipeline, options: Options, load: bool) -> _Converted:
+    """``ct.convert`` of the graph translated at ``shapes``, with ``pipeline``; the model loaded
+    by Core ML (macOS only) when ``load``."""
     import coremltools as ct
 
     from milpasses.passes import last_reports
@@ -177,7 +180,8 @@ def _convert(source: OnnxSource, shapes, target, pipeline, options: Options) -> 
     try:
         mlmodel = ct.convert(program, convert_to="mlprogram", pass_pipeline=pipeline,
                              minimum_deployment_target=target, compute_units=ct.ComputeUnit.CPU_AND_NE,
-                             skip_model_load=sys.platform != "darwin", compute_precision=_precision(options))
+                             skip_model_load=not load or sys.platform != "darwin",
+                             compute_precision=_precision(options))
     except (RuntimeError, NotImplementedError, ValueError) as error:
         raise LibraryFailure(f"coremltools could not convert the MIL program of {source.path}: "
                              f"{first_line(error)}") from error
