@@ -82,3 +82,19 @@ def test_seq_lens_refused_is_one_line_exit_2_nothing_written(dims, target, expec
     error = capsys.readouterr().err.strip()
     assert expected in error and len(error.splitlines()) == 1, error
     assert list(out.iterdir()) == []
+
+
+def test_seeded_ids_stay_in_an_embedding_read_through_a_reshape(tmp_path):
+    """GPT-2's export reshapes input_ids before its embedding: seeded ids must still fit the
+    table (ONNX Runtime refuses an id past it), at every length."""
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32), "table")
+    keep = numpy_helper.from_array(np.array([0, -1], np.int64), "keep")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input_ids", "keep"], ["ids"]),
+         helper.make_node("Gather", ["table", "ids"], ["embedded"])], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("embedded", TensorProto.FLOAT, ["batch", "sequence", 4])], [table, keep])
+    path = tmp_path / "embedding.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    _, report = convert(str(path), seq_lens=[4, 8], target="iOS18")
+    assert report.passed and sorted(e["seq_len"] for e in report.psnr) == [4, 8], report.psnr

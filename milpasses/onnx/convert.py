@@ -317,11 +317,19 @@ def _tokenize(tokenizer, rows: int, length: int) -> dict[str, np.ndarray]:
     return dict(tokenizer(sentences, padding="max_length", max_length=length, truncation=True, return_tensors="np"))
 
 
+#: Ops that pass token ids on unchanged in value (GPT-2's export reshapes input_ids before its embedding).
+_ID_PRESERVING = ("Reshape", "Cast", "Unsqueeze", "Squeeze", "Flatten", "Identity")
+
+
 def _vocab_size(model, name: str) -> int:
-    """The rows of the constant table the input indexes (its embedding), or 100."""
+    """The rows of the constant table the input indexes (its embedding), through reshapes and
+    casts of it; or 100."""
     tables = {t.name: t.dims for t in model.graph.initializer}
+    ids = {name}
     for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == name and node.input[0] in tables:
+        if node.op_type in _ID_PRESERVING and node.input and node.input[0] in ids:
+            ids.update(node.output)
+        elif node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in ids and node.input[0] in tables:
             return int(tables[node.input[0]][0])
     return 100
 
