@@ -2,6 +2,8 @@
 multifunction package, each verified against ONNX Runtime, each rewritten as the torch route
 rewrites the model at one length; and the requests it refuses (exit 2, nothing written)."""
 
+import json
+
 import coremltools as ct
 import numpy as np
 import onnx
@@ -21,7 +23,7 @@ from tests.onnx_helpers import ALLOWED_DIFFERENCES, export_family
 LENGTHS = (8, 16)
 
 
-def test_bert_at_two_lengths_is_one_package_verified_and_rewritten_at_each(tmp_path):
+def test_bert_at_two_lengths_is_one_package_verified_and_rewritten_at_each(tmp_path, capsys):
     path = tmp_path / "bert.onnx"
     inputs = export_family("bert", path)
     batch = len(inputs["input_ids"])
@@ -59,6 +61,12 @@ def test_bert_at_two_lengths_is_one_package_verified_and_rewritten_at_each(tmp_p
         simulated = Simulator(program, name).run(feeds)["last_hidden_state"]
         valid = valid_tokens(feeds)
         assert psnr(expected[valid], simulated[valid]) >= 60
+
+    # analyze reads the default function (the first length) unless --function names another.
+    for arguments, length in (([], LENGTHS[0]), (["--function", names[1]], LENGTHS[1])):
+        assert main(["analyze", str(package), "--json", *arguments]) == 0
+        (analysis,) = json.loads(capsys.readouterr().out)["analyses"].values()
+        assert analysis["ops"][0]["input_shapes"][0] == [str(batch), str(length)]
 
 
 def _graph(input_dims) -> onnx.ModelProto:
