@@ -43,12 +43,9 @@ def graph_inputs(model) -> list:
     return [i for i in model.graph.input if i.name not in initializers]
 
 
-#: Each length's function in a package converted at several sequence lengths.
-FUNCTION_PREFIX = "seq_len_"
-
-
 def function_name(seq_len: int) -> str:
-    return f"{FUNCTION_PREFIX}{seq_len}"
+    """The function of a package converted at several sequence lengths that takes ``seq_len`` tokens."""
+    return f"seq_len_{seq_len}"
 
 
 def check_lengths_target(options: Options) -> None:
@@ -196,14 +193,16 @@ def _write_length_package(converted: dict[int, _Converted]) -> Path:
 
     directory = Path(tempfile.mkdtemp(prefix="milpasses-onnx-lengths-"))
     atexit.register(shutil.rmtree, directory, True)
+    staging = directory / "lengths"
     descriptor = ct.utils.MultiFunctionDescriptor()
     for length, result in converted.items():
-        path = directory / f"{function_name(length)}.mlpackage"
+        path = staging / f"{function_name(length)}.mlpackage"
         result.mlmodel.save(str(path))
         descriptor.add_function(str(path), src_function_name="main", target_function_name=function_name(length))
     descriptor.default_function_name = function_name(next(iter(converted)))
     package = directory / "model.mlpackage"
     ct.utils.save_multifunction(descriptor, str(package))
+    shutil.rmtree(staging)  # each length's own copy of the weights, now shared in the package
     return package
 
 
