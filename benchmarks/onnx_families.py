@@ -2,12 +2,18 @@
 (TorchScript exporter, opset 17, dynamic batch and sequence axes), converted by milpasses' ONNX
 frontend with ``ane_pipeline()`` in fp16, and compared with the torch route of the same model.
 
-    python benchmarks/onnx_families.py [--families bert,gpt2] [--opset 17]
+    python benchmarks/onnx_families.py [--families bert,gpt2] [--opset 17] [--seq-lens 8,16]
 
 Per family it prints the ONNX op types the export holds, the difference of the ane_pipeline()
 op histograms (ONNX route minus torch route; "same" when none), whether attention became
 einsums on both routes, and the PSNR of the simulated program against ONNX Runtime on the valid
 tokens. Bar (issue 14): at least 12 of the 14 original families within a few ops and >= 60 dB.
+
+With ``--seq-lens`` each family goes through ``convert(path, seq_lens=..., target="iOS18")``
+instead (a function per length in one package): per length the PSNR against ONNX Runtime and
+the function's histogram against the torch route at one length (iOS18), and whether every
+function had the same sites rewritten. Families without a dynamic sequence axis (the vision
+ones) are refused, as the command line refuses them.
 """
 
 from __future__ import annotations
@@ -51,15 +57,64 @@ def run_family(name: str, opset: int, directory: Path) -> dict:
             "psnr": psnr_against_onnxruntime(mlmodel, path, inputs), "seconds": time.perf_counter() - started}
 
 
+def run_family_lengths(name: str, lengths: list[int], directory: Path) -> dict:
+    import coremltools as ct
+
+    from fixtures.families import convert as torch_convert
+    from milpasses.convert import ConversionError, convert
+    from milpasses.convert.coreml import histogram
+    from milpasses.pipeline import ane_pipeline
+    from tests.onnx_helpers import export_family, onnx_ops, within_allowed
+
+    path = directory / f"{name}.onnx"
+    started = time.perf_counter()
+    inputs = export_family(name, path)
+    ops = onnx_ops(path)
+    try:
+        _, report = convert(str(path), seq_lens=lengths, batch=len(next(iter(inputs.values()))), target="iOS18")
+    except ConversionError as error:
+        return {"name": name, "ops": ops, "error": str(error).split(";")[0]}
+    torch_ops = histogram(torch_convert(name, "fp16", ane_pipeline(), target=ct.target.iOS18)._mil_program)
+    differences = {}
+    for function in report.functions.values():
+        mine = function["ops"]
+        differences[function["seq_len"]] = {op: mine.get(op, 0) - torch_ops.get(op, 0)
+                                            for op in sorted(set(mine) | set(torch_ops))
+                                            if mine.get(op, 0) != torch_ops.get(op, 0)}
+    sites = [f["sites_rewritten"] for f in report.functions.values()]
+    return {"name": name, "ops": ops, "psnr": {e["seq_len"]: e["psnr_db"] for e in report.psnr},
+            "differences": differences, "within": all(within_allowed(d) for d in differences.values()),
+            "same_sites": all(s == sites[0] for s in sites), "seconds": time.perf_counter() - started}
+
+
+def _print_lengths_row(row: dict) -> bool:
+    if "error" in row:
+        print(f"{row['name']:<12} refused  {row['error']}", flush=True)
+        return False
+    ok = row["within"] and row["same_sites"] and min(row["psnr"].values()) >= 60
+    psnr = ", ".join(f"{n}: {db:.1f}" for n, db in row["psnr"].items())
+    difference = "; ".join(f"{n}: " + (", ".join(f"{op} {d:+d}" for op, d in diff.items()) or "same")
+                           for n, diff in row["differences"].items())
+    print(f"{row['name']:<12} {'ok' if ok else 'FAILED':<7} PSNR vs ORT per length {psnr} dB  histogram vs torch "
+          f"{difference}  sites rewritten {'alike at every length' if row['same_sites'] else 'DIFFER'}  "
+          f"({row['seconds']:.1f} s)", flush=True)
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(ORIGINAL_FAMILIES))
     parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--seq-lens", help="convert each family at these lengths, a function per length (8,16)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     passed = 0
     with tempfile.TemporaryDirectory() as directory:
         for name in args.families.split(","):
+            if args.seq_lens:
+                passed += _print_lengths_row(run_family_lengths(name, [int(n) for n in args.seq_lens.split(",")],
+                                                                Path(directory)))
+                continue
             row = run_family(name, args.opset, Path(directory))
             ops = ", ".join(f"{op} {n}" for op, n in sorted(row["ops"].items(), key=lambda kv: (-kv[1], kv[0])))
             if "error" in row:

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     lengths = convert.add_mutually_exclusive_group()
     lengths.add_argument("--seq-len", type=_positive_int, help="fixed sequence length (default 128)")
     lengths.add_argument("--seq-lens", type=_lengths, metavar="N,N,...",
-                         help="enumerated sequence lengths, e.g. 64,128,512 (ct.EnumeratedShapes)")
+                         help="enumerated sequence lengths, e.g. 64,128,512 (ct.EnumeratedShapes; an ONNX "
+                              "model: a function per length, seq_len_64..., with --target iOS18)")
     convert.add_argument("--batch", type=_positive_int, default=1)
     convert.add_argument("--context", type=_positive_int,
                          help="text-generation: the KV cache's length; writes prefill and decode functions")

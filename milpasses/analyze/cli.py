@@ -29,8 +29,9 @@ def add_analyze_parser(commands) -> None:
                         help="an .mlpackage, or a Hugging Face model directory or id to convert "
                              "(default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--json", action="store_true", help="print the analysis as JSON")
-    parser.add_argument("--function", help="the function of a multifunction package (default: main, or a "
-                                           "text-generation package's decode)")
+    parser.add_argument("--function", help="the function of a multifunction package (default: its default "
+                                           "function: a text-generation package's decode, the first length of "
+                                           "an ONNX model converted with --seq-lens)")
     parser.add_argument("--html", metavar="OUT", help="also write a self-contained HTML picture of it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --html file")
     parser.add_argument("--chip", choices=tuple(CHIPS), default=DEFAULT_CHIP,
@@ -152,13 +153,15 @@ def _analyze_or_explain(label: str, source, chip: str, function: str | None = No
 
 
 def _function_name(source, function: str | None) -> str:
-    """The function asked for; without one, ``main``, or a text-generation package's ``decode``."""
+    """The function asked for; without one, a multifunction package's default function (a
+    text-generation package's ``decode``, the first length of an ONNX model converted at several),
+    else ``main``."""
     if function is not None:
         return function
-    from milpasses.simulator import load_program
+    import coremltools as ct
 
-    functions = load_program(source).functions
-    return "main" if "main" in functions or "decode" not in functions else "decode"
+    model = ct.models.MLModel(str(source), skip_model_load=True) if isinstance(source, (str, Path)) else source
+    return model.get_spec().description.defaultFunctionName or "main"
 
 
 def generation_lines(analysis, source, function: str) -> list[str]:

@@ -60,7 +60,8 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     bundled all-MiniLM-L6-v2 (always offline), or an ONNX model (a ``.onnx`` file, or a directory
     holding ``model.onnx``), verified against ONNX Runtime (``milpasses.onnx``; ``task`` does not
     apply: the outputs are the graph's). ``seq_lens`` (several lengths) gives the sequence
-    inputs ``ct.EnumeratedShapes``; ``seq_len`` one fixed length (128 by default). ``attention``
+    inputs ``ct.EnumeratedShapes`` (an ONNX model: one function per length, ``seq_len_16``..., in
+    an iOS18 multifunction package); ``seq_len`` one fixed length (128 by default). ``attention``
     is handed to ``ane_pipeline`` only when given. ``progress`` shows the stages: a
     :class:`milpasses.console.Console`, or a function called with each stage's description.
     ``check_passes`` converts with ``ane_pipeline(check=True)``: each pass is simulated before and

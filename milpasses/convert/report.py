@@ -33,6 +33,9 @@ class ConversionReport:
     generation: dict = field(default_factory=dict)  # a KV-cache decoder: its functions and greedy checks
     compression: dict | None = None  # scheme, bits per weight, weight bytes before and after
     cosine: list[dict] = field(default_factory=list)  # {"output", "seq_len", "worst_cosine"}: embeddings
+    # One function per sequence length (an ONNX model at several lengths): function name ->
+    # {"seq_len", "ops" (its histogram), "sites_rewritten" (per pass)}
+    functions: dict[str, dict] = field(default_factory=dict)
 
     @property
     def worst_psnr_db(self) -> float:
@@ -68,6 +71,7 @@ class ConversionReport:
             "seconds": self.seconds, "package_bytes": self.package_bytes,
             **({"generation": self.generation} if self.generation else {}),
             "compression": self.compression, "cosine": self.cosine,
+            **({"functions": self.functions} if self.functions else {}),
         }
 
     def to_json(self) -> str:
@@ -91,6 +95,7 @@ class ConversionReport:
                          + (f" ({skipped})" if skipped else "")
                          + (f"; checked, relative error {report['check']['max_rel_error']:.1e}"
                             if "check" in report else ""))
+        lines += _function_lines(self.functions)
         lines += ["", "seconds  " + ", ".join(f"{stage} {s:.1f}" for stage, s in self.seconds.items())]
         if self.package_bytes is not None:
             lines.append(f"package  {self.package_bytes / 2**20:.1f} MiB")
@@ -149,6 +154,9 @@ class ConversionReport:
                   "| op | DEFAULT | ane_pipeline |", "|---|---|---|"]
         for op in sorted(set(self.ops_before) | set(self.ops_after)):
             lines.append(f"| {op} | {self.ops_before.get(op, 0)} | {self.ops_after.get(op, 0)} |")
+        if self.functions:
+            lines += ["", "## Functions, one per sequence length", "", "```text"]
+            lines += _function_lines(self.functions) + ["```"]
         lines += ["", "## Passes", "", "| pass | rewritten | left alone (why) |", "|---|---|---|"]
         for report in self.passes:
             rewritten = ", ".join(f"{k} x{n}" for k, n in report["rewritten"].items()) or "-"
@@ -197,4 +205,19 @@ def _generation_lines(generation: dict) -> list[str]:
         lines.append(f"{check['prompt'][:40]:<40} {check['matched']:>4}/{check['tokens']:<4} {diverges:>10} {worst:>8}")
     for name, ops in generation["functions"].items():
         lines.append(f"function {name}: {sum(ops.values())} ops ({', '.join(f'{k} {v}' for k, v in sorted(ops.items()))})")
+    return lines
+
+
+def _function_lines(functions: dict) -> list[str]:
+    """Per function of a package converted at several lengths: its length, op count and the sites
+    the passes rewrote, then how to call one."""
+    if not functions:
+        return []
+    lines = []
+    for name, function in functions.items():
+        lines.append(f"function {name}: seq_len {function['seq_len']}, {sum(function['ops'].values())} ops, "
+                     f"{sum(function['sites_rewritten'].values())} sites rewritten")
+    default, *_, last = list(functions)
+    lines.append(f"each length is a function of the package ({default} the default): "
+                 f"MLModel(path, function_name=\"{last}\"), milpasses analyze PACKAGE --function {last}")
     return lines

@@ -4,12 +4,25 @@ The stages mirror the torch route's (``milpasses.convert``): load and check the 
 dynamic dims (batch, sequence length), translate it to MIL, ``ct.convert`` the program with
 ``ane_pipeline()``, then simulate the converted program against ONNX Runtime on the same inputs,
 beside a DEFAULT-pipeline conversion for the report's op comparison.
+
+With several sequence lengths (``--seq-lens``) the graph is translated and converted once per
+length, each at one fixed length exactly as a single-length conversion, and the programs are
+written as the functions of one iOS18 multifunction package (``seq_len_16``, ...; weights
+shared, the first length the default function). One program with ``ct.EnumeratedShapes`` would
+compute at run time every folded value that depends on the length (54 to 82 nodes per fixture
+family: head reshape shapes, masks, position slices, rotary tables), which the passes read as
+constants at one length.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -30,30 +43,53 @@ def graph_inputs(model) -> list:
     return [i for i in model.graph.input if i.name not in initializers]
 
 
-def fixed_shapes(source: OnnxSource, options: Options) -> tuple[dict[str, tuple[int, ...]], int | None]:
-    """Each input's shape with its dynamic dims fixed: the first to the batch, any other to the
-    sequence length; and the sequence length (None when no input has one)."""
-    if options.enumerated:
-        raise ConversionError("--seq-lens is not supported for ONNX models: their shape arithmetic is folded at "
-                              "one length; convert once per length with --seq-len")
-    shapes, seq_len, dynamic_seq = {}, None, False
-    for value_info in graph_inputs(source.model):
-        dims = []
-        for axis, dim in enumerate(value_info.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
-                dims.append(dim.dim_value)
-            elif axis == 0:
-                dims.append(options.batch)
-            else:
-                dims.append(options.lengths[0])
-                dynamic_seq = True
-        if len(dims) == 2 and _is_integer(value_info):
-            seq_len = dims[1]
-        shapes[value_info.name] = tuple(dims)
-    if options.lengths_given and not dynamic_seq:
-        raise ConversionError(f"--seq-len applies to ONNX inputs with a dynamic sequence axis; the inputs of "
-                              f"{source.path} have fixed shapes ({_shapes_text(shapes)})")
-    return shapes, seq_len
+def function_name(seq_len: int) -> str:
+    """The function of a package converted at several sequence lengths that takes ``seq_len`` tokens."""
+    return f"seq_len_{seq_len}"
+
+
+def check_lengths_target(options: Options) -> None:
+    """Several lengths become the functions of one multifunction package, which needs iOS18."""
+    if options.enumerated and options.target != "iOS18":
+        raise ConversionError("--seq-lens on an ONNX model needs --target iOS18: each length becomes a function "
+                              "of one multifunction package (weights shared), and Core ML reads those from iOS 18; "
+                              "below it, convert once per length with --seq-len")
+
+
+def fixed_shapes(source: OnnxSource, options: Options) -> dict[int | None, dict[str, tuple[int, ...]]]:
+    """Each input's shape with its dynamic dims fixed (the first to the batch, any other to the
+    sequence length), per sequence length converted, keyed by that length: the sequence axis of
+    a 2-D integer input when no axis is dynamic, None when there is none either (images)."""
+    variants = {}
+    for length in options.lengths:
+        shapes, seq_len, dynamic_seq = {}, None, False
+        for value_info in graph_inputs(source.model):
+            dims = []
+            for axis, dim in enumerate(value_info.type.tensor_type.shape.dim):
+                if dim.HasField("dim_value") and dim.dim_value > 0:
+                    dims.append(dim.dim_value)
+                elif axis == 0:
+                    dims.append(options.batch)
+                else:
+                    dims.append(length)
+                    dynamic_seq = True
+            if len(dims) == 2 and _is_integer(value_info):
+                seq_len = dims[1]
+            shapes[value_info.name] = tuple(dims)
+        if options.lengths_given and not dynamic_seq:
+            flag = "--seq-lens" if options.enumerated else "--seq-len"
+            raise ConversionError(f"{flag} applies to ONNX inputs with a dynamic sequence axis; the inputs of "
+                                  f"{source.path} have fixed shapes ({_shapes_text(shapes)}): convert without it")
+        variants[length if dynamic_seq else seq_len] = shapes
+    return variants
+
+
+@dataclass
+class _Converted:
+    """One length's conversion: its program (as converted) and what each pass did to it."""
+
+    mlmodel: object
+    passes: list[dict]
 
 
 def convert_onnx(model, options: Options, pipeline, stage):
@@ -63,49 +99,122 @@ def convert_onnx(model, options: Options, pipeline, stage):
     import milpasses
     from milpasses.convert.coreml import histogram
     from milpasses.convert.report import ConversionReport
-    from milpasses.passes import last_reports
+    from milpasses.simulator import Simulator, load_program
 
     session_class = _onnxruntime()
+    check_lengths_target(options)
     with stage("load", "loading the ONNX model"):
         source = load_onnx(model)
-        shapes, seq_len = fixed_shapes(source, options)
+        variants = fixed_shapes(source, options)
         tokenizer = _tokenizer(source)
         target = getattr(ct.target, options.target)
-        program = _translate(source, shapes, target)
-    with stage("convert", "converting with ane_pipeline()"):
-        try:
-            mlmodel = ct.convert(program, convert_to="mlprogram", pass_pipeline=pipeline,
-                                 minimum_deployment_target=target, compute_units=ct.ComputeUnit.CPU_AND_NE,
-                                 skip_model_load=sys.platform != "darwin", compute_precision=_precision(options))
-        except (RuntimeError, NotImplementedError, ValueError) as error:
-            raise LibraryFailure(f"coremltools could not convert the MIL program of {source.path}: "
-                                 f"{first_line(error)}") from error
-    renamed = core_ml_names(source.model, mlmodel)
+    lengths = list(variants)
+    several = len(lengths) > 1
+    described = f" at {', '.join(str(n) for n in lengths)}, one function per length" if several else ""
+    with stage("convert", f"converting with ane_pipeline(){described}"):
+        # A length's own model is never run when it becomes a function of the package: not loaded.
+        converted = {n: _convert(source, shapes, target, pipeline, options, load=not several)
+                     for n, shapes in variants.items()}
+        if several:
+            package = _write_length_package(converted)
+            mlmodel = ct.models.MLModel(str(package), skip_model_load=True)
+        else:
+            mlmodel = converted[lengths[0]].mlmodel
+    first = converted[lengths[0]]
+    renamed = core_ml_names(source.model, first.mlmodel)
     output_names = [renamed[o.name] for o in source.model.graph.output]
-    recorded = {k: v for k, v in options.recorded(takes_images=seq_len is None).items() if k != "task"}
+    recorded = {k: v for k, v in options.recorded(takes_images=lengths == [None]).items() if k != "task"}
     report = ConversionReport(model=str(source.path), task="the ONNX graph's outputs",
-                              inputs={renamed[n]: [list(s)] for n, s in shapes.items()}, outputs=output_names,
-                              options=recorded, min_psnr_db=options.min_psnr_db, reference="ONNX Runtime",
-                              passes=[r.as_dict() for r in last_reports().values()],
-                              ops_after=histogram(mlmodel._mil_program))
+                              inputs={renamed[n]: [list(variants[length][n]) for length in lengths]
+                                      for n in variants[lengths[0]]},
+                              outputs=output_names, options=recorded, min_psnr_db=options.min_psnr_db,
+                              reference="ONNX Runtime", passes=first.passes,
+                              ops_after=histogram(first.mlmodel._mil_program))
+    if several:
+        report.functions = {function_name(n): {"seq_len": n, "ops": histogram(c.mlmodel._mil_program),
+                                               "sites_rewritten": _sites_rewritten(c.passes)}
+                            for n, c in converted.items()}
+        program = load_program(str(package))
     rows = verification_rows(options.batch)
     with stage("verify", "verifying: simulating the program against ONNX Runtime, beside a DEFAULT-pipeline "
-                         "conversion for comparison", rows // options.batch) as step:
+                         "conversion for comparison", len(lengths) * (rows // options.batch)) as step:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            baseline = pool.submit(_default_histogram, source, shapes, target)
-            inputs, report.samples = sample_inputs(source, shapes, tokenizer, rows)
+            baseline = pool.submit(_default_histogram, source, variants[lengths[0]], target)
+            session = session_class(str(source.path), providers=["CPUExecutionProvider"])
+            samples = {n: sample_inputs(source, shapes, tokenizer, rows) for n, shapes in variants.items()}
+            report.samples = samples[lengths[0]][1]
             changed = [f"{a} -> {b}" for a, b in renamed.items() if a != b]
             if changed:
                 report.samples += f" (ONNX names Core ML does not allow, renamed: {', '.join(changed)})"
-            torch_model = _torch_model(source, inputs, report)
-            _verify(mlmodel, session_class(str(source.path), providers=["CPUExecutionProvider"]), inputs, renamed,
-                    seq_len, options.batch, report, step, torch_model)
+            torch_model = _torch_model(source, samples[lengths[0]][0], report)
+            checks = {}
+            for length in lengths:
+                inputs = samples[length][0]
+                if several:
+                    simulator = Simulator(program, function_name(length))
+                    device_model = _function_model(package, function_name(length))
+                else:
+                    simulator, device_model = Simulator(first.mlmodel._mil_program), (lambda: first.mlmodel)
+                checks[length] = _verify(simulator, device_model, session, inputs, renamed, length, options.batch,
+                                         report, step, torch_model)
             report.ops_before = baseline.result()
+    distinct = set(checks.values())
+    report.device_check = distinct.pop() if len(distinct) == 1 else "; ".join(f"{n}: {c}" for n, c in checks.items())
 
     mlmodel.user_defined_metadata["milpasses.version"] = milpasses.__version__
     mlmodel.user_defined_metadata["milpasses.source_model"] = str(source.path)
     mlmodel.short_description = f"{source.path.name}, converted from ONNX for the ANE by milpasses"
     return mlmodel, report
+
+
+def _convert(source: OnnxSource, shapes, target, pipeline, options: Options, load: bool) -> _Converted:
+    """``ct.convert`` of the graph translated at ``shapes``, with ``pipeline``; the model loaded
+    by Core ML (macOS only) when ``load``."""
+    import coremltools as ct
+
+    from milpasses.passes import last_reports
+
+    program = _translate(source, shapes, target)
+    try:
+        mlmodel = ct.convert(program, convert_to="mlprogram", pass_pipeline=pipeline,
+                             minimum_deployment_target=target, compute_units=ct.ComputeUnit.CPU_AND_NE,
+                             skip_model_load=not load or sys.platform != "darwin",
+                             compute_precision=_precision(options))
+    except (RuntimeError, NotImplementedError, ValueError) as error:
+        raise LibraryFailure(f"coremltools could not convert the MIL program of {source.path}: "
+                             f"{first_line(error)}") from error
+    return _Converted(mlmodel, [r.as_dict() for r in last_reports().values()])
+
+
+def _write_length_package(converted: dict[int, _Converted]) -> Path:
+    """One multifunction package of the lengths' programs, in a temporary directory removed at
+    exit (``save`` copies it to the output); the first length is the default function."""
+    import coremltools as ct
+
+    directory = Path(tempfile.mkdtemp(prefix="milpasses-onnx-lengths-"))
+    atexit.register(shutil.rmtree, directory, True)
+    staging = directory / "lengths"
+    descriptor = ct.utils.MultiFunctionDescriptor()
+    for length, result in converted.items():
+        path = staging / f"{function_name(length)}.mlpackage"
+        result.mlmodel.save(str(path))
+        descriptor.add_function(str(path), src_function_name="main", target_function_name=function_name(length))
+    descriptor.default_function_name = function_name(next(iter(converted)))
+    package = directory / "model.mlpackage"
+    ct.utils.save_multifunction(descriptor, str(package))
+    shutil.rmtree(staging)  # each length's own copy of the weights, now shared in the package
+    return package
+
+
+def _function_model(package: Path, name: str):
+    """The MLModel of one function of ``package``, loaded when the device check asks for it (macOS)."""
+    import coremltools as ct
+
+    return lambda: ct.models.MLModel(str(package), function_name=name, compute_units=ct.ComputeUnit.CPU_AND_NE)
+
+
+def _sites_rewritten(passes: list[dict]) -> dict[str, int]:
+    return {p["pass"]: sum(p["rewritten"].values()) for p in passes if p["rewritten"]}
 
 
 def core_ml_names(model, mlmodel) -> dict[str, str]:
@@ -208,11 +317,19 @@ def _tokenize(tokenizer, rows: int, length: int) -> dict[str, np.ndarray]:
     return dict(tokenizer(sentences, padding="max_length", max_length=length, truncation=True, return_tensors="np"))
 
 
+#: Ops that pass token ids on unchanged in value (GPT-2's export reshapes input_ids before its embedding).
+_ID_PRESERVING = ("Reshape", "Cast", "Unsqueeze", "Squeeze", "Flatten", "Identity")
+
+
 def _vocab_size(model, name: str) -> int:
-    """The rows of the constant table the input indexes (its embedding), or 100."""
+    """The rows of the constant table the input indexes (its embedding), through reshapes and
+    casts of it; or 100."""
     tables = {t.name: t.dims for t in model.graph.initializer}
+    ids = {name}
     for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == name and node.input[0] in tables:
+        if node.op_type in _ID_PRESERVING and node.input and node.input[0] in ids:
+            ids.update(node.output)
+        elif node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in ids and node.input[0] in tables:
             return int(tables[node.input[0]][0])
     return 100
 
@@ -244,14 +361,15 @@ def _torch_model(source: OnnxSource, inputs: dict[str, np.ndarray], report):
     return model.eval()
 
 
-def _verify(mlmodel, session, inputs, renamed: dict[str, str], seq_len, batch: int, report, step,
-            torch_model=None) -> None:
-    """Simulate the program and run ONNX Runtime on ``inputs`` (keyed by ONNX names), a batch at a
-    time; record each output's PSNR, per-token outputs on real tokens only. With ``torch_model``
-    (the directory's Hugging Face model), outputs it names the same are compared with it too."""
-    from milpasses.simulator import SimulationError, Simulator, psnr
+def _verify(simulator, device_model, session, inputs, renamed: dict[str, str], seq_len, batch: int, report, step,
+            torch_model=None) -> str:
+    """Simulate the program (``simulator``, one length's) and run ONNX Runtime on ``inputs`` (keyed
+    by ONNX names), a batch at a time; record each output's PSNR at ``seq_len``, per-token outputs
+    on real tokens only. With ``torch_model`` (the directory's Hugging Face model), outputs it
+    names the same are compared with it too. Returns the device check: on macOS, ``device_model()``
+    (the MLModel) run by Core ML against ONNX Runtime."""
+    from milpasses.simulator import SimulationError, psnr
 
-    simulator = Simulator(mlmodel._mil_program)
     onnx_names = [name for name, core_ml in renamed.items() if core_ml in report.outputs]
     references = {"ONNX Runtime": {n: [] for n in onnx_names}}
     if torch_model is not None:
@@ -272,8 +390,7 @@ def _verify(mlmodel, session, inputs, renamed: dict[str, str], seq_len, batch: i
             step()
     except SimulationError as error:
         report.verification_error = str(error)
-        report.device_check = "MLModel.predict not run: the simulation failed first"
-        return
+        return "MLModel.predict not run: the simulation failed first"
     valid = inputs["attention_mask"].astype(bool) if "attention_mask" in inputs else None
     for reference, expected in references.items():
         for name in onnx_names:
@@ -285,9 +402,9 @@ def _verify(mlmodel, session, inputs, renamed: dict[str, str], seq_len, batch: i
             label = renamed[name] if reference == "ONNX Runtime" else f"{renamed[name]} vs PyTorch"
             report.psnr.append({"output": label, "seq_len": seq_len,
                                 "psnr_db": round(psnr(want.astype(np.float64), got.astype(np.float64)), 2)})
-    report.device_check = ("MLModel.predict skipped: Core ML runs only on macOS (the simulated PSNR is the check here)"
-                           if sys.platform != "darwin" else
-                           _device_check(mlmodel, session, inputs, renamed, batch, onnx_names))
+    if sys.platform != "darwin":
+        return "MLModel.predict skipped: Core ML runs only on macOS (the simulated PSNR is the check here)"
+    return _device_check(device_model(), session, inputs, renamed, batch, onnx_names)
 
 
 def _torch_outputs(model, chunk: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
