@@ -475,3 +475,20 @@ def test_an_operand_read_outside_the_attention_leaves_it_alone():
     assert not reports[PASS].rewritten
     assert any("consumers outside it" in reason for reason in reports[PASS].skipped)
     assert "matmul" in op_types(program)
+
+
+def test_an_operand_read_only_by_a_dead_op_is_rewritten():
+    """An exporter's unused transpose of K (T5's ONNX export has one) reads the region, but
+    nothing reads its result: no one can see the rewrite, so the block is still rewritten."""
+    def attention_and_unused_keys(x):
+        q, k, v = (mb.transpose(x=mb.reshape(x=t, shape=[B, S, H, DP]), perm=[0, 2, 1, 3])
+                   for t in mb.split(x=mb.linear(x=x, weight=FUSED), num_splits=3, axis=-1))
+        mb.transpose(x=k, perm=[0, 1, 3, 2])
+        scores = mb.mul(x=mb.matmul(x=q, y=k, transpose_y=True), y=np.float32(DP ** -0.5))
+        out = mb.matmul(x=mb.softmax(x=scores, axis=-1), y=v)
+        return mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[B, S, H * DP])
+
+    program = mil_program(attention_and_unused_keys, x=XQKV)
+    _, _, reports = rewritten_matches_original(program, {"x": XQKV}, TO_CONV, PASS)
+    assert reports[PASS].sites_rewritten == 1 and not reports[PASS].skipped
+    assert "matmul" not in op_types(program)

@@ -387,13 +387,14 @@ def _check_consumers(region: _Region, core_ops, forms) -> NoMatch | None:
     A region op may be read outside only through layout ops into a (B, C, 1, S) tensor (a
     KV-cache step's new K and V), which the rewrite builds from the region's forms; any other
     reader would keep the original computation alive, and it would see a projection whose rows
-    the rewrite permuted or scaled. A head split's source may be read elsewhere (a KV-cache
+    the rewrite permuted or scaled. A reader whose result nothing reads (an exporter's unused
+    transpose, which DEFAULT's dead-code elimination removes later) cannot see anything. A head split's source may be read elsewhere (a KV-cache
     step returns its new values): the rewrite permutes or scales only a projection read once
     (:func:`projection_rows`), so such a reader sees what it saw before."""
     inside = set(region.ops) | {id(op) for op in core_ops} | set(region.roots)
     for op in list(region.ops.values()) + list(region.roots.values()):
         for out in op.outputs:
-            outside = [child for child in out.child_ops if id(child) not in inside]
+            outside = [child for child in out.child_ops if id(child) not in inside and not is_dead(child)]
             form = forms.get(id(out))
             if is_block_output(out) or any(form is None or bc1s_view(child, out, form) is None for child in outside):
                 return NoMatch(f"'{op.op_type}' inside the attention has consumers outside it")
