@@ -115,6 +115,9 @@ def test_analyze_counts_a_state_cache_as_state(llama_state_package, capsys):
     assert main(["analyze", str(path)]) == 0
     out = capsys.readouterr().out
     assert "context 64, cache as state" in out and "this package: state" in out
+    # The cache write's run-time offsets are index operands, not int32 data: it stays on the ANE.
+    writes = [line for line in out.splitlines() if " slice_update " in line]
+    assert len(writes) == 2 and all(" ANE " in line for line in writes)
 
 
 def test_cli_converts_and_generates_with_a_state_cache(tmp_path, capsys):
