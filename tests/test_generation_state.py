@@ -6,6 +6,7 @@ state mode by ``benchmarks/generation.py``; here Llama (a package, the host loop
 (``milpasses convert`` and ``milpasses generate``) keep the test time short."""
 
 import json
+import platform
 from collections import Counter
 
 import coremltools as ct
@@ -16,6 +17,7 @@ import transformers as hf
 
 from fixtures.families import build_model
 from milpasses.cli import main
+from milpasses.generation.api import CoreMLPackage
 from milpasses.generation.host import ContextFullError, generate_ids
 from milpasses.generation.package import SimulatedPackage, build_package, check_prompt
 from milpasses.generation.step import cache_shape, state_slots
@@ -91,6 +93,13 @@ def test_state_package_decodes_greedily_like_generate(llama_state_package):
     shape = cache_shape(model, CONTEXT)
     with pytest.raises(ContextFullError, match="context of 40 tokens is full"):
         list(generate_ids(run, PROMPTS[0], shape, CHUNK, CONTEXT, kv_cache="state"))
+
+
+@pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML runs only on macOS")
+def test_core_ml_shares_one_state_between_the_functions_like_the_simulator(llama_state_package):
+    model, path, _, _ = llama_state_package
+    check = check_prompt(CoreMLPackage(path), model, PROMPTS[0], CONTEXT, CHUNK, 16, kv_cache="state")
+    assert check.produced == check.expected
 
 
 def test_state_functions_keep_the_ane_form(llama_state_package):

@@ -103,7 +103,7 @@ def convert_generation(model, context: int, prefill_chunk: int, kv_cache: str, o
     package = directory / "model.mlpackage"
     pipeline = (lambda: ane_pipeline(attention=options.attention)) if options.attention else ane_pipeline
     with stage(console, seconds, "convert", f"tracing and converting prefill ({prefill_chunk} tokens) and decode "
-               f"(1 token) at context {context}"):
+               f"(1 token) at context {context}, the cache as {kv_cache}"):
         programs = build_package(loaded.model, context, prefill_chunk, pipeline, package, kv_cache, all_logits)
         passes = [r.as_dict() for r in last_reports().values()]
     shape = cache_shape(loaded.model, state_slots(context) if kv_cache == "state" else context)
