@@ -116,7 +116,8 @@ def test_state_functions_keep_the_ane_form(llama_state_package):
         assert counts["matmul"] == counts["linear"] == counts["reshape"] == 0 and counts["einsum"] == 16
         assert all(int(op.inputs["axis"].val) % 4 == 1 for op in ops if op.op_type == "softmax")
         assert max(len(v.shape) for op in ops for v in op.outputs) <= 5
-        assert [o.name for o in function.outputs] == ["logits"]
+        # Only the last token's logits, prefill included (the LM head runs on one token).
+        assert [o.name for o in function.outputs] == ["logits"] and tuple(function.outputs[0].shape[:2]) == (1, 1)
 
 
 def test_analyze_counts_a_state_cache_as_state(llama_state_package, capsys):
