@@ -2,9 +2,12 @@
 prefill + decode package against Hugging Face ``generate`` on two prompts, the worst step's
 logits PSNR, each function's op counts and the package's size; then simulated decode ms/token
 against torch's own forward with its DynamicCache (CPU), as a ratio; and the analyze estimate
-of decode tokens/s with the bytes the cache costs per token in io and in state.
+of decode tokens/s with the bytes the cache costs per token in io and in state. Every family runs
+in each cache mode asked for (io and state by default: the tests run state on Llama and GPT-2
+only). Then the package size: a fixture whose weights dominate (hidden 256, 4 layers), its
+two-function package against a single-function (decode only) package, weight file and total.
 
-    PYTHONPATH=. python benchmarks/generation.py [--families gpt2,llama,qwen2,gemma2]
+    PYTHONPATH=. python benchmarks/generation.py [--families gpt2,llama,qwen2,gemma2] [--kv-cache io,state]
         [--llama-1b]   # also analyze a Llama-3.2-1B-shaped decode function (random weights; slow)
 """
 
@@ -22,9 +25,9 @@ import transformers as hf
 
 from fixtures.families import build_model
 from milpasses.analyze import analyze
-from milpasses.generation.host import KVCache, cache_bytes_per_token, run_step
+from milpasses.generation.host import KVCache, StateCache, cache_bytes_per_token, run_step
 from milpasses.generation.package import SimulatedPackage, build_package, check_prompt
-from milpasses.generation.step import cache_shape
+from milpasses.generation.step import cache_shape, convert_step
 from milpasses.pipeline import ane_pipeline
 
 CAUSAL_LM = {"gpt2": hf.GPT2LMHeadModel, "llama": hf.LlamaForCausalLM, "qwen2": hf.Qwen2ForCausalLM,
@@ -58,38 +61,59 @@ def _torch_decode_ms(model, prompt, steps) -> float:
     return (time.perf_counter() - started) / steps * 1e3
 
 
-def _simulated_decode_ms(run, shape, steps) -> float:
-    cache = KVCache(shape)
+def _simulated_decode_ms(run, shape, steps, kv_cache: str) -> float:
+    cache = StateCache(run) if kv_cache == "state" else KVCache(shape)
     started = time.perf_counter()
     for position in range(steps):
-        _, keys, values = run_step(run, "decode", np.array([5]), position, cache)
-        cache.write(position, keys, values, 1)
+        run_step(run, "decode", np.array([5]), position, cache)
     return (time.perf_counter() - started) / steps * 1e3
 
 
-def family_row(family: str, directory: Path) -> dict:
+def family_row(family: str, directory: Path, kv_cache: str) -> dict:
     model = _model(family)
-    path = directory / f"{family}.mlpackage"
-    programs = build_package(model, CONTEXT, CHUNK, ane_pipeline, path)
+    path = directory / f"{family}-{kv_cache}.mlpackage"
+    programs = build_package(model, CONTEXT, CHUNK, ane_pipeline, path, kv_cache=kv_cache)
     run = SimulatedPackage(path)
-    checks = [check_prompt(run, model, p, CONTEXT, CHUNK, 16) for p in PROMPTS]
+    checks = [check_prompt(run, model, p, CONTEXT, CHUNK, 16, kv_cache=kv_cache) for p in PROMPTS]
     ops = {name: Counter(op.op_type for op in p.functions["main"].operations if op.op_type != "const")
            for name, p in programs.items()}
     shape = cache_shape(model, CONTEXT)
-    simulated = _simulated_decode_ms(run, shape, DECODE_STEPS)
+    simulated = _simulated_decode_ms(run, shape, DECODE_STEPS, kv_cache)
     torch_ms = _torch_decode_ms(model, PROMPTS[0], DECODE_STEPS)
     decode = analyze(path, function_name="decode")
     return {
-        "family": family,
+        "family": f"{family} {kv_cache}",
         "matched": " ".join(f"{c.matched}/{len(c.expected)}" + (" (tie)" if c.near_tie else "") for c in checks),
         "worst_db": min(c.worst_psnr_db for c in checks),
         "ops": {name: (sum(c.values()), c["matmul"] + c["linear"], c["reshape"], sum(c[k] for k in LAYOUT))
                 for name, c in ops.items()},
-        "package_kib": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1024,
-        "weights_kib": (path / "Data/com.apple.CoreML/weights/weight.bin").stat().st_size / 1024,
+        "package_kib": _package_bytes(path) / 1024, "weights_kib": _weight_bytes(path) / 1024,
         "ratio": simulated / torch_ms, "simulated_ms": simulated, "torch_ms": torch_ms,
         "tokens_per_s": 1.0 / decode.latency, "cache": cache_bytes_per_token(shape.layers, shape.channels, shape.context),
     }
+
+
+def _package_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _weight_bytes(path: Path) -> int:
+    return (path / "Data/com.apple.CoreML/weights/weight.bin").stat().st_size
+
+
+def package_sizes(directory: Path) -> dict:
+    """A Llama whose weights outweigh its program text (hidden 256, 4 layers, vocab 2048):
+    the prefill + decode package against the decode function alone."""
+    config = hf.LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = hf.LlamaForCausalLM(config).eval()
+    both, single = directory / "size-both.mlpackage", directory / "size-decode.mlpackage"
+    build_package(model, CONTEXT, CHUNK, ane_pipeline, both)
+    convert_step(model, CONTEXT, 1, ane_pipeline()).save(str(single))
+    return {"both": (_weight_bytes(both), _package_bytes(both)), "single": (_weight_bytes(single), _package_bytes(single)),
+            "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def llama_1b_tokens_per_second(directory: Path) -> float:
@@ -107,23 +131,33 @@ def llama_1b_tokens_per_second(directory: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(CAUSAL_LM))
+    parser.add_argument("--kv-cache", default="io,state")
     parser.add_argument("--llama-1b", action="store_true")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp())
-    print(f"context {CONTEXT}, prefill chunk {CHUNK}, fp16, kv-cache io; ops: total, matmul+linear, reshape, layout")
-    print(f"{'family':<13} {'tokens':<18} {'worst dB':>8}  {'prefill ops':<20} {'decode ops':<20} "
+    print(f"context {CONTEXT}, prefill chunk {CHUNK}, fp16; ops: total, matmul+linear, reshape, layout")
+    print(f"{'family':<19} {'tokens':<18} {'worst dB':>8}  {'prefill ops':<20} {'decode ops':<20} "
           f"{'pkg KiB':>8} {'wts KiB':>8} {'sim/torch':>9} {'est tok/s':>9}")
     for family in args.families.split(","):
-        row = family_row(family, directory)
-        ops = {k: "/".join(str(n) for n in v) for k, v in row["ops"].items()}
-        print(f"{family:<13} {row['matched']:<18} {row['worst_db']:>8.1f}  {ops['prefill']:<20} {ops['decode']:<20} "
-              f"{row['package_kib']:>8.0f} {row['weights_kib']:>8.0f} {row['ratio']:>9.1f} {row['tokens_per_s']:>9.0f}"
-              f"   (decode {row['simulated_ms']:.1f} ms simulated vs {row['torch_ms']:.2f} ms torch; cache bytes/token "
-              f"io {row['cache']['io']}, state {row['cache']['state']})")
+        for kv_cache in args.kv_cache.split(","):
+            _print_row(family_row(family, directory, kv_cache))
+    sizes = package_sizes(directory)
+    (both_weights, both_total), (single_weights, single_total) = sizes["both"], sizes["single"]
+    print(f"package size, Llama hidden 256 x 4 layers ({sizes['parameters'] / 1e6:.2f} M parameters, fp16): "
+          f"prefill+decode weights {both_weights / 1024:.0f} KiB, total {both_total / 1024:.0f} KiB; decode alone "
+          f"weights {single_weights / 1024:.0f} KiB, total {single_total / 1024:.0f} KiB; ratio weights "
+          f"{both_weights / single_weights:.3f}, total {both_total / single_total:.3f} (bar: within 1.05)")
     if args.llama_1b:
         print(f"Llama-3.2-1B shape, context 512, A17 Pro estimate: {llama_1b_tokens_per_second(directory):.1f} tok/s "
               f"(ExecuTorch, c4w, iPhone 15 Pro: ~30 tok/s)")
 
+
+def _print_row(row: dict) -> None:
+    ops = {k: "/".join(str(n) for n in v) for k, v in row["ops"].items()}
+    print(f"{row['family']:<19} {row['matched']:<18} {row['worst_db']:>8.1f}  {ops['prefill']:<20} {ops['decode']:<20} "
+          f"{row['package_kib']:>8.0f} {row['weights_kib']:>8.0f} {row['ratio']:>9.1f} {row['tokens_per_s']:>9.0f}"
+          f"   (decode {row['simulated_ms']:.1f} ms simulated vs {row['torch_ms']:.2f} ms torch; cache bytes/token "
+          f"io {row['cache']['io']}, state {row['cache']['state']})")
 
 if __name__ == "__main__":
     main()

@@ -42,7 +42,7 @@ def convert_command(args) -> int:
             attention=args.attention, target=args.target, precision=args.precision, offline=args.offline,
             trust_remote_code=args.trust_remote_code, min_psnr_db=args.min_psnr, compress=args.compress,
             calibration=args.calibration, progress=console, check_passes=args.check_passes, context=args.context,
-            prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache)
+            prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache, all_logits=args.all_logits)
         if args.strict and not report.passed:
             if not (args.quiet or args.json):
                 print(report.table())
@@ -142,8 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="text-generation: tokens per prefill call (default 64, or the context if shorter)")
     convert.add_argument("--kv-cache", choices=("io", "state"), default="io",
                          help="text-generation: the cache as inputs and outputs (io) or as Core ML state")
+    convert.add_argument("--all-logits", action="store_true",
+                         help="text-generation: prefill returns every token's logits (default: the last token's)")
     convert.add_argument("--attention", choices=ATTENTION_MODES, help="attention rewrite of ane_pipeline")
-    convert.add_argument("--target", choices=TARGETS, default="iOS16", help="minimum deployment target")
+    convert.add_argument("--target", choices=TARGETS,
+                         help="minimum deployment target (default iOS16; text-generation needs iOS18)")
     convert.add_argument("--precision", choices=PRECISIONS, default="fp16")
     convert.add_argument("-o", "--output", help="OUT.mlpackage (default: MODEL's name .mlpackage)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output and reports")

@@ -26,13 +26,13 @@ CAUSAL_LM = {"llama": hf.LlamaForCausalLM, "gpt2": hf.GPT2LMHeadModel, "qwen2": 
              "gemma2": hf.Gemma2ForCausalLM}
 
 
-def _torch_runner(model):
+def _torch_runner(model, all_logits=False):
     """The step run by torch, as the host loop calls a converted one."""
     steps = {}
 
     def run(function, inputs):
         length = inputs["input_ids"].shape[1]
-        step = steps.setdefault(length, KVCacheStep(model, CONTEXT).eval())
+        step = steps.setdefault(length, KVCacheStep(model, CONTEXT, all_logits).eval())
         with torch.no_grad():
             out = step(*(torch.from_numpy(v.astype(np.float32) if v.dtype == np.float16 else v)
                          for v in inputs.values()))
@@ -51,6 +51,25 @@ def test_chunked_prefill_through_the_step_gives_the_model_logits(family):
     with torch.no_grad():
         expected = model(torch.tensor([PROMPT])).logits[0, -1].numpy()
     np.testing.assert_allclose(last, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("all_logits", [False, True])
+def test_prefill_returns_the_last_token_logits_unless_asked_for_all(all_logits):
+    """The default step runs the LM head on its last token only; a prompt shorter than a chunk
+    then gets its last token's logits from decode, and the host's answer is the same."""
+    model = build_model("llama", hf.LlamaForCausalLM)
+    step = KVCacheStep(model, CONTEXT, all_logits=all_logits)
+    run = _torch_runner(model, all_logits)
+    cache = KVCache(step.shape)
+    inputs = {"input_ids": np.array([PROMPT[:CHUNK]], np.int32), "position": np.array([0], np.int32),
+              "key_cache": cache.keys, "value_cache": cache.values}
+    with torch.no_grad():
+        expected = model(torch.tensor([PROMPT[:CHUNK]])).logits.numpy()
+        short = model(torch.tensor([PROMPT[:5]])).logits[0, -1].numpy()
+    logits = run("prefill", inputs)["logits"]
+    np.testing.assert_allclose(logits, expected if all_logits else expected[:, -1:], atol=1e-4)
+    cache.keys, cache.values = cache.keys.astype(np.float32), cache.values.astype(np.float32)  # no fp16 rounding
+    np.testing.assert_allclose(prefill(run, PROMPT[:5], cache, CHUNK), short, atol=1e-4)
 
 
 def test_greedy_tokens_through_the_torch_step_equal_generate():
@@ -125,6 +144,7 @@ def test_host_loop_samples_reproducibly_and_stops(llama_package):
     (dict(context=8, prefill_chunk=16), "larger than --context 8"),
     (dict(context=4096), "above the model's maximum of 1024 positions"),
     (dict(context=32, kv_cache="paged"), "unknown kv_cache 'paged'"),
+    (dict(context=32, target="iOS17"), "needs --target iOS18"),
 ])
 def test_bad_generation_requests_are_refused(arguments, message):
     with pytest.raises(ConversionError, match=message):
@@ -171,7 +191,7 @@ def test_analyze_reads_the_decode_function_and_prices_the_cache(llama_package, c
     _, path, _ = llama_package
     assert main(["analyze", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "generation (decode, 1 token(s) per call, context 32)" in out
+    assert "generation (decode, 1 token(s) per call, context 32, cache as io)" in out
     # 2 layers x 16 channels, fp16, K and V: 128 bytes per position; io moves the whole cache.
     assert "io 4,224" in out and "state 128" in out
 

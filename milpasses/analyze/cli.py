@@ -166,20 +166,24 @@ def _function_name(source, function: str | None) -> str:
 
 def generation_lines(analysis, source, function: str) -> list[str]:
     """Per-token latency and tokens/s per chip of a KV-cache step, and what its cache costs."""
+    from coremltools.converters.mil.mil import types
+
     from milpasses.generation.host import cache_bytes_per_token
     from milpasses.simulator import load_program
 
     inputs = load_program(source).functions[function].inputs
     if "key_cache" not in inputs:
         return []
+    as_state = types.is_state(inputs["key_cache"].sym_type)
     layers, channels, _, context = (int(d) for d in inputs["key_cache"].shape)
     tokens = int(inputs["input_ids"].shape[1])
     traffic = cache_bytes_per_token(layers, channels, context)
     rates = ", ".join(f"{chip} {tokens / latency:.1f}" for chip, latency in analysis.latency_by_chip.items())
-    return [f"generation ({function}, {tokens} token(s) per call, context {context}): "
+    mode = "state" if as_state else "io"
+    return [f"generation ({function}, {tokens} token(s) per call, context {context}, cache as {mode}): "
             f"{analysis.latency / tokens * 1e3:.2f} ms per token; tokens/s by chip: {rates}",
-            f"cache bytes per token: io {traffic['io']:,} (the whole cache in, the new K/V out), "
-            f"state {traffic['state']:,} (the new K/V written in place)"]
+            f"cache bytes per token (this package: {mode}): io {traffic['io']:,} (the whole cache in, the new K/V "
+            f"out), state {traffic['state']:,} (the new K/V written in place)"]
 
 
 def _device_plan(source) -> dict:

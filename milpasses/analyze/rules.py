@@ -76,9 +76,20 @@ def fp32_compute(op, context: Context) -> Prediction | None:
                       rule="fp32_compute")
 
 
+def _state_write_offsets(op) -> list:
+    """The run-time begin/end of a ``slice_update`` into what ``read_state`` read (a KV cache
+    written at the step's position): index operands, not int32 data; ANEMLL runs this write
+    on the ANE (community, ANE_NOTES)."""
+    x = op.inputs.get("x") if op.op_type == "slice_update" else None
+    if x is None or x.op is None or x.op.op_type != "read_state":
+        return []
+    return [op.inputs[name] for name in ("begin", "end") if name in op.inputs]
+
+
 def int32_tensors(op, context: Context) -> Prediction | None:
     wide_ints = (types.int32, types.int64, types.uint32, types.uint64)
-    if not any(v.dtype in wide_ints for v in activation_vars(op)):
+    offsets = _state_write_offsets(op)
+    if not any(v.dtype in wide_ints for v in activation_vars(op) if not any(v is o for o in offsets)):
         return None
     return Prediction(CPU, "reads or writes a 32/64-bit integer tensor; the ANE has no int32 arithmetic or casts",
                       REVERSE_ENGINEERED, "ANE_NOTES: int32 arithmetic and casts (RE)", rule="int32_tensors")

@@ -49,11 +49,12 @@ __all__ = ["ATTENTION_MODES", "BUNDLED_NAME", "DEFAULT_MIN_PSNR_DB", "DEFAULT_SE
 
 def convert(model=None, task: str = "feature-extraction", seq_len: int | None = None,
             seq_lens: list[int] | tuple[int, ...] | None = None, batch: int = 1,
-            attention: str | None = None, target: str = "iOS16", precision: str = "fp16",
+            attention: str | None = None, target: str | None = None, precision: str = "fp16",
             offline: bool = False, trust_remote_code: bool = False,
             min_psnr_db: float | None = None, compress: str | None = None, calibration=None,
             progress: Console | Callable[[str], None] | None = None, check_passes: bool = False,
-            context: int | None = None, prefill_chunk: int | None = None, kv_cache: str = "io"):
+            context: int | None = None, prefill_chunk: int | None = None, kv_cache: str = "io",
+            all_logits: bool = False):
     """Convert ``model`` for the ANE and verify it; returns ``(mlmodel, report)``.
 
     ``model`` is a hub id, a local directory, a loaded ``PreTrainedModel``, None for the
@@ -64,6 +65,7 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     an iOS18 multifunction package); ``seq_len`` one fixed length (128 by default). ``attention``
     is handed to ``ane_pipeline`` only when given. ``progress`` shows the stages: a
     :class:`milpasses.console.Console`, or a function called with each stage's description.
+    ``target`` is the minimum deployment target, iOS16 by default (iOS18 for text generation).
     ``check_passes`` converts with ``ane_pipeline(check=True)``: each pass is simulated before and
     after it runs, a pass that changes the function stops the conversion (a ConversionError
     naming it), and each pass's entry in the report carries its check.
@@ -76,8 +78,9 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
 
     With ``context`` (``task="text-generation"``) the result is a KV-cache decoder: one package
     with ``prefill`` (``prefill_chunk`` tokens, 64 or the context) and ``decode`` functions,
-    verified by greedy decoding against Hugging Face ``generate`` (see
-    :mod:`milpasses.convert.generation`).
+    the cache as inputs and outputs (``kv_cache="io"``) or as Core ML state (``"state"``), the
+    prefill returning its last token's logits (every token's with ``all_logits``), verified by
+    greedy decoding against Hugging Face ``generate`` (see :mod:`milpasses.convert.generation`).
     """
     import milpasses
     from milpasses.convert import compress as compressing
@@ -91,20 +94,20 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     texts = compressing.check_calibration(calibration, scheme)
     if min_psnr_db is None:
         min_psnr_db = DEFAULT_MIN_PSNR_DB if scheme is None else compressing.DEFAULT_COMPRESSED_MIN_PSNR_DB
-    if context is not None or prefill_chunk is not None or kv_cache != "io":
+    if context is not None or prefill_chunk is not None or kv_cache != "io" or all_logits:
         from milpasses.convert.generation import check_generation_options, convert_generation
 
         if context is None:
-            raise ConversionError("--prefill-chunk and --kv-cache need --context (the KV cache's length)")
+            raise ConversionError("--prefill-chunk, --kv-cache and --all-logits need --context (the KV cache's length)")
         if check_passes or scheme is not None:
             raise ConversionError("--check-passes and --compress do not apply to text generation yet: convert "
                                   "without them")
-        chunk = check_generation_options(task, context, prefill_chunk, kv_cache, seq_len, seq_lens, batch)
+        chunk = check_generation_options(task, context, prefill_chunk, kv_cache, seq_len, seq_lens, batch, target)
         options = check_options(task, 1, None, 1, attention, "iOS18", precision, offline, trust_remote_code,
                                 min_psnr_db)
         return convert_generation(model, context, chunk, kv_cache, options, min_psnr_db, as_console(progress),
-                                  _stage)
-    options = check_options(task, seq_len, seq_lens, batch, attention, target, precision, offline,
+                                  _stage, all_logits)
+    options = check_options(task, seq_len, seq_lens, batch, attention, target or "iOS16", precision, offline,
                             trust_remote_code, min_psnr_db, check_passes)
     pipeline = coreml.pipeline_for(options)
     console, seconds = as_console(progress), {}

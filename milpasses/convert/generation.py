@@ -24,7 +24,8 @@ VERIFICATION_PROMPTS = ("The capital of France is", "Once upon a time, in a smal
 VERIFIED_TOKENS = 16
 
 
-def check_generation_options(task: str, context, prefill_chunk, kv_cache: str, seq_len, seq_lens, batch) -> int:
+def check_generation_options(task: str, context, prefill_chunk, kv_cache: str, seq_len, seq_lens, batch,
+                             target: str | None = None) -> int:
     """The prefill chunk, after the checks that need no model."""
     if task != "text-generation":
         raise ConversionError(f"--context applies to --task text-generation, not {task}")
@@ -35,8 +36,11 @@ def check_generation_options(task: str, context, prefill_chunk, kv_cache: str, s
         raise ConversionError("a KV-cache decoder is converted for batch 1")
     if kv_cache not in KV_CACHE_MODES:
         raise ConversionError(f"unknown kv_cache '{kv_cache}'; choose one of {', '.join(KV_CACHE_MODES)}")
-    if kv_cache == "state":
-        raise ConversionError("--kv-cache state is not implemented yet; use --kv-cache io (the default)")
+    if target is not None and target != "iOS18":
+        # Two functions sharing one copy of the weights (multifunction) and Core ML states are
+        # both iOS18 features; two separate packages would store the weights twice.
+        raise ConversionError(f"text generation needs --target iOS18 (multifunction packages and states are iOS18 "
+                              f"features), got --target {target}: convert with --target iOS18 or without --target")
     if not isinstance(context, int) or context < 2:
         raise ConversionError(f"--context must be an integer of at least 2, got {context}")
     chunk = min(DEFAULT_PREFILL_CHUNK, context) if prefill_chunk is None else prefill_chunk
@@ -73,7 +77,7 @@ def _verification_prompts(loaded, context: int) -> list[tuple[str, list[int]]]:
 
 
 def convert_generation(model, context: int, prefill_chunk: int, kv_cache: str, options, min_psnr_db: float,
-                       console, stage):
+                       console, stage, all_logits: bool = False):
     """(MLModel of the package, ConversionReport)."""
     import coremltools as ct
 
@@ -82,7 +86,7 @@ def convert_generation(model, context: int, prefill_chunk: int, kv_cache: str, o
     from milpasses.convert.coreml import histogram
     from milpasses.convert.report import ConversionReport
     from milpasses.generation.package import SimulatedPackage, build_package, check_prompt
-    from milpasses.generation.step import cache_shape
+    from milpasses.generation.step import cache_shape, state_slots
     from milpasses.passes import last_reports
     from milpasses.pipeline import ane_pipeline
 
@@ -99,29 +103,32 @@ def convert_generation(model, context: int, prefill_chunk: int, kv_cache: str, o
     package = directory / "model.mlpackage"
     pipeline = (lambda: ane_pipeline(attention=options.attention)) if options.attention else ane_pipeline
     with stage(console, seconds, "convert", f"tracing and converting prefill ({prefill_chunk} tokens) and decode "
-               f"(1 token) at context {context}"):
-        programs = build_package(loaded.model, context, prefill_chunk, pipeline, package)
+               f"(1 token) at context {context}, the cache as {kv_cache}"):
+        programs = build_package(loaded.model, context, prefill_chunk, pipeline, package, kv_cache, all_logits)
         passes = [r.as_dict() for r in last_reports().values()]
-    shape = cache_shape(loaded.model, context)
+    shape = cache_shape(loaded.model, state_slots(context) if kv_cache == "state" else context)
     recorded = {"task": "text-generation", "context": context, "prefill_chunk": prefill_chunk, "kv_cache": kv_cache,
+                "all_logits": all_logits,
                 "attention": options.attention, "target": "iOS18", "precision": options.precision,
                 "offline": options.offline, "compute_units": "CPU_AND_NE"}
     cache = list(shape.array_shape())
+    inputs = {"input_ids": [[1, prefill_chunk], [1, 1]], "position": [[1]]}
+    outputs = ["logits"]
+    if kv_cache == "io":
+        inputs.update(key_cache=[cache], value_cache=[cache])
+        outputs += ["new_keys", "new_values"]
     report = ConversionReport(
-        model=loaded.description, task="text-generation",
-        inputs={"input_ids": [[1, prefill_chunk], [1, 1]], "position": [[1]], "key_cache": [cache],
-                "value_cache": [cache]},
-        outputs=["logits", "new_keys", "new_values"], options=recorded, min_psnr_db=min_psnr_db, passes=passes,
-        ops_after=histogram(programs["decode"]))
+        model=loaded.description, task="text-generation", inputs=inputs, outputs=outputs, options=recorded,
+        min_psnr_db=min_psnr_db, passes=passes, ops_after=histogram(programs["decode"]))
     report.generation = {"functions": {name: histogram(program) for name, program in programs.items()},
-                         "cache_shape": cache, "prompts": []}
+                         "cache_shape": cache, "kv_cache": kv_cache, "prompts": []}
     prompts = _verification_prompts(loaded, context)
     with stage(console, seconds, "verify", f"verifying: {VERIFIED_TOKENS} greedy tokens from {len(prompts)} prompts, "
                f"simulated, against Hugging Face generate"):
         run = SimulatedPackage(package)
         for label, ids in prompts:
             new_tokens = min(VERIFIED_TOKENS, context - len(ids))
-            check = check_prompt(run, loaded.model, ids, context, prefill_chunk, new_tokens, label)
+            check = check_prompt(run, loaded.model, ids, context, prefill_chunk, new_tokens, label, kv_cache)
             report.generation["prompts"].append(check.as_dict())
             report.psnr.append({"output": f"logits, prompt {len(report.psnr) + 1}", "seq_len": None,
                                 "psnr_db": check.worst_psnr_db})

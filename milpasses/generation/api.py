@@ -34,21 +34,36 @@ def _package_options(path: Path) -> tuple[dict, str]:
     return options, metadata.get("milpasses.source_model", "")
 
 
-def _cache_shape(path: Path, function: str = "decode") -> CacheShape:
+def _cache_shape(path: Path, context: int) -> CacheShape:
+    """The cache's shape from the decode function's ``key_cache`` (an input, or a state), and
+    the converted context (a state's context axis may be padded past it)."""
     from milpasses.simulator import load_program
 
-    cache = load_program(path).functions[function].inputs["key_cache"].shape
-    layers, channels, _, context = (int(d) for d in cache)
+    cache = load_program(path).functions["decode"].inputs["key_cache"].shape
+    layers, channels = int(cache[0]), int(cache[1])
     return CacheShape(layers, 1, channels, context)  # the host only needs (layers, channels, context)
 
 
-def core_ml_runner(path: Path) -> Callable:
-    """The package's functions run by Core ML (macOS only)."""
-    import coremltools as ct
+class CoreMLPackage:
+    """The package's functions run by Core ML (macOS only), as the host loop calls them.
 
-    models = {name: ct.models.MLModel(str(path), function_name=name, compute_units=ct.ComputeUnit.CPU_AND_NE)
-              for name in ("prefill", "decode")}
-    return lambda function, inputs: models[function].predict(inputs)
+    A ``state`` package's state is made by the ``decode`` function's model and passed to both
+    functions: they declare the same states (names, shapes, fp16), as Core ML's multifunction
+    sharing asks. Written and guarded, never run on Linux."""
+
+    def __init__(self, path: Path):
+        import coremltools as ct
+
+        self.models = {name: ct.models.MLModel(str(path), function_name=name,
+                                               compute_units=ct.ComputeUnit.CPU_AND_NE)
+                       for name in ("prefill", "decode")}
+
+    def make_state(self):
+        return self.models["decode"].make_state()
+
+    def __call__(self, function: str, inputs: dict, state=None) -> dict:
+        model = self.models[function]
+        return model.predict(inputs) if state is None else model.predict(inputs, state=state)
 
 
 def _runner(path: Path, simulate: bool | None) -> Callable:
@@ -58,7 +73,7 @@ def _runner(path: Path, simulate: bool | None) -> Callable:
         from milpasses.generation.package import SimulatedPackage
 
         return SimulatedPackage(path)
-    return core_ml_runner(path)
+    return CoreMLPackage(path)
 
 
 def _load_tokenizer(tokenizer, source: str):
@@ -103,8 +118,9 @@ def generate(package, prompt: str, max_new_tokens: int = 32, tokenizer=None, cha
         stop_ids.update(tokenizer.convert_tokens_to_ids([text]))
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     produced, shown = [], ""
-    for step in generate_ids(_runner(path, simulate), list(ids), _cache_shape(path), options["prefill_chunk"],
-                             max_new_tokens, sampling, stop_ids):
+    for step in generate_ids(_runner(path, simulate), list(ids), _cache_shape(path, options["context"]),
+                             options["prefill_chunk"], max_new_tokens, sampling, stop_ids,
+                             kv_cache=options.get("kv_cache", "io")):
         if step.token in stop_ids:
             break
         produced.append(step.token)

@@ -1,7 +1,8 @@
 """The host side of generation: the cache, chunked prefill, decode steps, and token choice.
 
 A converted step is any callable ``run(function, inputs) -> outputs`` over numpy arrays, where
-``function`` is ``"prefill"`` or ``"decode"``: the simulator on Linux, ``MLModel`` on macOS.
+``function`` is ``"prefill"`` or ``"decode"``: the simulator on Linux, ``MLModel`` on macOS. For
+a ``state`` package it also has ``make_state()`` and takes ``run(function, inputs, state=...)``.
 """
 
 from __future__ import annotations
@@ -62,16 +63,34 @@ class Step:
 
 
 class KVCache:
-    """The host's copy of the cache, (layers, Hkv*d, 1, context) for K and for V, fp16."""
+    """The host's copy of the cache (``io`` packages), (layers, Hkv*d, 1, context) for K and
+    for V, fp16: it goes in with every step, and the step's new K and V are written into it."""
 
     def __init__(self, shape: CacheShape):
         self.shape = shape
         self.keys = np.zeros(shape.array_shape(), dtype=np.float16)
         self.values = np.zeros(shape.array_shape(), dtype=np.float16)
 
-    def write(self, position: int, new_keys: np.ndarray, new_values: np.ndarray, count: int) -> None:
-        self.keys[..., position:position + count] = new_keys[..., :count]
-        self.values[..., position:position + count] = new_values[..., :count]
+    def run(self, run, function: str, inputs: dict) -> dict:
+        return run(function, {**inputs, "key_cache": self.keys, "value_cache": self.values})
+
+    def write(self, position: int, outputs: dict, count: int) -> None:
+        self.keys[..., position:position + count] = outputs["new_keys"][..., :count]
+        self.values[..., position:position + count] = outputs["new_values"][..., :count]
+
+
+class StateCache:
+    """The cache as the package's state (``state`` packages): made once by the runner
+    (``MLModel.make_state()`` on macOS), passed to every step, written by the steps themselves."""
+
+    def __init__(self, run):
+        self.state = run.make_state()
+
+    def run(self, run, function: str, inputs: dict) -> dict:
+        return run(function, inputs, state=self.state)
+
+    def write(self, position: int, outputs: dict, count: int) -> None:
+        pass  # the step wrote its K and V into the state
 
 
 def cache_bytes_per_token(layers: int, channels: int, context: int) -> dict[str, int]:
@@ -82,38 +101,48 @@ def cache_bytes_per_token(layers: int, channels: int, context: int) -> dict[str,
     return {"io": entry * context + entry, "state": entry}
 
 
-def run_step(run, function: str, tokens: np.ndarray, position: int, cache: KVCache):
-    outputs = run(function, {"input_ids": tokens.astype(np.int32)[None, :],
-                             "position": np.array([position], dtype=np.int32),
-                             "key_cache": cache.keys, "value_cache": cache.values})
-    return outputs["logits"], outputs["new_keys"], outputs["new_values"]
+def run_step(run, function: str, tokens: np.ndarray, position: int, cache, count: int | None = None) -> np.ndarray:
+    """One step at ``position``, its first ``count`` tokens' K and V kept; its logits."""
+    outputs = cache.run(run, function, {"input_ids": tokens.astype(np.int32)[None, :],
+                                        "position": np.array([position], dtype=np.int32)})
+    cache.write(position, outputs, len(tokens) if count is None else count)
+    return np.asarray(outputs["logits"], dtype=np.float32)
 
 
-def prefill(run, prompt: list[int], cache: KVCache, chunk: int) -> np.ndarray:
-    """The prompt through ``prefill`` in chunks of ``chunk`` (the last padded), its K and V
-    written; the logits of its last token."""
-    position, last = 0, None
-    while position < len(prompt):
-        count = min(chunk, len(prompt) - position)
+def prefill(run, prompt: list[int], cache, chunk: int) -> np.ndarray:
+    """The prompt's K and V through ``prefill`` in chunks of ``chunk``; the logits of its last token.
+
+    Every chunk is full: a remainder is run as the chunk that ends with the prompt (its first
+    tokens, already cached, are computed again from the same cache and written unchanged), so
+    the last token is the chunk's last, whose logits the package returns, and no step writes
+    past the prompt. A prompt shorter than one chunk is run padded, and its last token then
+    again through ``decode`` for its logits (unless the package returns every token's)."""
+    if len(prompt) < chunk:
         tokens = np.zeros(chunk, dtype=np.int32)
-        tokens[:count] = prompt[position:position + count]
-        logits, new_keys, new_values = run_step(run, "prefill", tokens, position, cache)
-        cache.write(position, new_keys, new_values, count)
-        last = np.asarray(logits, dtype=np.float32)[0, count - 1]
-        position += count
-    return last
+        tokens[:len(prompt)] = prompt
+        logits = run_step(run, "prefill", tokens, 0, cache, len(prompt))
+        if logits.shape[1] == chunk:  # a package converted with all_logits
+            return logits[0, len(prompt) - 1]
+        return run_step(run, "decode", np.array(prompt[-1:]), len(prompt) - 1, cache)[0, -1]
+    starts = list(range(0, len(prompt) - chunk + 1, chunk))
+    if starts[-1] + chunk < len(prompt):
+        starts.append(len(prompt) - chunk)
+    for start in starts:
+        logits = run_step(run, "prefill", np.asarray(prompt[start:start + chunk]), start, cache)
+    return logits[0, -1]
 
 
 def generate_ids(run, prompt: list[int], shape: CacheShape, chunk: int, max_new_tokens: int,
-                 sampling: Sampling | None = None, stop_ids=()) -> Iterator[Step]:
-    """Tokens as they come: prefill, then one ``decode`` step per token after the first."""
+                 sampling: Sampling | None = None, stop_ids=(), kv_cache: str = "io") -> Iterator[Step]:
+    """Tokens as they come: prefill, then one ``decode`` step per token after the first.
+    ``kv_cache`` is the package's cache mode: ``io`` (the host keeps the cache) or ``state``."""
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
     if len(prompt) > shape.context:
         raise ContextFullError(f"the prompt has {len(prompt)} tokens but the model was converted for a context of "
                                f"{shape.context}; shorten it or convert with a larger --context")
     choose = (sampling or Sampling()).chooser()
-    cache = KVCache(shape)
+    cache = StateCache(run) if kv_cache == "state" else KVCache(shape)
     logits = prefill(run, prompt, cache, chunk)
     position = len(prompt)
     stop_ids = set(stop_ids)
@@ -125,7 +154,5 @@ def generate_ids(run, prompt: list[int], shape: CacheShape, chunk: int, max_new_
         if position >= shape.context:
             raise ContextFullError(f"the context of {shape.context} tokens is full after {produced + 1} new tokens; "
                                    f"convert with a larger --context or ask for fewer tokens")
-        step_logits, new_keys, new_values = run_step(run, "decode", np.array([token]), position, cache)
-        cache.write(position, new_keys, new_values, 1)
-        logits = np.asarray(step_logits, dtype=np.float32)[0, 0]
+        logits = run_step(run, "decode", np.array([token]), position, cache)[0, -1]
         position += 1

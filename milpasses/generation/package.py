@@ -21,9 +21,11 @@ FUNCTIONS = ("prefill", "decode")
 NEAR_TIE_SPACINGS = 4
 
 
-def build_package(model, context: int, prefill_chunk: int, pass_pipeline_factory, output: Path) -> dict:
+def build_package(model, context: int, prefill_chunk: int, pass_pipeline_factory, output: Path,
+                  kv_cache: str = "io", all_logits: bool = False) -> dict:
     """Convert the two steps and write them to ``output`` as one multifunction package (the
-    default function is ``decode``); returns each function's MIL program, for op counts."""
+    default function is ``decode``); returns each function's MIL program, for op counts. In a
+    ``state`` package both functions declare the same two states, so one state serves both."""
     import coremltools as ct
 
     staging = Path(tempfile.mkdtemp(prefix=".milpasses-steps-"))
@@ -31,7 +33,8 @@ def build_package(model, context: int, prefill_chunk: int, pass_pipeline_factory
     try:
         descriptor = None
         for function, length in (("prefill", prefill_chunk), ("decode", 1)):
-            mlmodel = convert_step(model, context, length, pass_pipeline_factory())
+            mlmodel = convert_step(model, context, length, pass_pipeline_factory(), kv_cache=kv_cache,
+                                   all_logits=all_logits)
             programs[function] = mlmodel._mil_program
             path = staging / f"{function}.mlpackage"
             mlmodel.save(str(path))
@@ -46,7 +49,7 @@ def build_package(model, context: int, prefill_chunk: int, pass_pipeline_factory
 
 
 class SimulatedPackage:
-    """``run(function, inputs)`` over a package's functions, simulated (Linux or macOS)."""
+    """``run(function, inputs[, state])`` over a package's functions, simulated (Linux or macOS)."""
 
     def __init__(self, package):
         from milpasses.simulator import Simulator, load_program
@@ -54,8 +57,12 @@ class SimulatedPackage:
         program = load_program(package)
         self.simulators = {name: Simulator(program, name) for name in FUNCTIONS}
 
-    def __call__(self, function: str, inputs: dict) -> dict:
-        return self.simulators[function].run(inputs)
+    def make_state(self) -> dict:
+        """The cache state of a ``state`` package, zeros; both functions read and write it."""
+        return self.simulators["decode"].make_state()
+
+    def __call__(self, function: str, inputs: dict, state: dict | None = None) -> dict:
+        return self.simulators[function].run(inputs, state=state)
 
 
 @dataclass
@@ -100,13 +107,13 @@ class PromptCheck:
 
 
 def check_prompt(run, model, prompt_ids: list[int], context: int, prefill_chunk: int, new_tokens: int,
-                 label: str = "") -> PromptCheck:
+                 label: str = "", kv_cache: str = "io") -> PromptCheck:
     """``new_tokens`` greedy tokens from ``run`` against Hugging Face ``generate`` on the same
     prompt, and each step's logits against the torch model fed the tokens the package chose."""
     from milpasses.simulator import psnr
 
     shape = cache_shape(model, context)
-    steps = list(generate_ids(run, prompt_ids, shape, prefill_chunk, new_tokens, Sampling()))
+    steps = list(generate_ids(run, prompt_ids, shape, prefill_chunk, new_tokens, Sampling(), kv_cache=kv_cache))
     produced = [s.token for s in steps]
     with torch.no_grad():
         ids = torch.tensor([prompt_ids])

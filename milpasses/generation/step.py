@@ -3,8 +3,10 @@
 The step takes ``input_ids`` (1, Q), ``position`` (1,) (the position of its first token) and the
 cache of every layer in the ANE's sequence-last layout, ``key_cache`` and ``value_cache`` of shape
 (layers, Hkv*d, 1, context): slot j holds position j, and slots from ``position`` on are ignored.
-It returns the logits of its Q tokens and their new K (after rotary) and V in the same layout,
-(layers, Hkv*d, 1, Q); the host writes them into slots ``position ..``.
+It returns the logits of its last token (of all Q with ``all_logits``) and the Q tokens' new K
+(after rotary) and V in the same layout, (layers, Hkv*d, 1, Q); the host writes them into slots
+``position ..``. :class:`KVCacheStateStep` is the same step with the cache kept as the model's
+state (iOS18 ``StateType``): it writes the new K and V into its cache itself.
 
 No family-specific code: transformers' attention layers call ``cache.update(new_k, new_v, layer)``
 and attend over what it returns, so :class:`StepCache` returns the cache concatenated with the
@@ -168,11 +170,15 @@ def _swapped(swaps):
 
 
 class KVCacheStep(torch.nn.Module):
-    """``(input_ids, position, key_cache, value_cache) -> (logits, new_keys, new_values)``."""
+    """``(input_ids, position, key_cache, value_cache) -> (logits, new_keys, new_values)``.
 
-    def __init__(self, model: torch.nn.Module, context: int):
+    ``logits`` is the last token's (1, 1, vocab), the LM head run on that token only; with
+    ``all_logits``, every token's (1, Q, vocab)."""
+
+    def __init__(self, model: torch.nn.Module, context: int, all_logits: bool = False):
         super().__init__()
         self.model = model
+        self.all_logits = all_logits
         self.rotary = _rotary_modules(model, context)
         self.shape = cache_shape(model, context)
         config = _text_config(model.config)
@@ -201,49 +207,100 @@ class KVCacheStep(torch.nn.Module):
             # outputs are never read, but a position-embedding lookup must stay in range.
             position_ids = torch.minimum(position_ids, torch.tensor(self.max_position - 1))
         cache = StepCache(key_cache, value_cache, self.shape)
+        # transformers' causal LMs take logits_to_keep: the LM head then runs on the last token only.
+        keep = {} if self.all_logits else {"logits_to_keep": 1}
         with _swapped(self.rotary):
             output = self.model(input_ids=input_ids.to(torch.long), position_ids=position_ids,
-                                attention_mask=self.masks(position, query_length), cache=cache, use_cache=True)
-        return output.logits, cache.stacked(cache.new_keys), cache.stacked(cache.new_values)
+                                attention_mask=self.masks(position, query_length), cache=cache, use_cache=True,
+                                **keep)
+        logits = output.logits if self.all_logits else output.logits[:, -1:]
+        return logits, cache.stacked(cache.new_keys), cache.stacked(cache.new_values)
 
 
-def step_examples(shape: CacheShape, query_length: int) -> dict:
-    """Example inputs of a step of ``query_length`` tokens, as numpy arrays keyed by input name."""
+#: The ANE fails on a state whose contiguous (last) axis is not a multiple of 32 (coremltools
+#: #2631, ANE_NOTES): a state cache's context axis is rounded up to one.
+STATE_AXIS_MULTIPLE = 32
+
+
+def state_slots(context: int) -> int:
+    """The slots of a state cache for ``context`` positions: the slots past the context are
+    never attended (the mask hides every slot from ``position`` on) nor written by the host."""
+    return -(-context // STATE_AXIS_MULTIPLE) * STATE_AXIS_MULTIPLE
+
+
+class KVCacheStateStep(torch.nn.Module):
+    """``(input_ids, position) -> logits``, the cache in the registered buffers ``key_cache`` and
+    ``value_cache`` (fp16, (layers, Hkv*d, 1, slots)), which coremltools' torch frontend turns
+    into states: the step attends over what it reads (the same per-head region as the I/O step)
+    and then writes its tokens' K and V at ``position ..`` with a slice assignment, which becomes
+    ``slice_update`` + ``coreml_update_state``. The host keeps ``position + Q <= slots``."""
+
+    def __init__(self, model: torch.nn.Module, context: int, all_logits: bool = False):
+        super().__init__()
+        self.step = KVCacheStep(model, state_slots(context), all_logits)
+        self.shape = self.step.shape
+        self.register_buffer("key_cache", torch.zeros(self.shape.array_shape(), dtype=torch.float16))
+        self.register_buffer("value_cache", torch.zeros(self.shape.array_shape(), dtype=torch.float16))
+
+    def forward(self, input_ids, position):
+        logits, new_keys, new_values = self.step(input_ids, position, self.key_cache, self.value_cache)
+        start = position[0].to(torch.long)
+        end = start + input_ids.shape[1]
+        self.key_cache[:, :, :, start:end] = new_keys.to(torch.float16)
+        self.value_cache[:, :, :, start:end] = new_values.to(torch.float16)
+        return logits
+
+
+def step_examples(shape: CacheShape, query_length: int, kv_cache: str = "io") -> dict:
+    """Example inputs of a step of ``query_length`` tokens, as numpy arrays keyed by input name
+    (a state step's cache is its state, not an input)."""
     import numpy as np
 
-    return {
-        "input_ids": np.zeros((1, query_length), dtype=np.int32),
-        "position": np.zeros((1,), dtype=np.int32),
-        "key_cache": np.zeros(shape.array_shape(), dtype=np.float16),
-        "value_cache": np.zeros(shape.array_shape(), dtype=np.float16),
-    }
+    examples = {"input_ids": np.zeros((1, query_length), dtype=np.int32),
+                "position": np.zeros((1,), dtype=np.int32)}
+    if kv_cache == "io":
+        examples["key_cache"] = np.zeros(shape.array_shape(), dtype=np.float16)
+        examples["value_cache"] = np.zeros(shape.array_shape(), dtype=np.float16)
+    return examples
 
 
-STEP_OUTPUTS = ("logits", "new_keys", "new_values")
+def step_module(model, context: int, kv_cache: str = "io", all_logits: bool = False) -> torch.nn.Module:
+    step = KVCacheStateStep if kv_cache == "state" else KVCacheStep
+    return step(model, context, all_logits).eval()
 
 
-def trace_step(model, context: int, query_length: int) -> torch.jit.ScriptModule:
-    step = KVCacheStep(model, context).eval()
-    examples = step_examples(step.shape, query_length)
+def trace_step(model, context: int, query_length: int, kv_cache: str = "io",
+               all_logits: bool = False) -> torch.jit.ScriptModule:
+    step = step_module(model, context, kv_cache, all_logits)
+    examples = step_examples(step.shape, query_length, kv_cache)
     tensors = tuple(torch.from_numpy(v.astype("float32") if v.dtype.kind == "f" else v) for v in examples.values())
     with torch.no_grad():
         return torch.jit.trace(step, tensors, check_trace=False)
 
 
-def convert_step(model, context: int, query_length: int, pass_pipeline=None, precision: str = "fp16"):
-    """The step of ``query_length`` tokens converted to an iOS18 ML Program (fp16 cache I/O)."""
+def convert_step(model, context: int, query_length: int, pass_pipeline=None, precision: str = "fp16",
+                 kv_cache: str = "io", all_logits: bool = False):
+    """The step of ``query_length`` tokens converted to an iOS18 ML Program: fp16 cache inputs
+    and new K/V outputs (``io``), or fp16 cache states updated in place (``state``)."""
     import coremltools as ct
     import numpy as np
 
-    shape = cache_shape(model, context)
-    examples = step_examples(shape, query_length)
-    traced = trace_step(model, context, query_length)
+    traced = trace_step(model, context, query_length, kv_cache, all_logits)
+    shape = cache_shape(model, state_slots(context) if kv_cache == "state" else context)
+    examples = step_examples(shape, query_length, kv_cache)
+    outputs = [ct.TensorType(name="logits", dtype=np.float16 if precision == "fp16" else np.float32)]
+    states = []
+    if kv_cache == "io":
+        outputs += [ct.TensorType(name="new_keys", dtype=np.float16), ct.TensorType(name="new_values", dtype=np.float16)]
+    else:
+        # Core ML states are fp16 only; their names are the buffers'.
+        states = [ct.StateType(wrapped_type=ct.TensorType(shape=shape.array_shape(), dtype=np.float16), name=name)
+                  for name in ("key_cache", "value_cache")]
     return ct.convert(
         traced,
         inputs=[ct.TensorType(name=k, shape=v.shape, dtype=v.dtype) for k, v in examples.items()],
-        outputs=[ct.TensorType(name="logits", dtype=np.float16 if precision == "fp16" else np.float32),
-                 ct.TensorType(name="new_keys", dtype=np.float16),
-                 ct.TensorType(name="new_values", dtype=np.float16)],
+        outputs=outputs,
+        states=states or None,
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.iOS18,
         compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,

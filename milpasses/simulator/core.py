@@ -141,6 +141,7 @@ class Simulator:
                 f"the program has no function '{function_name}'; it has {sorted(program.functions)}"
             )
         self.function = program.functions[function_name]
+        self._states = {name: var for name, var in self.function.inputs.items() if types.is_state(var.sym_type)}
         self._constants = {}
         for op in self.function.operations:
             if op.op_type == "const":
@@ -157,8 +158,34 @@ class Simulator:
     def expected_inputs(self) -> dict[str, tuple]:
         return {
             name: (var.shape, types.builtin_to_string(var.dtype))
-            for name, var in self.function.inputs.items()
+            for name, var in self.function.inputs.items() if name not in self._states
         }
+
+    @property
+    def state_shapes(self) -> dict[str, tuple]:
+        """The function's states (iOS18 ``StateType``), by name: they are not inputs."""
+        return {name: tuple(int(d) for d in var.shape) for name, var in self._states.items()}
+
+    def make_state(self) -> dict[str, np.ndarray]:
+        """Fresh state for :meth:`run`, zeros, as ``MLModel.make_state()`` gives. It persists
+        across calls (and across functions of one program that declare the same states)."""
+        return {name: _to_storage(np.zeros(var.shape, np.float32), var.dtype, self.emulate_fp16)
+                for name, var in self._states.items()}
+
+    def _check_state(self, state) -> dict[str, np.ndarray]:
+        if not self._states:
+            if state is not None:
+                raise InputMismatchError("the function keeps no state: call run() without state=")
+            return {}
+        if state is None:
+            raise InputMismatchError(f"the function keeps state {sorted(self._states)}: pass "
+                                     f"state=simulator.make_state(), as MLModel.predict takes model.make_state()")
+        for name, shape in self.state_shapes.items():
+            if name not in state or tuple(state[name].shape) != shape:
+                raise InputMismatchError(f"state '{name}' must be an array of shape {shape}; "
+                                         f"make it with make_state()")
+        # The arrays themselves, not copies: coreml_update_state writes into them.
+        return {name: state[name] for name in self._states}
 
     def _expectations(self) -> str:
         return ", ".join(
@@ -166,7 +193,7 @@ class Simulator:
         )
 
     def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        expected = self.function.inputs
+        expected = {name: var for name, var in self.function.inputs.items() if name not in self._states}
         missing = [n for n in expected if n not in inputs]
         unknown = [n for n in inputs if n not in expected]
         if missing or unknown:
@@ -196,13 +223,16 @@ class Simulator:
         return checked
 
     def run(self, inputs: Mapping[str, np.ndarray], observer: Observer | None = None,
-            constants: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+            constants: Mapping[str, np.ndarray] | None = None,
+            state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The outputs on ``inputs``; ``constants`` replaces constants' values by var name (what a
-        program computes with one weight changed, without building another program)."""
+        program computes with one weight changed, without building another program). A function
+        with states needs ``state`` (from :meth:`make_state`), which the run updates in place."""
         env = dict(self._constants)
         if constants:
             env.update(constants)
         env.update(self._check_inputs(inputs))
+        env.update(self._check_state(state))
         for op in self.function.operations:
             if op.op_type == "const":
                 continue
@@ -252,12 +282,12 @@ class Simulator:
 
 
 def simulate(model, inputs: Mapping[str, np.ndarray], observer: Observer | None = None,
-             function_name: str = "main") -> dict[str, np.ndarray]:
+             function_name: str = "main", state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Run ``model`` (a Program, MLModel or .mlpackage path) on numpy ``inputs``.
 
     Returns the program's outputs by name, in their declared dtypes.
     """
-    return Simulator(model, function_name).run(inputs, observer)
+    return Simulator(model, function_name).run(inputs, observer, state=state)
 
 
 def psnr(reference: np.ndarray, actual: np.ndarray) -> float:

@@ -381,9 +381,8 @@ def split(x, axis, num_splits=None, split_sizes=None):
     return np.split(x, boundaries, axis=axis)
 
 
-@implements("slice_by_index")
-def slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
-    rank = x.ndim
+def _index(rank, begin, end, stride, begin_mask, end_mask, squeeze_mask) -> tuple:
+    """The numpy index of MIL's strided slice (slice_by_index, slice_update)."""
     stride = stride if stride is not None else [1] * rank
     begin_mask = begin_mask if begin_mask is not None else [False] * rank
     end_mask = end_mask if end_mask is not None else [False] * rank
@@ -397,7 +396,36 @@ def slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, s
             index.append(int(begin[axis]))
         else:
             index.append(slice(start, stop, step))
-    return x[tuple(index)]
+    return tuple(index)
+
+
+@implements("slice_by_index")
+def slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    return x[_index(x.ndim, begin, end, stride, begin_mask, end_mask, squeeze_mask)]
+
+
+@implements("slice_update")
+def slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    """``x`` with its strided slice replaced by ``update`` (begin/end may be computed at run time)."""
+    index = _index(x.ndim, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    updated = np.array(x, copy=True)
+    if updated[index].shape != np.shape(update):
+        raise ValueError(f"slice_update: the slice {index} of a {x.shape} tensor has shape "
+                         f"{updated[index].shape}, the update {np.shape(update)}")
+    updated[index] = update
+    return updated
+
+
+@implements("read_state")
+def read_state(input):
+    # A copy: a later coreml_update_state writes into the state itself.
+    return np.array(input, copy=True)
+
+
+@implements("coreml_update_state")
+def coreml_update_state(state, value):
+    state[...] = value
+    return value
 
 
 @implements("slice_by_size")
