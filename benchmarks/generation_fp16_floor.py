@@ -20,18 +20,17 @@ from pathlib import Path
 import torch
 
 from benchmarks.generation import CHUNK, CONTEXT, PROMPTS, _model
-from milpasses.generation.package import FUNCTIONS, build_package, check_prompt
+from milpasses.generation.package import FUNCTIONS, SimulatedPackage, build_package, check_prompt
 from milpasses.pipeline import ane_pipeline
 from milpasses.simulator import Simulator, load_program, psnr
 
 
-class _Package:
+class _Package(SimulatedPackage):
+    """The package simulated with fp16 rounding (as the device runs it) or without it."""
+
     def __init__(self, path: Path, emulate_fp16: bool):
         program = load_program(path)
         self.simulators = {name: Simulator(program, name, emulate_fp16=emulate_fp16) for name in FUNCTIONS}
-
-    def __call__(self, function: str, inputs: dict) -> dict:
-        return self.simulators[function].run(inputs)
 
 
 def _rounded(model, rotary_tables: bool):
