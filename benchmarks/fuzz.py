@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import re
+import subprocess
 import sys
 import time
 import traceback
@@ -75,6 +76,13 @@ def describe(case: Case) -> str:
     return ", ".join(f"{k}={v}" for k, v in asdict(case).items() if v != getattr(Case, k)) or "defaults"
 
 
+def _commit() -> str | None:
+    """The commit the run's code is at, so a log spanning sessions says what each one checked."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, check=False)
+    return done.stdout.strip() or None
+
+
 def _key(case_fields: dict) -> str:
     """A model's identity in the log: every field of its case."""
     return json.dumps(case_fields, sort_keys=True)
@@ -119,6 +127,7 @@ def summary(records: list[dict]) -> str:
         return "the log holds no model yet"
     seconds = sum(r["seconds"] for r in records)
     sessions = len({r["session"] for r in records})
+    commits = ", ".join(dict.fromkeys(str(r.get("commit")) for r in records))
     conversions, rewritten, left_alone, reasons = Counter(), Counter(), Counter(), Counter()
     failures: dict[str, list[dict]] = {}
     for record in records:
@@ -130,7 +139,7 @@ def summary(records: list[dict]) -> str:
             left_alone[mode] += sum(outcome["left_alone"].values())
             reasons.update(outcome["left_alone"])
     failed = sum(len(f) for f in failures.values())
-    lines = [f"{len(records)} models in {sessions} session(s), {seconds / 60:.1f} minutes of checking: "
+    lines = [f"{len(records)} models in {sessions} session(s) (code at {commits}), {seconds / 60:.1f} minutes of checking: "
              f"{len(records) / (seconds / 60):.1f} models/minute; {len(records) - failed} passed, {failed} failed"]
     for mode in sorted(conversions, key=lambda m: MODES.index(m) if m in MODES else len(MODES)):
         lines.append(f"  {mode:<16} {conversions[mode]} models passed, attention sites rewritten {rewritten[mode]}, "
@@ -178,7 +187,7 @@ def main(argv=None) -> int:
     wanted = args.examples - len(records) if args.resume else args.examples
     torch.set_num_threads(1)  # tiny tensors: threads only contend
 
-    tried, new_records = [0], []
+    tried, new_records, commit = [0], [], _commit()
     failures: dict[str, tuple[Case, BaseException]] = {}
     started = time.perf_counter()
     log = args.log.open("a") if args.log is not None else None
@@ -198,7 +207,7 @@ def main(argv=None) -> int:
         tried[0] += 1
         index = len(records) + tried[0]
         print(f"[{index}] {describe(case)}", flush=True)
-        record = {"index": index, "session": session, "seed": session_seed, "case": asdict(case)}
+        record = {"index": index, "session": session, "seed": session_seed, "commit": commit, "case": asdict(case)}
         model_started = time.perf_counter()
         try:
             outcomes = check_case(case, modes=modes)
