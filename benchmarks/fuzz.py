@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     # Hypothesis draws more than it is asked for when some draws repeat a model, and a session
     # stops once it has checked ``wanted`` new ones.
     @seed(session_seed)
-    @settings(max_examples=max(wanted, 0) * 2, deadline=None, database=None,
+    @settings(max_examples=max(wanted, 1) * 2, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(case=cases())
     def run(case):
@@ -230,7 +230,8 @@ def main(argv=None) -> int:
             log.flush()
 
     try:
-        run()
+        if wanted > 0:
+            run()
     finally:
         if log is not None:
             log.close()
