@@ -22,10 +22,10 @@ from milpasses.passes.translation_check import TranslationError
 #: the torch frontend once per conversion either way, so one mode per model buys the most models
 #: per minute. The three modes that rewrite attention are drawn three times as often as "off"
 #: (which leaves attention as DEFAULT does and checks the other passes).
-EXAMPLES = 240
+EXAMPLES = 200
 DRAWN_MODES = st.sampled_from(tuple(mode for mode in MODES if mode != "off") * 3 + ("off",))
-#: Each mode's share of 240 draws is about 72 (24 for "off"); far below that means the draw is broken.
-MIN_PER_MODE = {"split_einsum": 50, "split_einsum_v2": 50, "batched": 50, "off": 12}
+#: Each mode's share of 200 draws is about 60 (20 for "off"); far below that means the draw is broken.
+MIN_PER_MODE = {"split_einsum": 40, "split_einsum_v2": 40, "batched": 40, "off": 10}
 
 
 @pytest.fixture(autouse=True)
@@ -53,9 +53,9 @@ def test_drawn_transformers_equal_torch_in_their_attention_mode():
         assert outcome.mode == mode
         converted[mode] += 1
 
-
     convert_drawn()
-    assert sum(converted.values()) >= EXAMPLES - 5, converted  # hypothesis may drop a duplicate draw
+    print(f"drawn models per attention mode: {dict(converted)}")
+    assert sum(converted.values()) == EXAMPLES, converted
     assert all(converted[mode] >= least for mode, least in MIN_PER_MODE.items()), converted
 
 
