@@ -137,7 +137,8 @@ def summary(records: list[dict]) -> str:
             conversions[mode] += 1
             rewritten[mode] += outcome["rewritten"]
             left_alone[mode] += sum(outcome["left_alone"].values())
-            reasons.update(outcome["left_alone"])
+            for reason, count in outcome["left_alone"].items():
+                reasons[reason.split(" (at ")[0]] += count  # the site's op name apart
     failed = sum(len(f) for f in failures.values())
     lines = [f"{len(records)} models in {sessions} session(s) (code at {commits}), {seconds / 60:.1f} minutes of checking: "
              f"{len(records) / (seconds / 60):.1f} models/minute; {len(records) - failed} passed, {failed} failed"]
