@@ -9,7 +9,7 @@ from coremltools.converters.mil import Builder as mb
 
 from milpasses import ane_pipeline
 from milpasses.cli import main
-from milpasses.passes.translation_check import difference, seeded_inputs
+from milpasses.passes.translation_check import difference, fingerprint, seeded_inputs
 from tests.convert_helpers import save_fixture
 from tests.helpers import mil_program
 
@@ -42,6 +42,29 @@ def test_a_result_finite_before_and_not_after_is_an_infinite_error_and_padded_to
     assert difference(inputs, before, real_differs)["max_rel_error"] == pytest.approx(0.01, rel=1e-3)
     not_finite = {"y": np.array([[[1.0], [np.inf]], [[4.0], [0.0]]], np.float32)}
     assert difference(inputs, before, not_finite)["max_rel_error"] == np.inf
+
+
+def test_the_fingerprint_a_check_reuses_a_simulation_by_sees_every_change():
+    """A pass's "before" is the previous pass's "after" only while the fingerprint is the same."""
+    weight = np.ones((4, 4), np.float32)
+
+    def build(x):
+        return mb.relu(x=mb.add(x=mb.matmul(x=x, y=weight), y=np.float32(1.0)))
+
+    program = mil_program(build, x=np.zeros((2, 4), np.float32))
+    function = program.functions["main"]
+    first = fingerprint(function)
+    assert fingerprint(function) == first
+    const = next(op for op in function.operations if op.op_type == "const" and op.outputs[0].shape == (4, 4))
+    const.outputs[0].val[0, 0] = 2.0  # a weight changed in place
+    changed_value = fingerprint(function)
+    assert changed_value != first
+    add = next(op for op in function.operations if op.op_type == "add")
+    relu = next(op for op in function.operations if op.op_type == "relu")
+    with function:  # the relu now reads the matmul, past the add
+        relu.enclosing_block.replace_uses_of_var_after_op(anchor_op=add, old_var=add.outputs[0], new_var=add.x,
+                                                          end_op=relu)
+    assert fingerprint(function) not in (first, changed_value)
 
 
 def test_check_is_a_pipeline_option_that_other_options_keep():
