@@ -4,8 +4,9 @@
   k-means, after conversion). At 6 bits (and 4) one table per 16 output channels: per tensor,
   6 bits missed the 0.995 sentence-embedding cosine on MiniLM (0.9937), and a 64-entry table
   per 16 rows of 384 channels adds 3% to their indices. At 8 bits one per tensor (a 256-entry
-  table per 16 rows would add 8%) by optimal 1-D k-means, with a scale per output row on iOS18:
-  the fixture families' worst went from 43.5 to 45.4 dB.
+  table per 16 rows would add 8%), by optimal 1-D k-means (see :class:`OptimalTable`). A scale
+  per output row (iOS18) lifted the worst fixture family (qwen2, 44.3 to 46.7 dB) but cost
+  MiniLM 2.5 dB at 8 bits and 2.4 dB at 4, so it is not used.
 - ``palettize4``: data-aware, before tracing: coremltools' ``optimize.torch`` sensitive k-means
   (SKM), weighting each weight by how much the outputs move with it, measured on calibration
   inputs (the verification samples, or ``--calibration FILE`` of texts). The converted program
@@ -146,23 +147,17 @@ def uniform_bits(sites: list[WeightSite], bits: int) -> dict[str, int]:
 def palettized(mlmodel, bits: dict[str, int]):
     """``mlmodel`` with each named op's weight in lookup tables of ``bits[op]`` bits: one per
     :data:`TABLE_ROWS` output channels below 8 bits, one per tensor at 8 and for embedding tables."""
-    import coremltools as ct
     import coremltools.optimize.coreml as cto
 
-    function = mlmodel._mil_program.functions["main"]
-    ops = {op.name: op for op in function.operations}
+    ops = {op.name: op for op in mlmodel._mil_program.functions["main"].operations}
     op_types = {name: op.op_type for name, op in ops.items()}
-    # 8-bit tables with a scale per output row (iOS18): across the fixture families the worst
-    # went from 44.3 to 46.7 dB; at 4 bits row scales cost MiniLM 2.4 dB, so only at 8
-    row_scales = function.opset_version is not None and function.opset_version >= ct.target.iOS18
 
     def tables(name, n):
         # ct.optimize.coreml leaves a gathered table uncompressed when asked for grouped tables.
         # One table per tensor is clustered optimally (OptimalTable); a grouped table keeps
         # coremltools' k-means: the optimal one takes seconds per group.
         if n >= 8 or op_types.get(name) == "gather":
-            return {"granularity": "per_tensor", "mode": "custom", "lut_function": OptimalTable(n),
-                    "enable_per_channel_scale": n >= 8 and row_scales}
+            return {"granularity": "per_tensor", "mode": "custom", "lut_function": OptimalTable(n)}
         return {"granularity": "per_grouped_channel", "group_size": TABLE_ROWS, "channel_axis": 0, "nbits": n}
 
     configs = {_weight_const(ops[name]): cto.OpPalettizerConfig(weight_threshold=SMALL_WEIGHT_ELEMENTS,
