@@ -272,6 +272,8 @@ def _output_projection_loss():
 def _float_outputs(outputs) -> list:
     import torch
 
+    if isinstance(outputs, torch.Tensor):
+        outputs = (outputs,)
     tensors = outputs if isinstance(outputs, (tuple, list)) else tuple(outputs.values())
     return [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
@@ -302,17 +304,17 @@ def _grouped_tables(weight, bits: int, iterations: int = 16):
     return restored.reshape(groups * TABLE_ROWS, -1)[:rows].reshape(weight.shape)
 
 
-def layer_noise(model, batches, names: list[str], widths=WIDENED_BITS) -> dict[tuple[str, int], float]:
+def layer_noise(model, forward, batches, names: list[str], widths=WIDENED_BITS) -> dict[tuple[str, int], float]:
     """Per linear layer and width, the output noise when that layer alone is palettized (plain
     optimal k-means, a table per :data:`TABLE_ROWS` rows), in fp32 PyTorch on the calibration
-    batches: each output's squared error relative to its peak, summed over outputs. Noise from
-    different layers adds, so this ranks where wider tables buy the most."""
+    batches: each output ``forward`` returns, its squared error relative to its peak, summed.
+    Noise from different layers adds, so this ranks where wider tables buy the most."""
     import torch
 
     modules = dict(model.named_modules())
     batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     with torch.no_grad():
-        reference = _float_outputs(model(**batch))
+        reference = _float_outputs(forward(batch))
         peaks = [float(r.abs().max()) ** 2 or 1.0 for r in reference]
         noise = {}
         for name in names:
@@ -320,7 +322,7 @@ def layer_noise(model, batches, names: list[str], widths=WIDENED_BITS) -> dict[t
             original = weight.detach().clone()
             for bits in widths:
                 weight.copy_(_grouped_tables(original, bits))
-                outputs = _float_outputs(model(**batch))
+                outputs = _float_outputs(forward(batch))
                 noise[name, bits] = sum(float(((o - r) ** 2).mean()) / p for o, r, p in zip(outputs, reference, peaks))
             weight.copy_(original)
     return noise
@@ -370,7 +372,15 @@ def calibrated_palettization(loaded, options, texts, compression: Compression):
                 names[name] = wide
             else:
                 body[name] = module.weight.numel()
-    bits = widened_layers(layer_noise(model, batches, list(body)), body)
+    # the noise of the outputs converted (a sentence embedding, not an unused pooler)
+    from milpasses.convert.trace import _outputs
+    from milpasses.tracing import TaskOutputs
+
+    with torch.no_grad():
+        produced = model(**batches[0])
+    selected = TaskOutputs(model, loaded.input_names, tuple(_outputs(loaded, options, produced)), loaded.pooling).eval()
+    noise = layer_noise(model, lambda batch: selected(*(batch[n] for n in loaded.input_names)), batches, list(body))
+    bits = widened_layers(noise, body)
     names.update({name: {"n_bits": n, **PALETTIZE4_TABLES} for name, n in bits.items()})
     # each sample seen under several random directions: one direction per sample estimates the
     # squared-gradient sensitivity too noisily to weigh k-means by
