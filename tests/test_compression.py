@@ -44,7 +44,7 @@ BELOW_THE_BAR = {"qwen2"}
 def test_fixture_families_palettized_to_8_bits_stay_finite_and_above_45_db(family, monkeypatch):
     monkeypatch.setattr(compressing, "SMALL_WEIGHT_ELEMENTS", FIXTURE_SMALL_WEIGHT)
     inputs = F.sample_inputs(family)
-    mlmodel = F.convert(family, "fp16", pass_pipeline=ane_pipeline(), target=ct.target.iOS18)
+    mlmodel = F.converted_ane(family, "fp16")  # shared with the pass checks of test_ane_families
     sites = compressing.weight_sites(mlmodel._mil_program)
     compressed = compressing.palettized(mlmodel, compressing.uniform_bits(sites, 8))
     function = compressed._mil_program.functions["main"]
