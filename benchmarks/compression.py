@@ -4,8 +4,10 @@ sentence-embedding cosine against PyTorch fp32, per scheme, on the real sample s
     python benchmarks/compression.py [--seq-len 64] [--schemes fp16,palettize8,...]
 
 Schemes: fp16 (none), palettize8, palettize6, plain4 (ct.optimize.coreml's k-means at 4 bits,
-uncalibrated, with palettize4's bits: the comparison for the data-aware scheme), palettize4
-(sensitive k-means, calibrated), int8, auto (bits per layer at --min-psnr, default 40 dB).
+uncalibrated, 4 bits everywhere: the comparison for the data-aware scheme), skm4 (sensitive
+k-means, calibrated, 4 bits everywhere), palettize4 (sensitive k-means, calibrated, with the
+layers measured most sensitive widened to 6 or 8 bits, 5 bits on average), int8, auto (bits
+per layer at --min-psnr, default 40 dB).
 Bars (issue 13): palettize8 >= 55 dB on last_hidden_state; palettize6 cosine >= 0.995;
 palettize4 >= plain4 + 5 dB with weights <= 40% of fp16; auto >= 40 dB with fewer bytes than
 palettize6. Each scheme is a full ``convert()``; auto takes minutes (it simulates each layer).
@@ -21,7 +23,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-SCHEMES = ("fp16", "palettize8", "palettize6", "plain4", "palettize4", "int8", "auto")
+SCHEMES = ("fp16", "palettize8", "palettize6", "plain4", "skm4", "palettize4", "int8", "auto")
 
 
 def distilbert_estimates(seq_len: int = 128) -> dict[str, float]:
@@ -69,6 +71,14 @@ def run(scheme: str, seq_len: int, min_psnr_db: float):
     started = time.perf_counter()
     if scheme == "plain4":
         mlmodel, report = _plain4(seq_len, min_psnr_db)
+    elif scheme == "skm4":
+        from unittest import mock
+
+        from milpasses.convert import compress as compressing
+
+        with mock.patch.object(compressing, "PALETTIZE4_MEAN_BITS", 4.0):
+            mlmodel, report = convert(None, seq_len=seq_len, target="iOS18", min_psnr_db=min_psnr_db,
+                                      compress="palettize4")
     else:
         mlmodel, report = convert(None, seq_len=seq_len, target="iOS18", min_psnr_db=min_psnr_db,
                                   compress=None if scheme == "fp16" else scheme)
@@ -102,6 +112,9 @@ def main(argv=None) -> None:
         print(f"{scheme:<11} package {report.package_bytes / 2**20:6.1f} MiB  "
               + "  ".join(f"{k} {v:5.1f} dB" for k, v in psnr.items()) + f"  cosine {cosine:.5f}  ({seconds:.0f} s)",
               flush=True)
+        if scheme == "palettize4":
+            print("  palettize4 bits:", dict(sorted(Counter(report.compression["bits"].values()).items())),
+                  {name: n for name, n in report.compression["bits"].items() if n != 4})
         if scheme == "auto":
             bits = Counter((p["role"], p["bits"]) for p in report.compression["plan"])
             print("  auto bits:", dict(sorted(bits.items())))

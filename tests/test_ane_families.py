@@ -1,6 +1,5 @@
 """ane_pipeline() on every fixture family: the ANE form, the same function, fp16 quality kept."""
 
-import functools
 
 import numpy as np
 import pytest
@@ -24,9 +23,7 @@ BOUNDARIES["mixtral"] = 2 + 2 * F.LAYERS
 LAYOUT_OPS = ("transpose", "reshape", "expand_dims", "squeeze")
 
 
-@functools.lru_cache(maxsize=None)
-def converted_ane(name, precision):
-    return F.convert(name, precision, pass_pipeline=ane_pipeline())
+converted_ane = F.converted_ane
 
 
 def _main(mlmodel):

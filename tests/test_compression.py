@@ -33,17 +33,18 @@ def test_unknown_schemes_and_misplaced_calibration_are_conversion_errors(tmp_pat
         convert(None, compress="palettize8", calibration=tmp_path / "texts.txt")
 
 
-# Families measured at or above 45 dB. Across all of F.FAMILIES, five others measured 43.5 to
-# 44.8 dB, one 26.5 dB and one stops in the simulator (topk's output_indices_dtype): issue 13's
-# bar for every family is not met yet.
-MEETING_THE_BAR = ("bert", "distilbert", "roberta", "xlm_roberta", "electra")
+# qwen2 measures 44.3 dB: its 99x32 embedding table alone at 8 bits gives 46.8 dB (an optimal
+# 256-value table for Gaussian weights). A scale per output row lifts it to 46.7 dB but costs
+# MiniLM 2.5 dB, so it stays a known miss of issue 13's bar.
+BELOW_THE_BAR = {"qwen2"}
 
 
-@pytest.mark.parametrize("family", MEETING_THE_BAR)
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason="44.3 dB, see above"))
+                                    if f in BELOW_THE_BAR else f for f in F.FAMILIES])
 def test_fixture_families_palettized_to_8_bits_stay_finite_and_above_45_db(family, monkeypatch):
     monkeypatch.setattr(compressing, "SMALL_WEIGHT_ELEMENTS", FIXTURE_SMALL_WEIGHT)
     inputs = F.sample_inputs(family)
-    mlmodel = F.convert(family, "fp16", pass_pipeline=ane_pipeline(), target=ct.target.iOS18)
+    mlmodel = F.converted_ane(family, "fp16")  # shared with the pass checks of test_ane_families
     sites = compressing.weight_sites(mlmodel._mil_program)
     compressed = compressing.palettized(mlmodel, compressing.uniform_bits(sites, 8))
     function = compressed._mil_program.functions["main"]
@@ -52,7 +53,7 @@ def test_fixture_families_palettized_to_8_bits_stay_finite_and_above_45_db(famil
                          for s in sites)
     assert stored_bytes(function) < 0.75 * dense_bytes(function)
     (output,) = simulate(compressed, inputs).values()
-    valid = F.valid_tokens(inputs)
+    valid = F.valid_tokens(inputs) if F.FAMILIES[family].kind == "text" else ...
     reference = F.torch_reference(family, inputs)
     assert np.isfinite(output).all()
     assert psnr(reference[valid], output[valid]) >= 45.0
@@ -93,7 +94,7 @@ def test_data_aware_palettize4_converts_with_every_linear_a_conv_reading_compres
     convs = [op for op in function.operations if op.op_type == "conv"]
     assert convs and all(is_decompression(op.inputs["weight"].op) for op in convs)
     assert report.compression["calibration"] == "2 texts from the calibration file"
-    assert set(report.compression["bits"].values()) == {4, compressing.EMBEDDING_MIN_BITS}
+    assert 4 in report.compression["bits"].values() and set(report.compression["bits"].values()) <= {4, 6, 8}
     assert report.compression["weight_bytes_after"] < 0.5 * report.compression["weight_bytes_before"]
     assert report.min_psnr_db == compressing.DEFAULT_COMPRESSED_MIN_PSNR_DB
     (cosine,) = report.cosine
@@ -115,3 +116,17 @@ def test_auto_picks_bits_per_layer_that_keep_the_floor_with_fewer_bytes_than_8_b
     assert all(layer["bits"] >= compressing.EMBEDDING_MIN_BITS for layer in plan if layer["role"] != "body")
     eight_bits = sum(s["elements"] for s in plan) + 2 * 256 * len(plan)
     assert report.compression["weight_bytes_after"] < report.compression["weight_bytes_before"] - 0.5 * eight_bits
+
+
+def test_palettize4_widens_where_wider_tables_remove_the_most_noise_per_byte_within_the_mean():
+    elements = {"attention": 100, "feed_forward": 400, "other": 100}
+    noise = {("attention", 4): 1.0, ("attention", 6): 0.06, ("attention", 8): 0.004,
+             ("feed_forward", 4): 2.0, ("feed_forward", 6): 0.1, ("feed_forward", 8): 0.01,
+             ("other", 4): 0.01, ("other", 6): 0.001, ("other", 8): 0.0001}
+    bits = compressing.widened_layers(noise, elements)
+    mean = sum(bits[n] * e for n, e in elements.items()) / sum(elements.values())
+    assert mean <= compressing.PALETTIZE4_MEAN_BITS
+    # attention's 4 to 6 removes 0.94 per 200 added bits, the feed-forward's 1.9 per 800: attention
+    # first; then the feed-forward no longer fits, and what is left goes to the next best steps
+    assert mean == compressing.PALETTIZE4_MEAN_BITS
+    assert bits == {"attention": 8, "feed_forward": 4, "other": 6}

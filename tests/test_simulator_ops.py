@@ -181,3 +181,16 @@ def test_ios18_scaled_dot_product_attention_matches_torch(mask_kind):
     (actual,) = run(build, opset=ct.target.iOS18, **inputs)
     expected = TF.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=None if mask_kind == "none" else t(inputs["m"]))
     np.testing.assert_allclose(actual, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_ios18_topk_returns_indices_in_the_dtype_asked_for_or_values_only():
+    x = randn(3, 7)
+    values, indices = run(lambda x: mb.topk(x=x, k=3, axis=1, output_indices_dtype="uint16"),
+                          opset=ct.target.iOS18, x=x)
+    expected = torch.topk(t(x), 3, dim=1)
+    assert indices.dtype == np.uint16
+    np.testing.assert_array_equal(indices, expected.indices.numpy())
+    np.testing.assert_allclose(values, expected.values.numpy(), rtol=1e-5, atol=1e-5)
+    (smallest,) = run(lambda x: mb.topk(x=x, k=2, axis=0, ascending=True, return_indices=False),
+                      opset=ct.target.iOS18, x=x)
+    np.testing.assert_allclose(smallest, torch.topk(t(x), 2, dim=0, largest=False).values.numpy(), rtol=1e-5)

@@ -3,14 +3,20 @@
 - ``palettize8`` / ``palettize6``: lookup tables of 256 or 64 values (``ct.optimize.coreml``'s
   k-means, after conversion). At 6 bits (and 4) one table per 16 output channels: per tensor,
   6 bits missed the 0.995 sentence-embedding cosine on MiniLM (0.9937), and a 64-entry table
-  per 16 rows of 384 channels adds 3% to their indices. At 8 bits one per tensor: a 256-entry
-  table per 16 rows would add 8%, and per tensor already keeps MiniLM at 56.6 dB.
-- ``palettize4``: data-aware, before tracing: coremltools' ``optimize.torch`` sensitive k-means
-  (SKM), weighting each weight by how much the outputs move with it, measured on calibration
-  inputs (the verification samples, or ``--calibration FILE`` of texts). The converted program
-  then carries the compressed weights through ``ane_pipeline()``. A table per 16 output
-  channels: on MiniLM it gains 2.7 dB over one table per tensor at the same package size.
-  Grouped tables need iOS18.
+  per 16 rows of 384 channels adds 3% to their indices. At 8 bits one per tensor (a 256-entry
+  table per 16 rows would add 8%), by optimal 1-D k-means (see :class:`OptimalTable`). A scale
+  per output row (iOS18) lifted the worst fixture family (qwen2, 44.3 to 46.7 dB) but cost
+  MiniLM 2.5 dB at 8 bits (56.6 to 54.1, and coremltools then left its embedding table
+  uncompressed) and 2.4 dB at 4, so it is not used.
+- ``palettize4``: data-aware, before tracing. Each linear layer's output noise at 4, 6 and 8
+  bits is measured alone on the calibration inputs (the verification samples, or
+  ``--calibration FILE`` of texts); layers start at 4 bits and the widenings that remove the
+  most noise per byte are taken up to a mean of :data:`PALETTIZE4_MEAN_BITS`. Then coremltools'
+  ``optimize.torch`` sensitive k-means (SKM) palettizes each at its width, weighting each weight
+  by how much the outputs move with it. The converted program carries the compressed weights
+  through ``ane_pipeline()``. A table per 16 output channels: on MiniLM it gains 2.7 dB over
+  one table per tensor at the same package size; the widening 4.0 dB more (38.4 dB), at 35% of
+  the fp16 weights instead of 32%. Grouped tables need iOS18.
 - ``int8``: symmetric, one scale per output channel (the quantization the NE runs correctly).
 - ``auto``: bits per layer from {8, 6, 4}, chosen by simulation (:mod:`milpasses.convert.auto`).
 
@@ -38,6 +44,10 @@ EMBEDDING_MIN_BITS = 6
 TABLE_ROWS = 16
 PALETTIZE4_TABLES = {"granularity": "per_grouped_channel", "group_size": TABLE_ROWS, "channel_axis": 0}
 SENSITIVITY_PROJECTIONS = 8
+#: palettize4's widths: 4 bits, and wider tables where they remove the most output noise per byte
+#: (measured layer by layer on the calibration inputs), within a mean of PALETTIZE4_MEAN_BITS.
+WIDENED_BITS = (4, 6, 8)
+PALETTIZE4_MEAN_BITS = 5.0
 DEFAULT_COMPRESSED_MIN_PSNR_DB = 40.0  # Apple's acceptance level for 4-bit palettization
 _PER_BLOCK = re.compile(r"(u?int4|int8[-_]?block|block|per[-_]?block|c4w|w4a16)", re.IGNORECASE)
 
@@ -147,15 +157,35 @@ def palettized(mlmodel, bits: dict[str, int]):
     op_types = {name: op.op_type for name, op in ops.items()}
 
     def tables(name, n):
-        # ct.optimize.coreml leaves a gathered table uncompressed when asked for grouped tables
+        # ct.optimize.coreml leaves a gathered table uncompressed when asked for grouped tables.
+        # One table per tensor is clustered optimally (OptimalTable); a grouped table keeps
+        # coremltools' k-means: the optimal one takes seconds per group.
         if n >= 8 or op_types.get(name) == "gather":
-            return {"granularity": "per_tensor"}
-        return {"granularity": "per_grouped_channel", "group_size": TABLE_ROWS, "channel_axis": 0}
+            return {"granularity": "per_tensor", "mode": "custom", "lut_function": OptimalTable(n)}
+        return {"granularity": "per_grouped_channel", "group_size": TABLE_ROWS, "channel_axis": 0, "nbits": n}
 
-    configs = {_weight_const(ops[name]): cto.OpPalettizerConfig(nbits=n, weight_threshold=SMALL_WEIGHT_ELEMENTS,
+    configs = {_weight_const(ops[name]): cto.OpPalettizerConfig(weight_threshold=SMALL_WEIGHT_ELEMENTS,
                                                                **tables(name, n))
                for name, n in bits.items()}
     return cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=configs))
+
+
+class OptimalTable:
+    """A lookup table of ``2**bits`` values by optimal one-dimensional k-means (coremltools' own
+    kmeans1d), for ``ct.optimize.coreml``'s custom mode. Its k-means mode uses kmeans1d only for
+    fp16 tensors of 10,000 elements or more; smaller tensors get scikit-learn's k-means with a
+    loose tolerance and one start, which cost the fixtures up to 3 dB at 8 bits (bert 48.8 to
+    51.8 dB). A class, not a closure: the tables of a tensor's groups
+    may be computed in worker processes."""
+
+    def __init__(self, bits: int):
+        self.bits = bits
+
+    def __call__(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+
+        table, indices = _get_kmeans_lookup_table_and_weight(self.bits, weight, force_kmeans1d=True)
+        return table.astype(weight.dtype), np.asarray(indices, dtype=np.uint8)
 
 
 def _weight_const(op) -> str:
@@ -243,6 +273,87 @@ def _output_projection_loss():
     return loss
 
 
+def _float_outputs(outputs) -> list:
+    import torch
+
+    if isinstance(outputs, torch.Tensor):
+        outputs = (outputs,)
+    tensors = outputs if isinstance(outputs, (tuple, list)) else tuple(outputs.values())
+    return [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _grouped_tables(weight, bits: int, iterations: int = 16):
+    """``weight`` (out, in) through a lookup table of ``2**bits`` values per :data:`TABLE_ROWS`
+    output rows, by a few Lloyd iterations from evenly spaced values, all groups at once. A cheap
+    probe of how much a layer's outputs suffer at a width (coremltools' optimal 1-D k-means
+    takes seconds per group); the weights converted are clustered by coremltools."""
+    import torch
+
+    rows = weight.shape[0]
+    groups = -(-rows // TABLE_ROWS)
+    padded = torch.nn.functional.pad(weight.detach().reshape(rows, -1), (0, 0, 0, groups * TABLE_ROWS - rows))
+    values, order = padded.reshape(groups, -1).sort(dim=1)
+    levels = 2 ** bits
+    low, high = values[:, :1], values[:, -1:]
+    centroids = low + (high - low) * (torch.arange(levels) + 0.5) / levels
+    for step in range(iterations + 1):
+        centroids = centroids.sort(dim=1).values
+        index = torch.searchsorted(((centroids[:, 1:] + centroids[:, :-1]) / 2).contiguous(), values)
+        if step == iterations:
+            break
+        sums = torch.zeros_like(centroids).scatter_add_(1, index, values)
+        counts = torch.zeros_like(centroids).scatter_add_(1, index, torch.ones_like(values))
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    restored = torch.empty_like(values).scatter_(1, order, torch.gather(centroids, 1, index))
+    return restored.reshape(groups * TABLE_ROWS, -1)[:rows].reshape(weight.shape)
+
+
+def layer_noise(model, forward, batches, names: list[str], widths=WIDENED_BITS) -> dict[tuple[str, int], float]:
+    """Per linear layer and width, the output noise when that layer alone is palettized (plain
+    optimal k-means, a table per :data:`TABLE_ROWS` rows), in fp32 PyTorch on the calibration
+    batches: each output ``forward`` returns, its squared error relative to its peak, summed.
+    Noise from different layers adds, so this ranks where wider tables buy the most."""
+    import torch
+
+    modules = dict(model.named_modules())
+    batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    with torch.no_grad():
+        reference = _float_outputs(forward(batch))
+        peaks = [float(r.abs().max()) ** 2 or 1.0 for r in reference]
+        noise = {}
+        for name in names:
+            weight = modules[name].weight
+            original = weight.detach().clone()
+            for bits in widths:
+                weight.copy_(_grouped_tables(original, bits))
+                outputs = _float_outputs(forward(batch))
+                noise[name, bits] = sum(float(((o - r) ** 2).mean()) / p for o, r, p in zip(outputs, reference, peaks))
+            weight.copy_(original)
+    return noise
+
+
+def widened_layers(noise: dict[tuple[str, int], float], elements: dict[str, int]) -> dict[str, int]:
+    """Bits per layer: 4 everywhere, then the step (4 to 6, 6 to 8) that removes the most noise
+    per added byte, while the layers' mean stays within :data:`PALETTIZE4_MEAN_BITS`."""
+    bits = {name: WIDENED_BITS[0] for name in elements}
+    budget = sum(elements.values()) * (PALETTIZE4_MEAN_BITS - WIDENED_BITS[0])
+    while True:
+        steps = []
+        for name, width in bits.items():
+            if width == WIDENED_BITS[-1]:
+                continue
+            wider = WIDENED_BITS[WIDENED_BITS.index(width) + 1]
+            cost = elements[name] * (wider - width)
+            if cost <= budget:
+                steps.append(((noise[name, width] - noise[name, wider]) / cost, name, wider, cost))
+        if not steps:
+            return bits
+        _, name, wider, cost = max(steps)
+        if noise[name, bits[name]] <= noise[name, wider]:
+            return bits
+        bits[name], budget = wider, budget - cost
+
+
 def calibrated_palettization(loaded, options, texts, compression: Compression):
     """A copy of the torch model with its linear layers palettized to 4 bits by sensitive
     k-means (an LM head at :data:`EMBEDDING_MIN_BITS`); embedding tables are left to
@@ -253,17 +364,28 @@ def calibrated_palettization(loaded, options, texts, compression: Compression):
     batches, compression.calibration = calibration_inputs(loaded, options, texts)
     model = loaded.model
     vocab = getattr(model.config, "vocab_size", None)
-    body = {"n_bits": 4, **PALETTIZE4_TABLES}
     wide = {"n_bits": EMBEDDING_MIN_BITS, "granularity": "per_tensor"}
-    names = {}
+    names, body = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Embedding):
             names[name] = None  # palettized after conversion: SKM's weighted k-means takes minutes on a vocabulary
         elif isinstance(module, torch.nn.Linear):
             if module.weight.numel() <= SMALL_WEIGHT_ELEMENTS:
                 names[name] = None
+            elif module.weight.shape[0] == vocab:
+                names[name] = wide
             else:
-                names[name] = wide if module.weight.shape[0] == vocab else body
+                body[name] = module.weight.numel()
+    # the noise of the outputs converted (a sentence embedding, not an unused pooler)
+    from milpasses.convert.trace import _outputs
+    from milpasses.tracing import TaskOutputs
+
+    with torch.no_grad():
+        produced = model(**batches[0])
+    selected = TaskOutputs(model, loaded.input_names, tuple(_outputs(loaded, options, produced)), loaded.pooling).eval()
+    noise = layer_noise(model, lambda batch: selected(*(batch[n] for n in loaded.input_names)), batches, list(body))
+    bits = widened_layers(noise, body)
+    names.update({name: {"n_bits": n, **PALETTIZE4_TABLES} for name, n in bits.items()})
     # each sample seen under several random directions: one direction per sample estimates the
     # squared-gradient sensitivity too noisily to weigh k-means by
     batches = [batch for batch in batches for _ in range(SENSITIVITY_PROJECTIONS)]

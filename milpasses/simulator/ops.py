@@ -532,10 +532,15 @@ def argsort(x, axis=-1, ascending=False):
 
 
 @implements("topk")
-def topk(x, k=1, axis=-1, ascending=False, sort=True, return_indices=True):
+def topk(x, k=1, axis=-1, ascending=False, sort=True, return_indices=True, output_indices_dtype="int32"):
+    """The k largest (smallest when ascending) along ``axis``, and their indices as iOS17's
+    ``output_indices_dtype`` says (int32 or uint16); values only when ``return_indices`` is false."""
     axis = int(axis) % x.ndim
     indices = np.take(_order(x, axis, ascending), np.arange(int(k)), axis=axis)
-    return [np.take_along_axis(x, indices, axis=axis), indices.astype(np.int32)]
+    values = np.take_along_axis(x, indices, axis=axis)
+    if not return_indices:
+        return values
+    return [values, indices.astype(_mil_dtype_to_numpy(output_indices_dtype))]
 
 
 _SCATTER_MODES = {
