@@ -83,7 +83,8 @@ def test_check_passes_records_each_pass_check_in_the_report(tmp_path, bert_dir, 
     report = json.loads(capsys.readouterr().out)
     assert report["options"]["check_passes"] is True
     checks = {p["pass"]: p["check"] for p in report["passes"]}
-    assert len(checks) == 9 and all(c["passed"] and c["max_rel_error"] < 1e-4 for c in checks.values())
+    ane_passes = [name for name in ane_pipeline().passes if name.startswith("ane::")]
+    assert sorted(checks) == sorted(ane_passes) and all(c["passed"] and c["max_rel_error"] < 1e-4 for c in checks.values())
     assert checks["ane::attention_to_einsum"]["max_abs_error"] > 0  # per-head einsums reassociate
 
 
