@@ -159,3 +159,13 @@ def test_a_per_head_layer_norm_rounds_once_in_fp16():
     (outcome,) = check_case(case, modes=("split_einsum",))
     assert outcome.rewritten == 1
     assert outcome.fp16_psnr_db >= fp16_psnr_db(case, ct.PassPipeline.DEFAULT) - 1.0
+
+
+def test_passes_run_after_another_conversion_name_new_ops_apart_from_the_frontends():
+    """Found by the long run (model 1063): the harness runs the passes on a frontend program
+    after other conversions have cleared coremltools' op-name counter, so reduce_transposes
+    named a new op ``transpose_0`` beside the frontend's own and the program could not be
+    simulated. The harness now starts the counter past the program's names, as one ct.convert does."""
+    check_case(Case(kv_heads=1, layers=2, qkv="fused", qk_norm="rms", mask="none", mask_style="inf", window=2,
+                    gate=True, sdpa=True, norm="rms", activation="relu", bias=False, parallel=True, query_chunk=2,
+                    seed=279), modes=("off",))
