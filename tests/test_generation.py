@@ -79,6 +79,15 @@ def test_greedy_tokens_through_the_torch_step_equal_generate():
     assert check.produced == check.expected and check.worst_psnr_db > 55
 
 
+def test_the_check_stops_both_loops_at_the_end_of_sequence_token():
+    model = build_model("qwen2", hf.Qwen2ForCausalLM)
+    greedy = check_prompt(_torch_runner(model), model, PROMPT, CONTEXT, CHUNK, 16).produced
+    model.generation_config.eos_token_id = greedy[5]  # the sixth greedy token ends the sequence
+    check = check_prompt(_torch_runner(model), model, PROMPT, CONTEXT, CHUNK, 16)
+    stop = greedy.index(greedy[5]) + 1
+    assert check.produced == check.expected == greedy[:stop] and check.first_divergence is None
+
+
 def test_decode_step_attends_over_the_cache_per_head():
     mlmodel = convert_step(build_model("llama", hf.LlamaForCausalLM), CONTEXT, 1, ane_pipeline())
     report = last_reports()["ane::attention_to_einsum"]

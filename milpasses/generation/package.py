@@ -109,17 +109,20 @@ class PromptCheck:
 def check_prompt(run, model, prompt_ids: list[int], context: int, prefill_chunk: int, new_tokens: int,
                  label: str = "", kv_cache: str = "io") -> PromptCheck:
     """``new_tokens`` greedy tokens from ``run`` against Hugging Face ``generate`` on the same
-    prompt, and each step's logits against the torch model fed the tokens the package chose."""
+    prompt, and each step's logits against the torch model fed the tokens the package chose.
+    Both stop after the model's end-of-sequence token, as both generate loops do (forcing
+    ``generate`` on with ``min_new_tokens`` would ban that token there, and the package's
+    greedy choice of it would read as a divergence)."""
     from milpasses.simulator import psnr
 
     shape = cache_shape(model, context)
-    steps = list(generate_ids(run, prompt_ids, shape, prefill_chunk, new_tokens, Sampling(), kv_cache=kv_cache))
+    steps = list(generate_ids(run, prompt_ids, shape, prefill_chunk, new_tokens, Sampling(),
+                              stop_ids=_eos_ids(model), kv_cache=kv_cache))
     produced = [s.token for s in steps]
     with torch.no_grad():
         ids = torch.tensor([prompt_ids])
         expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False,
-                                  pad_token_id=_pad_id(model))[0, len(prompt_ids):].tolist()
+                                  do_sample=False, pad_token_id=_pad_id(model))[0, len(prompt_ids):].tolist()
         logits = model(torch.tensor([prompt_ids + produced[:-1]])).logits[0].float().numpy()
     psnrs = [psnr(logits[len(prompt_ids) - 1 + i], step.logits) for i, step in enumerate(steps)]
     check = PromptCheck(label, expected, produced, psnrs)
@@ -129,6 +132,11 @@ def check_prompt(run, model, prompt_ids: list[int], context: int, prefill_chunk:
         check.margin_at_divergence = float(best[1] - best[0])
         check.fp16_spacing = float(np.spacing(np.float16(np.abs(reference).max())))
     return check
+
+
+def _eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, list) else [eos])}
 
 
 def _pad_id(model) -> int:
