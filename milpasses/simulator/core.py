@@ -228,6 +228,12 @@ class Simulator:
         """The outputs on ``inputs``; ``constants`` replaces constants' values by var name (what a
         program computes with one weight changed, without building another program). A function
         with states needs ``state`` (from :meth:`make_state`), which the run updates in place."""
+        return self._outputs(self.values(inputs, observer, constants, state))
+
+    def values(self, inputs: Mapping[str, np.ndarray], observer: Observer | None = None,
+               constants: Mapping[str, np.ndarray] | None = None,
+               state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Every value of a :meth:`run`, by var name, for :meth:`rerun`."""
         env = dict(self._constants)
         if constants:
             env.update(constants)
@@ -243,6 +249,26 @@ class Simulator:
             outputs = self._execute(op, env)
             if observer is not None:
                 observer(op, outputs)
+        return env
+
+    def rerun(self, values: Mapping[str, np.ndarray], constants: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs of the run whose :meth:`values` are given, with ``constants`` replaced:
+        only the ops that read a replaced constant, directly or through other ops, run again
+        (what one changed weight changes costs the ops after its reader, not the whole program)."""
+        if self._states:
+            raise SimulationError("rerun does not apply to a function with state: its run changed the state")
+        env, changed = dict(values), set(constants)
+        env.update(constants)
+        for op in self.function.operations:
+            if op.op_type == "const" or is_decompression(op):
+                continue
+            read = (v for var in op.inputs.values() for v in (var if isinstance(var, (list, tuple)) else [var]))
+            if any(v.name in changed for v in read):
+                self._execute(op, env)
+                changed.update(var.name for var in op.outputs)
+        return self._outputs(env)
+
+    def _outputs(self, env) -> dict[str, np.ndarray]:
         return {
             var.name: env[var.name].astype(_declared_dtype(var.dtype), copy=False)
             for var in self.function.outputs
