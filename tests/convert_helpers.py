@@ -42,3 +42,22 @@ def save_fixture(directory, family: str, model_class=None, sentence_pooling: str
         (directory / "1_Pooling").mkdir()
         (directory / "1_Pooling" / "config.json").write_text(json.dumps({f"pooling_mode_{sentence_pooling}": True}))
     return directory
+
+
+def assert_generate_streams_hugging_faces_text(capsys, package, source, prompt="the cat sat on the mat", tokens=6):
+    """``milpasses generate PACKAGE PROMPT`` prints the greedy continuation Hugging Face
+    ``generate`` gives the GPT-2 fixture saved in ``source``, decoded."""
+    import torch
+
+    from milpasses.cli import main
+
+    capsys.readouterr()
+    assert main(["generate", str(package), prompt, "--max-new-tokens", str(tokens)]) == 0
+    streamed = capsys.readouterr().out
+    tokenizer = hf.AutoTokenizer.from_pretrained(source)
+    model = hf.GPT2LMHeadModel.from_pretrained(source, attn_implementation="eager").eval()
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                  do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+    assert streamed.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()

@@ -18,7 +18,7 @@ from milpasses.generation.package import SimulatedPackage, build_package, check_
 from milpasses.generation.step import KVCacheStep, convert_step
 from milpasses.passes import last_reports
 from milpasses.pipeline import ane_pipeline
-from tests.convert_helpers import save_fixture
+from tests.convert_helpers import assert_generate_streams_hugging_faces_text, save_fixture
 
 CONTEXT, CHUNK = 32, 8
 PROMPT = [5, 17, 42, 8, 9, 33, 71, 12, 4, 60, 23]  # 11 tokens: one chunk of 8 and a remainder of 3
@@ -181,17 +181,7 @@ def test_cli_writes_a_verified_two_function_package(tmp_path, capsys):
     assert bad == 2 and not (tmp_path / "bad.mlpackage").exists()
 
     # milpasses generate streams the package's greedy continuation: Hugging Face's, decoded.
-    prompt = "the cat sat on the mat"
-    capsys.readouterr()
-    assert main(["generate", str(output), prompt, "--max-new-tokens", "6"]) == 0
-    streamed = capsys.readouterr().out
-    tokenizer = hf.AutoTokenizer.from_pretrained(source)
-    model = hf.GPT2LMHeadModel.from_pretrained(source, attn_implementation="eager").eval()
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    with torch.no_grad():
-        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
-                                  do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
-    assert streamed.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
+    assert_generate_streams_hugging_faces_text(capsys, output, source)
     assert main(["generate", str(output), "word " * 40]) == 2
     assert "context" in capsys.readouterr().err
 

@@ -24,7 +24,7 @@ from milpasses.generation.step import cache_shape, state_slots
 from milpasses.passes import last_reports
 from milpasses.pipeline import ane_pipeline
 from milpasses.simulator import InputMismatchError, Simulator
-from tests.convert_helpers import save_fixture
+from tests.convert_helpers import assert_generate_streams_hugging_faces_text, save_fixture
 
 CONTEXT, CHUNK = 40, 8  # a context that is no multiple of 32: the state is padded to 64 slots
 PROMPTS = ([5, 17, 42, 8, 9, 33, 71, 12, 4, 60, 23],  # a chunk and a remainder
@@ -143,17 +143,7 @@ def test_cli_converts_and_generates_with_a_state_cache(tmp_path, capsys):
     for check in report["generation"]["prompts"]:
         assert check["tokens"] == 16 and (check["first_divergence"] is None or check["near_tie"])
 
-    prompt = "the cat sat on the mat"
-    capsys.readouterr()
-    assert main(["generate", str(output), prompt, "--max-new-tokens", "6"]) == 0
-    streamed = capsys.readouterr().out
-    tokenizer = hf.AutoTokenizer.from_pretrained(source)
-    model = hf.GPT2LMHeadModel.from_pretrained(source, attn_implementation="eager").eval()
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    with torch.no_grad():
-        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
-                                  do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
-    assert streamed.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
+    assert_generate_streams_hugging_faces_text(capsys, output, source)
 
 
 def test_sliding_window_state_package_decodes_like_generate(tmp_path):
