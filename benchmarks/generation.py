@@ -7,7 +7,7 @@ in each cache mode asked for (io and state by default: the tests run state on Ll
 only). Then the package size: a fixture whose weights dominate (hidden 256, 4 layers), its
 two-function package against a single-function (decode only) package, weight file and total.
 
-    PYTHONPATH=. python benchmarks/generation.py [--families gpt2,llama,qwen2,gemma2] [--kv-cache io,state]
+    PYTHONPATH=. python benchmarks/generation.py [--families gpt2,llama,...] [--kv-cache io,state]
         [--llama-1b]   # also analyze a Llama-3.2-1B-shaped decode function (random weights; slow)
 """
 
@@ -23,15 +23,15 @@ import numpy as np
 import torch
 import transformers as hf
 
-from fixtures.families import build_model
+from fixtures.families import build_model, causal_lm_families
 from milpasses.analyze import analyze
 from milpasses.generation.host import KVCache, StateCache, cache_bytes_per_token, run_step
 from milpasses.generation.package import SimulatedPackage, build_package, check_prompt
 from milpasses.generation.step import cache_shape, convert_step
 from milpasses.pipeline import ane_pipeline
 
-CAUSAL_LM = {"gpt2": hf.GPT2LMHeadModel, "llama": hf.LlamaForCausalLM, "qwen2": hf.Qwen2ForCausalLM,
-             "gemma2": hf.Gemma2ForCausalLM, "mistral_like": hf.MistralForCausalLM}
+#: Every causal-LM fixture family, and a Mistral-like model with a window in every layer.
+CAUSAL_LM = {**causal_lm_families(), "mistral_like": hf.MistralForCausalLM}
 CONTEXT, CHUNK = 64, 16
 PROMPTS = ([5, 17, 42, 8, 9, 33, 71, 12, 4, 60, 23, 19, 88, 41, 7, 30, 52, 11, 64],  # a chunk and a remainder
            [7, 3, 91, 26, 45])

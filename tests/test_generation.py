@@ -193,13 +193,3 @@ def test_analyze_reads_the_decode_function_and_prices_the_cache(llama_package, c
     assert "generation (decode, 1 token(s) per call, context 32, cache as io)" in out
     # 2 layers x 16 channels, fp16, K and V: 128 bytes per position; io moves the whole cache.
     assert "io 4,224" in out and "state 128" in out
-
-
-def test_sliding_window_and_soft_capping_decode_like_generate(tmp_path):
-    """Gemma 2: a window of 4 in every other layer, soft-capped scores and logits; the prompt
-    is longer than the window, so the in-graph window mask drops cache slots."""
-    model = build_model("gemma2", hf.Gemma2ForCausalLM)
-    path = tmp_path / "gemma2.mlpackage"
-    build_package(model, CONTEXT, CHUNK, ane_pipeline, path)
-    check = check_prompt(SimulatedPackage(path), model, PROMPT, CONTEXT, CHUNK, 8)
-    assert check.produced == check.expected and check.worst_psnr_db > 55

@@ -2,8 +2,9 @@
 cache updated in place by both functions) decoding like Hugging Face ``generate``.
 
 Here Llama (a package, the host loop), GPT-2 (``milpasses convert`` and ``milpasses generate``)
-and Gemma 2 (sliding window, soft caps); ``benchmarks/generation.py`` runs every family (Qwen2
-and a Mistral-like window everywhere too) in both cache modes, 16 tokens on two prompts."""
+and Gemma 2 (sliding window, soft caps) at a context the state pads; every causal-LM family
+decodes in state mode in ``test_generation_families.py``, and ``benchmarks/generation.py`` runs
+them all (and a Mistral-like window everywhere) on two prompts."""
 
 import json
 import platform
