@@ -48,3 +48,10 @@ def test_every_causal_lm_family_decodes_greedily_like_generate(family, kv_cache,
                      and any(child.op_type == "einsum" for child in op.outputs[0].child_ops)]
         assert attention and all(int(op.inputs["axis"].val) % 4 == 1 for op in attention)
         assert max(len(v.shape) for op in ops for v in op.outputs) <= 5
+
+
+def test_the_causal_lm_families_are_found_by_behaviour():
+    """BERT-like encoders have a causal-LM class in transformers, but the fixture builds them
+    bidirectional; every decoder family is found (an empty set would run no test above)."""
+    assert {"gpt2", "llama", "qwen2", "gemma2", "falcon", "mixtral", "xglm"} <= set(FAMILIES)
+    assert not {"bert", "roberta", "xlm_roberta", "electra"} & set(FAMILIES)
