@@ -4,11 +4,13 @@
 
 Every point is a latency (or a speed-up) someone measured on a named Apple chip for a model we
 can build offline at its published shape with seeded random weights (latency does not depend on
-the weights' values). Each model is converted the way its source converted it: coremltools'
-DEFAULT pipeline, a hand-written model in Apple's ANE form (benchmarks/apple_form.py), or
-``ane_pipeline()``; then analysed for its chip. The script fits the cost model's free parameters
-(``cost.FITTED``) to all points, and predicts every point from a fit that leaves that point out
-(leave-one-out), printing predicted / measured and its source, and the bars of issue 16.
+the weights' values). Each model is converted the way its source converted it: a hand-written
+model in Apple's ANE form (benchmarks/apple_form.py) through coremltools' DEFAULT pipeline,
+``ane_pipeline()``, or, for Apple's 2022 baseline, the Hugging Face code and the coremltools fp16
+rule of that year (fixtures/distilbert_2022.py); then analysed for its chip. The script fits the
+cost model's free parameters (``cost.FITTED``) to all points, and predicts every point from a fit
+that leaves that point out (leave-one-out), printing predicted / measured and its source, and the
+bars of issue 16.
 
 Deep models are not converted whole: a transformer's layers are identical, and the cost model
 sums per-op times, so a model of L layers costs T(2) + (L - 2) * (T(2) - T(1)), computed from
@@ -58,7 +60,7 @@ class Program:
     """One model, converted one way, at one length; ``layers`` is the published depth."""
 
     family: str  # a key of BUILDERS
-    conversion: str  # "DEFAULT", "apple" (hand-written ANE form) or "ane_pipeline"
+    conversion: str  # "apple" (hand-written ANE form, DEFAULT passes), "ane_pipeline" or "coremltools_2022"
     seq_len: int
     layers: int
     inputs: tuple = ("input_ids", "attention_mask")
@@ -83,8 +85,8 @@ def _distilbert(conversion, layers=6, seq=128):
 
 
 POINTS = [
-    Point("DistilBERT-base DEFAULT", _distilbert("DEFAULT"), "A15", 9.89, APPLE,
-          note="Apple's baseline: HF DistilBERT through coremltools' defaults"),
+    Point("DistilBERT-base DEFAULT", _distilbert("coremltools_2022"), "A15", 9.89, APPLE,
+          note="Apple's baseline: HF DistilBERT's 2022 code through coremltools 5.2-6.3's defaults"),
     Point("DistilBERT-base Apple form", _distilbert("apple"), "A15", 3.47, APPLE),
     Point("DistilBERT-base Apple form", _distilbert("apple"), "M1", 4.71, ANENTROPIC,
           note="one reported inference; the author says times vary"),
@@ -114,8 +116,9 @@ EXCLUDED = [
     ("more-ane-transformers gpt2 26/21 ms, gpt2-xl 138/95 ms per token (M1/M2, SPEED.md from 2023-10)",
      "KV-cache generation with a chunked input whose length SPEED.md does not give, on a patched coremltools: "
      "not buildable at its published shape; the same source's earlier full-input figures are used instead"),
-    ("ExecuTorch Llama-3.2-1B decode/prefill, A17 Pro", "needs 4-bit channel-wise weights and a KV cache "
-     "(the generation issue has not landed)"),
+    ("ExecuTorch Llama-3.2-1B decode/prefill, A17 Pro", "needs the 1B decoder with 4-bit channel-wise weights: "
+     "the KV-cache decode function exists (milpasses convert --task text-generation), but converting "
+     "Llama-3.2-1B's decode alone peaks at 21 GB of this machine's 24 before any compression"),
     ("ANEForge MiniLM 0.53 ms, M5 Pro", "not Core ML, and M5 is not in the chip table"),
 ]
 
@@ -172,6 +175,20 @@ def _apple_model(family: str, layers: int):
     return AppleFormEncoder(VOCAB, 768, 12, 3072, layers, positions, token_types).eval()
 
 
+def _distilbert_2022(model, examples):
+    """The 2022 attention over ``model``'s weights, checked to compute what ``model`` computes."""
+    import torch
+
+    from fixtures.distilbert_2022 import DistilBert2022
+
+    old_form = DistilBert2022(model).eval()
+    with torch.no_grad():
+        today = model(input_ids=examples[0], attention_mask=examples[1]).last_hidden_state
+        if not torch.allclose(old_form(*examples), today, atol=1e-4):
+            raise RuntimeError("DistilBert2022 no longer computes what transformers' DistilBertModel computes")
+    return old_form
+
+
 def build_and_analyse(program: Program, layers: int, chips: list[str]) -> dict:
     """Convert one program and return its per-op analysis for each chip, with and without the ANE."""
     import coremltools as ct
@@ -189,13 +206,20 @@ def build_and_analyse(program: Program, layers: int, chips: list[str]) -> dict:
     examples = tuple(torch.from_numpy(v.astype(np.int64)) for v in inputs.values())
     if program.conversion == "apple":
         module = _apple_model(program.family, layers)
+    elif program.conversion == "coremltools_2022":
+        module = _distilbert_2022(_hf_model(program.family, layers), examples)
     else:
         module = LastHiddenState(_hf_model(program.family, layers), tuple(inputs)).eval()
     with torch.no_grad():
         traced = torch.jit.trace(module, examples)
     pipeline = ane_pipeline() if program.conversion == "ane_pipeline" else ct.PassPipeline.DEFAULT
     started = time.perf_counter()
-    mlmodel = convert_traced(traced, inputs, "fp16", pipeline)
+    if program.conversion == "coremltools_2022":
+        from fixtures.distilbert_2022 import convert_2022
+
+        mlmodel = convert_2022(traced, inputs)
+    else:
+        mlmodel = convert_traced(traced, inputs, "fp16", pipeline)
     converted_seconds = time.perf_counter() - started
     result = {"convert_seconds": converted_seconds, "chips": {}}
     for chip in chips:
@@ -220,7 +244,7 @@ def _builds(points) -> dict[str, tuple[Program, int, list[str]]]:
     builds: dict[str, tuple[Program, int, set]] = {}
     for point in points:
         program = point.program
-        depths = [program.layers] if program.conversion == "DEFAULT" or program.family == "distilbert" else []
+        depths = [program.layers] if program.family == "distilbert" else []
         depths += [1, 2]
         for layers in depths:
             key = program.key(layers)
@@ -399,6 +423,8 @@ def main(argv=None) -> int:
           f"(bar 3x), {len(usable)} points from {len(sources)} sources (bars 8 and 3)")
     distil = {p.name + p.chip: pr for p, pr in zip(usable, predictors)}
     if "DistilBERT-base DEFAULTA15" in distil and "DistilBERT-base Apple formA15" in distil:
+        print("DistilBERT's DEFAULT point is built as Apple built it in 2022 (fixtures/distilbert_2022.py); "
+              "today's transformers and coremltools make a faster baseline, estimated in tests/test_analyze_cost.py")
         for label, parameters in (("fit on all points", fitted), ("parameters in cost.py", costs.PARAMETERS)):
             default_ms = distil["DistilBERT-base DEFAULTA15"](parameters)
             apple_ms = distil["DistilBERT-base Apple formA15"](parameters)
@@ -414,7 +440,7 @@ def main(argv=None) -> int:
 
 def _check_extrapolation(cache: dict) -> None:
     """DistilBERT is converted whole and as one and two layers: the two estimates must agree."""
-    for conversion in ("apple", "DEFAULT"):
+    for conversion in ("apple", "coremltools_2022"):
         program = _distilbert(conversion)
         keys = [program.key(n) for n in (1, 2, program.layers)]
         if not all(k in cache and "A15" in cache[k].get("chips", {}) for k in keys):

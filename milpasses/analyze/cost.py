@@ -45,9 +45,9 @@ class CostParameters:
 
 #: The values in use: the fit of ``benchmarks/calibration.py`` on every point of its set.
 PARAMETERS = CostParameters(
-    ane_efficiency=0.315,
-    gpu_efficiency=0.37,
-    op_seconds=0.49e-6,
+    ane_efficiency=0.33,
+    gpu_efficiency=0.39,
+    op_seconds=0.5e-6,
     on_chip_bytes=2**20,
     dispatch_seconds=0.1e-3,
     switch_seconds=0.1e-3,
@@ -56,7 +56,7 @@ PARAMETERS = CostParameters(
 FITTED = ("ane_efficiency", "gpu_efficiency", "op_seconds")
 PARAMETER_SOURCES = {
     "ane_efficiency": "fitted to 16 published measurements from 5 sources (benchmarks/calibration.py; "
-                      "leave-one-out median error 1.16x, worst 2.5x)",
+                      "leave-one-out median error 1.17x, worst 2.4x)",
     "gpu_efficiency": "fitted, with the above, to hft2ane's ANE-vs-GPU speed-ups on M1 (benchmarks/calibration.py)",
     "op_seconds": "fitted with the above (benchmarks/calibration.py); small: the ANE fuses most elementwise ops",
     "on_chip_bytes": "assumed: 1 MiB of on-chip buffer, the order of what Apple's per-head split aims to stay "
