@@ -175,20 +175,6 @@ def _apple_model(family: str, layers: int):
     return AppleFormEncoder(VOCAB, 768, 12, 3072, layers, positions, token_types).eval()
 
 
-def _distilbert_2022(model, examples):
-    """The 2022 attention over ``model``'s weights, checked to compute what ``model`` computes."""
-    import torch
-
-    from fixtures.distilbert_2022 import DistilBert2022
-
-    old_form = DistilBert2022(model).eval()
-    with torch.no_grad():
-        today = model(input_ids=examples[0], attention_mask=examples[1]).last_hidden_state
-        if not torch.allclose(old_form(*examples), today, atol=1e-4):
-            raise RuntimeError("DistilBert2022 no longer computes what transformers' DistilBertModel computes")
-    return old_form
-
-
 def build_and_analyse(program: Program, layers: int, chips: list[str]) -> dict:
     """Convert one program and return its per-op analysis for each chip, with and without the ANE."""
     import coremltools as ct
@@ -207,7 +193,9 @@ def build_and_analyse(program: Program, layers: int, chips: list[str]) -> dict:
     if program.conversion == "apple":
         module = _apple_model(program.family, layers)
     elif program.conversion == "coremltools_2022":
-        module = _distilbert_2022(_hf_model(program.family, layers), examples)
+        from fixtures.distilbert_2022 import DistilBert2022, convert_2022
+
+        module = DistilBert2022(_hf_model(program.family, layers)).eval()
     else:
         module = LastHiddenState(_hf_model(program.family, layers), tuple(inputs)).eval()
     with torch.no_grad():
@@ -215,9 +203,7 @@ def build_and_analyse(program: Program, layers: int, chips: list[str]) -> dict:
     pipeline = ane_pipeline() if program.conversion == "ane_pipeline" else ct.PassPipeline.DEFAULT
     started = time.perf_counter()
     if program.conversion == "coremltools_2022":
-        from fixtures.distilbert_2022 import convert_2022
-
-        mlmodel = convert_2022(traced, inputs)
+        mlmodel = convert_2022(traced, inputs)  # its equality with today's model: tests/test_analyze_cost.py
     else:
         mlmodel = convert_traced(traced, inputs, "fp16", pipeline)
     converted_seconds = time.perf_counter() - started
