@@ -53,7 +53,7 @@ def child(model_name: str, run: str) -> None:
 
     import milpasses
     import milpasses.frontend  # noqa: F401  (DEFAULT needs the converters too)
-    from milpasses.tracing import LastHiddenState, convert_traced
+    from milpasses.frontend.tracing import LastHiddenState, convert_traced
 
     model = build(model_name)
     inputs = {"input_ids": np.zeros((1, SEQ_LEN), np.int32), "attention_mask": np.ones((1, SEQ_LEN), np.int32)}
@@ -70,7 +70,7 @@ def child(model_name: str, run: str) -> None:
     started = time.perf_counter()
     program = convert_traced(traced, inputs, pass_pipeline=pipeline)._mil_program
     seconds = time.perf_counter() - started
-    pass_seconds = {k: r.seconds for k, r in milpasses.last_reports().items()} if run == "ane" else {}
+    pass_seconds = {k: r.seconds for k, r in pipeline.reports.items()} if run == "ane" else {}
     print(json.dumps({
         "convert_seconds": seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -26,7 +26,7 @@ def plain_convert_seconds(seq_len: int) -> float:
 
     from milpasses.bundled import bundled_model_dir, load_bundled
     from milpasses.convert.load import sentence_pooling
-    from milpasses.tracing import TaskOutputs
+    from milpasses.frontend.tracing import TaskOutputs
 
     model, tokenizer = load_bundled()
     names = ("input_ids", "attention_mask", "token_type_ids")

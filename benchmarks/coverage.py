@@ -352,9 +352,8 @@ def sweep_one(model_type: str, fp32: bool = False, progress=None) -> dict:
     import torch
 
     import milpasses
-    from milpasses.passes.report import LAST_REPORTS
     from milpasses.simulator import simulate
-    from milpasses.tracing import LastHiddenState, convert_traced
+    from milpasses.frontend.tracing import LastHiddenState, convert_traced
 
     record = {"name": model_type, "class": None, "kind": None, "parameters": None,
               "built": False, "traced": False, "default_converts": False, "ane_converts": False,
@@ -399,11 +398,11 @@ def sweep_one(model_type: str, fp32: bool = False, progress=None) -> dict:
         record["attention_blocks"] = record["default"]["attention_softmax"] + record["default"]["sdpa"]
 
         enter("convert ane")
-        LAST_REPORTS.clear()
-        ane = convert_traced(traced, inputs, "fp16", milpasses.ane_pipeline())
+        pipeline = milpasses.ane_pipeline()
+        ane = convert_traced(traced, inputs, "fp16", pipeline)
         record["ane_converts"] = True
         record["ane"] = _program_census(ane)
-        reports = milpasses.last_reports()
+        reports = pipeline.reports
         attention = reports.get("ane::attention_to_einsum")
         if attention is not None:
             record["rewritten_kinds"] = dict(attention.rewritten)

@@ -72,7 +72,7 @@ def _simulated_decode_ms(run, shape, steps, kv_cache: str) -> float:
 def family_row(family: str, directory: Path, kv_cache: str) -> dict:
     model = _model(family)
     path = directory / f"{family}-{kv_cache}.mlpackage"
-    programs = build_package(model, CONTEXT, CHUNK, ane_pipeline, path, kv_cache=kv_cache)
+    programs, _ = build_package(model, CONTEXT, CHUNK, ane_pipeline, path, kv_cache=kv_cache)
     run = SimulatedPackage(path)
     checks = [check_prompt(run, model, p, CONTEXT, CHUNK, 16, kv_cache=kv_cache) for p in PROMPTS]
     ops = {name: Counter(op.op_type for op in p.functions["main"].operations if op.op_type != "const")

@@ -16,7 +16,7 @@ import transformers as hf
 
 import milpasses.frontend  # noqa: F401  (frontend converters)
 from milpasses.simulator import Simulator, psnr
-from milpasses.tracing import LastHiddenState, convert_traced
+from milpasses.frontend.tracing import LastHiddenState, convert_traced
 
 SEQ_LEN = 128
 BAR = 3.0

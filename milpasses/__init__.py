@@ -2,7 +2,7 @@
 
 The public names load on first use, so that ``import milpasses`` (and the command line, before
 it has read its options) does not import coremltools and torch. Whatever converts a model
-(``ane_pipeline()``, ``milpasses.tracing``, ``milpasses.convert``) first installs the torch
+(``ane_pipeline()``, ``milpasses.frontend.tracing``, ``milpasses.convert``) first installs the torch
 op converters coremltools lacks (``milpasses.frontend``).
 """
 
@@ -14,7 +14,6 @@ _HOMES = {
     "ane_pipeline": "milpasses.pipeline",
     "check_fp16": "milpasses.fp16_check",
     "generate": "milpasses.generation.api",
-    "last_reports": "milpasses.passes",
     "psnr": "milpasses.simulator",
     "simulate": "milpasses.simulator",
 }

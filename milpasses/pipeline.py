@@ -8,6 +8,7 @@ from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 import milpasses.frontend  # noqa: F401  (installs the torch op converters coremltools lacks)
 import milpasses.passes  # noqa: F401  (registers the ane:: passes)
 from milpasses.passes.base import parse_bool
+from milpasses.passes.report import PassReports
 
 PIPELINE_NAME = "ane"
 
@@ -47,14 +48,25 @@ OPTIONS = {
 }
 
 
+class AnePipeline(ct.PassPipeline):
+    """A coremltools ``PassPipeline`` whose ``ane::`` passes file what they did in ``reports``
+    (pass id -> :class:`~milpasses.passes.report.PassReport`), filled when ``ct.convert`` runs it.
+    A pipeline serves one conversion: ``ct.convert`` mutates the pipeline it is given."""
+
+    def __init__(self, pass_names: list[str]):
+        super().__init__(pass_names, PIPELINE_NAME)
+        self.reports = PassReports()
+
+
 def _fresh(pass_id: str):
     """A new instance of a registered pass, to validate options on without touching the
     instance coremltools runs."""
     return type(PASS_REGISTRY[pass_id])()
 
 
-def ane_pipeline(**options) -> ct.PassPipeline:
-    """A fresh pipeline for ``ct.convert(..., pass_pipeline=ane_pipeline())``.
+def ane_pipeline(**options) -> AnePipeline:
+    """A fresh pipeline for ``ct.convert(..., pass_pipeline=ane_pipeline())``; after the
+    conversion its ``reports`` say what each ``ane::`` pass rewrote and left alone, and why.
 
     Every default coremltools pass stays, fp16 casting included. Options:
 
@@ -85,21 +97,21 @@ def ane_pipeline(**options) -> ct.PassPipeline:
     unknown = sorted(set(options) - set(OPTIONS) - {"check"})
     if unknown:
         raise ValueError(f"unknown ane_pipeline option(s) {unknown}; the options are {sorted([*OPTIONS, 'check'])}")
-    pipeline = ct.PassPipeline.DEFAULT  # a new object on every access: ct.convert mutates the one it gets
+    pipeline = AnePipeline(ct.PassPipeline.DEFAULT.passes)
     position = pipeline.passes.index(INSERT_BEFORE)
     for pass_id in reversed(ANE_PASSES):
         pipeline.insert_pass(position, pass_id)
-    by_pass: dict[str, dict] = {}
+    by_pass: dict[str, dict] = {pass_id: {"reports": pipeline.reports} for pass_id in ANE_PASSES}
     check = options.pop("check", False)
     if parse_bool(check, "check"):
-        by_pass.update({pass_id: {"check": True} for pass_id in ANE_PASSES})
+        for pass_id in ANE_PASSES:
+            by_pass[pass_id]["check"] = True
     for name, value in options.items():
         pass_id, option = OPTIONS[name]
         setattr(_fresh(pass_id), option, value)  # the pass's own setter validates, now
-        by_pass.setdefault(pass_id, {})[option] = value
+        by_pass[pass_id][option] = value
     for pass_id, pass_options in by_pass.items():
         pipeline.set_options(pass_id, pass_options)  # replaces, so each pass gets all of its options at once
-    pipeline.pipeline_name = PIPELINE_NAME
     return pipeline
 
 

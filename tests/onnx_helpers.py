@@ -18,7 +18,7 @@ from milpasses.onnx.load import load_onnx
 from milpasses.onnx.translate import to_program
 from milpasses.pipeline import ane_pipeline
 from milpasses.simulator import Simulator, psnr
-from milpasses.tracing import LastHiddenState
+from milpasses.frontend.tracing import LastHiddenState
 
 #: Ops whose count may differ from the torch route's, and why: the ONNX graph declares float32
 #: outputs, kept float32 (one cast after the fp16 body), and the padding mask is cast to bool in a

@@ -7,7 +7,7 @@ import pytest
 
 from fixtures import families as F
 from fixtures.fuzz import device_limit_violations
-from milpasses import ane_pipeline, last_reports
+from milpasses import ane_pipeline
 from milpasses.simulator import psnr, simulate
 
 MODES = ("split_einsum", "split_einsum_v2", "batched")
@@ -26,9 +26,9 @@ def _model(name):
 
 @functools.lru_cache(maxsize=1)
 def _converted(name, mode, seq_len, precision):
-    mlmodel = F.convert(name, precision, pass_pipeline=ane_pipeline(attention=mode), batch=3, seq_len=seq_len,
-                        model=_model(name))
-    return mlmodel, last_reports()["ane::attention_to_einsum"]
+    pipeline = ane_pipeline(attention=mode)
+    mlmodel = F.convert(name, precision, pass_pipeline=pipeline, batch=3, seq_len=seq_len, model=_model(name))
+    return mlmodel, pipeline.reports["ane::attention_to_einsum"]
 
 
 def _text_inputs(name, seq_len):

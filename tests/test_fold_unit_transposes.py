@@ -5,7 +5,7 @@ import pytest
 from coremltools.converters.mil import Builder as mb
 
 from fixtures import families as F
-from milpasses import ane_pipeline, last_reports
+from milpasses import ane_pipeline
 from milpasses.simulator import simulate
 from tests.helpers import mil_program
 from tests.passes_helpers import op_types, rewritten_matches_original, run_passes
@@ -95,8 +95,9 @@ def test_a_chain_with_another_reader_is_left_alone():
 def test_distilbert_keeps_one_layout_op_for_its_padding_mask():
     inputs = F.sample_inputs("distilbert")
     expected = F.torch_reference("distilbert", inputs)
-    mlmodel = F.convert("distilbert", "fp32", pass_pipeline=ane_pipeline())
-    assert dict(last_reports()[PASS].rewritten) == {"transpose folded into a reshape": 1}
+    pipeline = ane_pipeline()
+    mlmodel = F.convert("distilbert", "fp32", pass_pipeline=pipeline)
+    assert dict(pipeline.reports[PASS].rewritten) == {"transpose folded into a reshape": 1}
     ops = mlmodel._mil_program.functions["main"].operations
     transposes = [op for op in ops if op.op_type == "transpose"]
     assert len(transposes) == 2 + F.LAYERS  # the region's enter and leave, one K per block

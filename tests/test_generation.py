@@ -16,7 +16,6 @@ from milpasses.convert import ConversionError, convert
 from milpasses.generation.host import ContextFullError, KVCache, Sampling, generate_ids, prefill
 from milpasses.generation.package import SimulatedPackage, build_package, check_prompt
 from milpasses.generation.step import KVCacheStep, convert_step
-from milpasses.passes import last_reports
 from milpasses.pipeline import ane_pipeline
 from tests.convert_helpers import assert_generate_streams_hugging_faces_text, save_fixture
 
@@ -89,8 +88,9 @@ def test_the_check_stops_both_loops_at_the_end_of_sequence_token():
 
 
 def test_decode_step_attends_over_the_cache_per_head():
-    mlmodel = convert_step(build_model("llama", hf.LlamaForCausalLM), CONTEXT, 1, ane_pipeline())
-    report = last_reports()["ane::attention_to_einsum"]
+    pipeline = ane_pipeline()
+    mlmodel = convert_step(build_model("llama", hf.LlamaForCausalLM), CONTEXT, 1, pipeline)
+    report = pipeline.reports["ane::attention_to_einsum"]
     assert report.sites_rewritten == 2 and not report.skipped
     ops = [op for op in mlmodel._mil_program.functions["main"].operations]
     counts = Counter(op.op_type for op in ops)
@@ -111,7 +111,7 @@ def test_decode_step_attends_over_the_cache_per_head():
 def llama_package(tmp_path_factory):
     model = build_model("llama", hf.LlamaForCausalLM)
     path = tmp_path_factory.mktemp("generation") / "llama.mlpackage"
-    programs = build_package(model, CONTEXT, CHUNK, ane_pipeline, path)
+    programs, _ = build_package(model, CONTEXT, CHUNK, ane_pipeline, path)
     return model, path, programs
 
 

@@ -31,7 +31,7 @@ def test_every_causal_lm_family_decodes_greedily_like_generate(family, kv_cache,
     # EOS first, and the check would compare one token).
     model.generation_config.eos_token_id = None
     path = tmp_path / f"{family}.mlpackage"
-    programs = build_package(model, CONTEXT, CHUNK, ane_pipeline, path, kv_cache=kv_cache)
+    programs, _ = build_package(model, CONTEXT, CHUNK, ane_pipeline, path, kv_cache=kv_cache)
 
     check = check_prompt(SimulatedPackage(path), model, PROMPT, CONTEXT, CHUNK, NEW_TOKENS, kv_cache=kv_cache)
     assert len(check.expected) == NEW_TOKENS and check.produced == check.expected

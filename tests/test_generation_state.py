@@ -22,7 +22,6 @@ from milpasses.generation.api import CoreMLPackage
 from milpasses.generation.host import ContextFullError, generate_ids
 from milpasses.generation.package import SimulatedPackage, build_package, check_prompt
 from milpasses.generation.step import cache_shape, state_slots
-from milpasses.passes import last_reports
 from milpasses.pipeline import ane_pipeline
 from milpasses.simulator import InputMismatchError, Simulator
 from tests.convert_helpers import assert_generate_streams_hugging_faces_text, save_fixture
@@ -79,8 +78,8 @@ def test_state_ops_persist_across_calls_like_torch_buffers():
 def llama_state_package(tmp_path_factory):
     model = build_model("llama", hf.LlamaForCausalLM)
     path = tmp_path_factory.mktemp("generation-state") / "llama.mlpackage"
-    programs = build_package(model, CONTEXT, CHUNK, ane_pipeline, path, kv_cache="state")
-    return model, path, programs, last_reports()["ane::attention_to_einsum"]
+    programs, reports = build_package(model, CONTEXT, CHUNK, ane_pipeline, path, kv_cache="state")
+    return model, path, programs, reports["decode"]["ane::attention_to_einsum"]
 
 
 def test_state_package_decodes_greedily_like_generate(llama_state_package):

@@ -5,7 +5,7 @@ import pytest
 from coremltools.converters.mil import Builder as mb
 
 from fixtures import families as F
-from milpasses import ane_pipeline, last_reports
+from milpasses import ane_pipeline
 from milpasses.simulator import psnr, simulate
 from tests.helpers import mil_program
 from tests.passes_helpers import op_types, rewritten_matches_original, run_passes
@@ -100,10 +100,11 @@ def test_fixture_families_padded_batch_against_torch(name):
     valid = F.valid_tokens(inputs)
     causal = name in ("gpt2", "llama", "qwen2")
     for precision, floor in (("fp32", 100.0), ("fp16", 60.0)):
-        mlmodel = F.convert(name, precision, pass_pipeline=ane_pipeline())
+        pipeline = ane_pipeline()
+        mlmodel = F.convert(name, precision, pass_pipeline=pipeline)
         actual = simulate(mlmodel, inputs)["last_hidden_state"]
         assert psnr(expected[valid], actual[valid]) >= floor
-        report = last_reports()[PASS]
+        report = pipeline.reports[PASS]
         assert report.sites_rewritten == (0 if causal else 1)
         square = [op for op in mlmodel._mil_program.functions["main"].operations
                   if op.op_type in ("select", "logical_and") and op.outputs[0].shape[-2:] == (F.SEQ_LEN, F.SEQ_LEN)]

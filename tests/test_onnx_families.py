@@ -48,7 +48,7 @@ def test_dynamo_exported_llama_converts_like_the_torch_route(tmp_path):
     import torch
 
     from fixtures.families import build_model, sample_inputs
-    from milpasses.tracing import LastHiddenState
+    from milpasses.frontend.tracing import LastHiddenState
 
     path, inputs = tmp_path / "llama.onnx", sample_inputs("llama")
     examples = tuple(torch.from_numpy(v.astype(np.int64)) for v in inputs.values())

@@ -7,7 +7,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import get_new_symbol
 
 from fixtures import families as F
-from milpasses.passes.report import LAST_REPORTS
+from milpasses.passes.report import PassReports
 from milpasses.pipeline import INSERT_BEFORE
 from milpasses.simulator import simulate
 from tests.helpers import mil_program
@@ -161,8 +161,10 @@ def test_disabled_does_nothing():
 def test_opt_feed_forwards_leave_no_flatten_and_match_torch():
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.insert_pass(pipeline.passes.index(INSERT_BEFORE), PASS)
+    reports = PassReports()
+    pipeline.set_options(PASS, {"reports": reports})
     converted = F.convert("opt", "fp32", pass_pipeline=pipeline)
-    report = LAST_REPORTS[PASS]
+    report = reports[PASS]
     assert dict(report.rewritten) == {"merged region": F.LAYERS, "op unmerged": 5 * F.LAYERS,
                                       "reshape removed": 2 * F.LAYERS}
     ops = converted._mil_program.functions["main"].operations

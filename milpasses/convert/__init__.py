@@ -34,10 +34,9 @@ from milpasses.convert.options import (
     PRECISIONS,
     TARGETS,
     TASKS,
-    ConversionError,
-    LibraryFailure,
     Task,
 )
+from milpasses.errors import ConversionError, LibraryFailure
 from milpasses.convert.report import ConversionReport
 from milpasses.convert.samples import SAMPLE_QUESTIONS
 from milpasses.convert.saving import check_output, report_paths, save
@@ -87,7 +86,6 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     from milpasses.convert import coreml, load, trace, verify
     from milpasses.convert.options import check_options
     from milpasses.onnx.load import is_onnx
-    from milpasses.passes import last_reports
 
     scheme = compressing.check_scheme(compress)
     compressing.check_target(scheme, target)
@@ -117,7 +115,8 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
         if scheme is not None:
             raise ConversionError("--compress does not apply to ONNX models yet: convert without it")
 
-        mlmodel, report = convert_onnx(model, options, pipeline, lambda *stage: _stage(console, seconds, *stage))
+        mlmodel, report = convert_onnx(model, options, lambda: coreml.pipeline_for(options),
+                                       lambda *stage: _stage(console, seconds, *stage))
         report.seconds = {k: round(v, 3) for k, v in seconds.items()}
         return mlmodel, report
 
@@ -138,7 +137,7 @@ def convert(model=None, task: str = "feature-extraction", seq_len: int | None = 
     recorded = options.recorded(takes_images=loaded.modality == "vision")
     report = ConversionReport(model=loaded.description, task=task, inputs=traced.shapes,
                               outputs=traced.output_names, options=recorded, min_psnr_db=min_psnr_db,
-                              passes=[r.as_dict() for r in last_reports().values()],
+                              passes=pipeline.reports.as_dicts(),
                               ops_after=coreml.histogram(mlmodel._mil_program),
                               compression=None if compression is None else compression.as_dict())
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from milpasses.convert.options import ConversionError
+from milpasses.errors import ConversionError
 
 SCHEMES = ("palettize8", "palettize6", "palettize4", "int8", "auto")
 SMALL_WEIGHT_ELEMENTS = 4096
@@ -378,7 +378,7 @@ def calibrated_palettization(loaded, options, texts, compression: Compression):
                 body[name] = module.weight.numel()
     # the noise of the outputs converted (a sentence embedding, not an unused pooler)
     from milpasses.convert.trace import _outputs
-    from milpasses.tracing import TaskOutputs
+    from milpasses.frontend.tracing import TaskOutputs
 
     with torch.no_grad():
         produced = model(**batches[0])

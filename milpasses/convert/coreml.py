@@ -17,7 +17,8 @@ from collections import Counter
 import coremltools as ct
 import numpy as np
 
-from milpasses.convert.options import ConversionError, LibraryFailure, Options, first_line
+from milpasses.convert.options import Options
+from milpasses.errors import ConversionError, LibraryFailure, first_line
 from milpasses.convert.trace import Traced
 from milpasses.passes.translation_check import TranslationError
 from milpasses.pipeline import ane_pipeline

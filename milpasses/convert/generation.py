@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from milpasses.convert.options import ConversionError
+from milpasses.errors import ConversionError
 
 KV_CACHE_MODES = ("io", "state")
 DEFAULT_PREFILL_CHUNK = 64
@@ -87,7 +87,6 @@ def convert_generation(model, context: int, prefill_chunk: int, kv_cache: str, o
     from milpasses.convert.report import ConversionReport
     from milpasses.generation.package import SimulatedPackage, build_package, check_prompt
     from milpasses.generation.step import cache_shape, state_slots
-    from milpasses.passes import last_reports
     from milpasses.pipeline import ane_pipeline
 
     seconds = {}
@@ -104,8 +103,9 @@ def convert_generation(model, context: int, prefill_chunk: int, kv_cache: str, o
     pipeline = (lambda: ane_pipeline(attention=options.attention)) if options.attention else ane_pipeline
     with stage(console, seconds, "convert", f"tracing and converting prefill ({prefill_chunk} tokens) and decode "
                f"(1 token) at context {context}, the cache as {kv_cache}"):
-        programs = build_package(loaded.model, context, prefill_chunk, pipeline, package, kv_cache, all_logits)
-        passes = [r.as_dict() for r in last_reports().values()]
+        programs, reports = build_package(loaded.model, context, prefill_chunk, pipeline, package, kv_cache,
+                                          all_logits)
+        passes = [{"function": function, **entry} for function, filed in reports.items() for entry in filed.as_dicts()]
     shape = cache_shape(loaded.model, state_slots(context) if kv_cache == "state" else context)
     recorded = {"task": "text-generation", "context": context, "prefill_chunk": prefill_chunk, "kv_cache": kv_cache,
                 "all_logits": all_logits,

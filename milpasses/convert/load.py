@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from milpasses.convert.options import BUNDLED_NAME, TASKS, ConversionError, Options, Task, first_line
-from milpasses.tracing import SentencePooling
+from milpasses.convert.options import BUNDLED_NAME, TASKS, Options, Task
+from milpasses.errors import ConversionError, first_line
+from milpasses.frontend.tracing import SentencePooling
 
 
 @dataclass

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from milpasses.errors import ConversionError
+
 DEFAULT_MIN_PSNR_DB = 60.0
 DEFAULT_SEQ_LEN = 128
 TARGETS = ("iOS16", "iOS17", "iOS18")
 PRECISIONS = ("fp16", "fp32")
 ATTENTION_MODES = ("split_einsum", "split_einsum_v2", "batched", "off")
 BUNDLED_NAME = "all-MiniLM-L6-v2"
-
-
-class ConversionError(ValueError):
-    """What the user asked for cannot be converted; the message says why and what to do."""
-
-
-class LibraryFailure(ConversionError):
-    """coremltools or torch failed on the model itself: what they printed before failing is
-    part of the explanation, so the command line shows it with the error."""
 
 
 @dataclass(frozen=True)
@@ -97,8 +90,3 @@ def check_options(task: str, seq_len: int | None, seq_lens, batch: int, attentio
                               "(seq_len), not several, with check_passes")
     return Options(task, tuple(lengths), batch, attention, target, precision, offline, trust_remote_code, min_psnr_db,
                    lengths_given=seq_len is not None or seq_lens is not None, check_passes=check_passes)
-
-
-def first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

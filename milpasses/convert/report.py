@@ -90,7 +90,8 @@ class ConversionReport:
                                  for op in _changed_ops(self.ops_before, self.ops_after)))
         for report in self.passes:
             skipped = "; ".join(f"{reason} x{n}" for reason, n in report["skipped"].items())
-            lines.append(f"{report['pass']}: {sum(report['rewritten'].values())} sites rewritten, "
+            function = f"{report['function']}: " if "function" in report else ""
+            lines.append(f"{function}{report['pass']}: {sum(report['rewritten'].values())} sites rewritten, "
                          f"{sum(report['skipped'].values())} left alone"
                          + (f" ({skipped})" if skipped else "")
                          + (f"; checked, relative error {report['check']['max_rel_error']:.1e}"
@@ -157,11 +158,14 @@ class ConversionReport:
         if self.functions:
             lines += ["", "## Functions, one per sequence length", "", "```text"]
             lines += _function_lines(self.functions) + ["```"]
-        lines += ["", "## Passes", "", "| pass | rewritten | left alone (why) |", "|---|---|---|"]
+        per_function = any("function" in report for report in self.passes)
+        lines += ["", "## Passes", "", "| function | pass | rewritten | left alone (why) |" if per_function
+                  else "| pass | rewritten | left alone (why) |", "|---|---|---|---|" if per_function else "|---|---|---|"]
         for report in self.passes:
             rewritten = ", ".join(f"{k} x{n}" for k, n in report["rewritten"].items()) or "-"
             skipped = ", ".join(f"{k} x{n}" for k, n in report["skipped"].items()) or "-"
-            lines.append(f"| {report['pass']} | {rewritten} | {skipped} |")
+            function = f"| {report['function']} " if per_function else ""
+            lines.append(f"{function}| {report['pass']} | {rewritten} | {skipped} |")
         lines += ["", "## Time and size", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {stage} | {s:.2f} |" for stage, s in self.seconds.items()]
         if self.package_bytes is not None:

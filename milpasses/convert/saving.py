@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from milpasses.convert.options import ConversionError
+from milpasses.errors import ConversionError
 from milpasses.convert.report import ConversionReport
 
 

@@ -4,7 +4,7 @@ the converted program is compared with.
 The traced module takes positional tensors and returns the outputs the model really produces
 for the task (``pooler_output`` only when the checkpoint trained a pooler), plus
 ``sentence_embedding`` for a sentence-transformers model. With enumerated lengths the mask
-enters as an additive 4-D mask, built without shape arithmetic (``milpasses.tracing``).
+enters as an additive 4-D mask, built without shape arithmetic (``milpasses.frontend.tracing``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from milpasses.convert.load import LoadedModel, is_causal
 from milpasses.convert.options import Options
 from milpasses.convert.samples import as_tensors, sample_inputs, verification_rows
-from milpasses.tracing import TaskOutputs
+from milpasses.frontend.tracing import TaskOutputs
 
 
 @dataclass

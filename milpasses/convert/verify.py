@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from milpasses.convert.load import LoadedModel
-from milpasses.convert.options import Options, first_line
+from milpasses.convert.options import Options
+from milpasses.errors import first_line
 from milpasses.convert.report import ConversionReport
 from milpasses.convert.samples import as_tensors, sample_inputs, verification_rows
 from milpasses.convert.trace import Traced

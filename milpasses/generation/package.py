@@ -24,18 +24,20 @@ NEAR_TIE_SPACINGS = 4
 def build_package(model, context: int, prefill_chunk: int, pass_pipeline_factory, output: Path,
                   kv_cache: str = "io", all_logits: bool = False) -> dict:
     """Convert the two steps and write them to ``output`` as one multifunction package (the
-    default function is ``decode``); returns each function's MIL program, for op counts. In a
+    default function is ``decode``); returns each function's MIL program, for op counts, and
+    each function's pass reports (a ``PassReports`` when the factory makes ``ane_pipeline()``s). In a
     ``state`` package both functions declare the same two states, so one state serves both."""
     import coremltools as ct
 
     staging = Path(tempfile.mkdtemp(prefix=".milpasses-steps-"))
-    programs = {}
+    programs, reports = {}, {}
     try:
         descriptor = None
         for function, length in (("prefill", prefill_chunk), ("decode", 1)):
-            mlmodel = convert_step(model, context, length, pass_pipeline_factory(), kv_cache=kv_cache,
-                                   all_logits=all_logits)
+            pipeline = pass_pipeline_factory()
+            mlmodel = convert_step(model, context, length, pipeline, kv_cache=kv_cache, all_logits=all_logits)
             programs[function] = mlmodel._mil_program
+            reports[function] = getattr(pipeline, "reports", {})
             path = staging / f"{function}.mlpackage"
             mlmodel.save(str(path))
             if descriptor is None:
@@ -45,7 +47,7 @@ def build_package(model, context: int, prefill_chunk: int, pass_pipeline_factory
         ct.utils.save_multifunction(descriptor, str(output))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return programs
+    return programs, reports
 
 
 class SimulatedPackage:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from milpasses.tracing import MASK_VALUE
+from milpasses.frontend.tracing import MASK_VALUE
 
 
 @dataclass(frozen=True)

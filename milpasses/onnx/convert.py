@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from milpasses.convert.options import ConversionError, LibraryFailure, Options, first_line
+from milpasses.convert.options import Options
+from milpasses.errors import ConversionError, LibraryFailure, first_line
 from milpasses.convert.samples import verification_rows
 from milpasses.onnx.load import OnnxSource, load_onnx
 from milpasses.onnx.translate import UnsupportedOp, input_dtype, to_program
@@ -92,7 +93,7 @@ class _Converted:
     passes: list[dict]
 
 
-def convert_onnx(model, options: Options, pipeline, stage):
+def convert_onnx(model, options: Options, new_pipeline, stage):
     """``convert()`` for an ONNX model; ``stage(key, description, steps)`` is its stage context."""
     import coremltools as ct
 
@@ -113,7 +114,7 @@ def convert_onnx(model, options: Options, pipeline, stage):
     described = f" at {', '.join(str(n) for n in lengths)}, one function per length" if several else ""
     with stage("convert", f"converting with ane_pipeline(){described}"):
         # A length's own model is never run when it becomes a function of the package: not loaded.
-        converted = {n: _convert(source, shapes, target, pipeline, options, load=not several)
+        converted = {n: _convert(source, shapes, target, new_pipeline(), options, load=not several)
                      for n, shapes in variants.items()}
         if several:
             package = _write_length_package(converted)
@@ -172,8 +173,6 @@ def _convert(source: OnnxSource, shapes, target, pipeline, options: Options, loa
     by Core ML (macOS only) when ``load``."""
     import coremltools as ct
 
-    from milpasses.passes import last_reports
-
     program = _translate(source, shapes, target)
     try:
         mlmodel = ct.convert(program, convert_to="mlprogram", pass_pipeline=pipeline,
@@ -183,7 +182,7 @@ def _convert(source: OnnxSource, shapes, target, pipeline, options: Options, loa
     except (RuntimeError, NotImplementedError, ValueError) as error:
         raise LibraryFailure(f"coremltools could not convert the MIL program of {source.path}: "
                              f"{first_line(error)}") from error
-    return _Converted(mlmodel, [r.as_dict() for r in last_reports().values()])
+    return _Converted(mlmodel, pipeline.reports.as_dicts())
 
 
 def _write_length_package(converted: dict[int, _Converted]) -> Path:

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from milpasses.convert.options import ConversionError, first_line
+from milpasses.errors import ConversionError, first_line
 from milpasses.onnx.fusions import fuse_layer_norms, fuse_tanh_gelus
 
 #: The oldest default-domain opset the frontend reads (LayerNormalization arrived in 17; older

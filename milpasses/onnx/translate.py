@@ -18,7 +18,7 @@ from coremltools.converters.mil.mil import Function, Program, Var, types
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from milpasses.convert.options import ConversionError
+from milpasses.errors import ConversionError
 from milpasses.onnx.ops import TRANSLATORS, as_var
 
 _MIL_TYPES = {onnx.TensorProto.FLOAT: types.fp32, onnx.TensorProto.FLOAT16: types.fp16,

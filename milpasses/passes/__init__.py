@@ -12,6 +12,6 @@ from milpasses.passes import (  # noqa: F401  (registration)
     rms_norm_scale,
     unmerge_leading_axes,
 )
-from milpasses.passes.report import PassReport, last_reports
+from milpasses.passes.report import PassReport, PassReports
 
-__all__ = ["PassReport", "last_reports"]
+__all__ = ["PassReport", "PassReports"]

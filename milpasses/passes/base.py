@@ -9,7 +9,7 @@ import time
 from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
 from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
 
-from milpasses.passes.report import LAST_REPORTS, PassReport
+from milpasses.passes.report import PassReport
 from milpasses.passes.translation_check import PassCheck
 
 NAMESPACE = "ane"
@@ -65,11 +65,14 @@ class AnePass(AbstractGraphPass):
     program untouched and reports nothing rewritten. With ``check`` (default false) the pass
     simulates the program before and after it runs and raises
     :class:`~milpasses.passes.translation_check.TranslationError` if it changed what the
-    program computes (``ane_pipeline(check=True)`` sets it on every pass).
+    program computes (``ane_pipeline(check=True)`` sets it on every pass). ``reports`` is where
+    the run files its report besides ``self.report``: the :class:`PassReports` of the pipeline
+    being run (``ane_pipeline()`` sets it on every pass).
     """
 
     enabled = BoolOption()
     check = BoolOption(default=False)
+    reports = None
 
     def set_options(self, pass_options=None) -> None:
         """coremltools calls this before every run, with the options of the pipeline being
@@ -85,7 +88,8 @@ class AnePass(AbstractGraphPass):
 
     def apply(self, prog) -> None:
         self.report = PassReport(self.pass_id)
-        LAST_REPORTS[self.pass_id] = self.report
+        if self.reports is not None:
+            self.reports[self.pass_id] = self.report
         if not self.enabled:
             return
         if len(prog.functions) != 1 or "main" not in prog.functions:

@@ -5,10 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-#: The report of the most recent run of each pass, by pass id (``ane::linear_to_conv``).
-LAST_REPORTS: dict[str, "PassReport"] = {}
-
-
 @dataclass
 class PassReport:
     pass_id: str
@@ -46,6 +42,10 @@ class PassReport:
         }
 
 
-def last_reports() -> dict[str, PassReport]:
-    """The reports of the latest run of every milpasses pass, by pass id."""
-    return dict(LAST_REPORTS)
+class PassReports(dict):
+    """The reports of one pipeline's ``ane::`` passes, by pass id, in the order they ran: each
+    pipeline from ``ane_pipeline()`` has its own (``pipeline.reports``), so two conversions
+    never share one."""
+
+    def as_dicts(self) -> list[dict]:
+        return [report.as_dict() for report in self.values()]

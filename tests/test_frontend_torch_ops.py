@@ -12,7 +12,7 @@ from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_O
 from packaging.requirements import Requirement
 
 import milpasses
-from milpasses import frontend
+from milpasses.frontend import torch_ops as frontend
 from milpasses.simulator import simulate
 
 

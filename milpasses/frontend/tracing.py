@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-import milpasses.frontend  # noqa: F401  (installs the torch op converters coremltools lacks)
-
 
 class LastHiddenState(torch.nn.Module):
     """A HF model called with positional tensors, bound to ``input_names``, returning
