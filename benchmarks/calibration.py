@@ -182,7 +182,8 @@ def build_and_analyse(program: Program, layers: int, chips: list[str]) -> dict:
 
     from milpasses.analyze.report import analyze
     from milpasses.pipeline import ane_pipeline
-    from milpasses.frontend.tracing import LastHiddenState, convert_traced
+    from milpasses.convert.coreml import convert_traced
+    from milpasses.frontend.tracing import LastHiddenState
 
     torch.manual_seed(SEED)
     rng = np.random.default_rng(SEED)

@@ -53,7 +53,8 @@ def child(model_name: str, run: str) -> None:
 
     import milpasses
     import milpasses.frontend  # noqa: F401  (DEFAULT needs the converters too)
-    from milpasses.frontend.tracing import LastHiddenState, convert_traced
+    from milpasses.convert.coreml import convert_traced
+    from milpasses.frontend.tracing import LastHiddenState
 
     model = build(model_name)
     inputs = {"input_ids": np.zeros((1, SEQ_LEN), np.int32), "attention_mask": np.ones((1, SEQ_LEN), np.int32)}

@@ -353,7 +353,8 @@ def sweep_one(model_type: str, fp32: bool = False, progress=None) -> dict:
 
     import milpasses
     from milpasses.simulator import simulate
-    from milpasses.frontend.tracing import LastHiddenState, convert_traced
+    from milpasses.convert.coreml import convert_traced
+    from milpasses.frontend.tracing import LastHiddenState
 
     record = {"name": model_type, "class": None, "kind": None, "parameters": None,
               "built": False, "traced": False, "default_converts": False, "ane_converts": False,

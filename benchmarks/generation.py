@@ -26,8 +26,10 @@ import transformers as hf
 from fixtures.families import build_model, causal_lm_families
 from milpasses.analyze import analyze
 from milpasses.generation.host import KVCache, StateCache, cache_bytes_per_token, run_step
-from milpasses.generation.package import SimulatedPackage, build_package, check_prompt
-from milpasses.generation.step import cache_shape, convert_step
+from milpasses.convert.text_generation import build_package
+from milpasses.generation.package import SimulatedPackage, check_prompt
+from milpasses.convert.text_generation import convert_step
+from milpasses.frontend.generation_step import cache_shape
 from milpasses.pipeline import ane_pipeline
 
 #: Every causal-LM fixture family, and a Mistral-like model with a window in every layer.

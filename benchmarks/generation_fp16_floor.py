@@ -20,7 +20,8 @@ import torch
 
 from benchmarks.generation import CAUSAL_LM, CHUNK, CONTEXT, PROMPTS, _model
 from fixtures.fp16_floor import rounded_to_fp16, worst_step_floor_db
-from milpasses.generation.package import FUNCTIONS, SimulatedPackage, build_package, check_prompt
+from milpasses.convert.text_generation import build_package
+from milpasses.generation.package import FUNCTIONS, SimulatedPackage, check_prompt
 from milpasses.pipeline import ane_pipeline
 from milpasses.simulator import Simulator, load_program
 

@@ -16,7 +16,8 @@ import transformers as hf
 
 import milpasses.frontend  # noqa: F401  (frontend converters)
 from milpasses.simulator import Simulator, psnr
-from milpasses.frontend.tracing import LastHiddenState, convert_traced
+from milpasses.convert.coreml import convert_traced
+from milpasses.frontend.tracing import LastHiddenState
 
 SEQ_LEN = 128
 BAR = 3.0

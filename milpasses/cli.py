@@ -31,18 +31,20 @@ def _default_output(model: str | None) -> Path:
 
 
 def convert_command(args) -> int:
-    from milpasses.convert import ConversionError, LibraryFailure, check_output, convert, save
+    from milpasses.convert import ConversionError, LibraryFailure, Options, check_output, convert, save
 
     console = args.console
     output = Path(args.output) if args.output else _default_output(args.model)
     try:
         check_output(output, args.overwrite)
-        mlmodel, report = convert(
-            args.model, task=args.task, seq_len=args.seq_len, seq_lens=args.seq_lens, batch=args.batch,
-            attention=args.attention, target=args.target, precision=args.precision, offline=args.offline,
+        options = Options.check(
+            task=args.task, seq_len=args.seq_len, seq_lens=args.seq_lens, batch=args.batch, attention=args.attention,
+            target=args.target, precision=args.precision, offline=args.offline,
             trust_remote_code=args.trust_remote_code, min_psnr_db=args.min_psnr, compress=args.compress,
-            calibration=args.calibration, progress=console, check_passes=args.check_passes, context=args.context,
-            prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache, all_logits=args.all_logits)
+            calibration=args.calibration, check_passes=args.check_passes, context=args.context,
+            prefill_chunk=args.prefill_chunk, kv_cache=args.kv_cache, all_logits=args.all_logits,
+            frontend=args.frontend)
+        mlmodel, report = convert(args.model, options, progress=console)
         if args.strict and not report.passed:
             if not (args.quiet or args.json):
                 print(report.table())
@@ -120,8 +122,8 @@ def _lengths(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from milpasses.convert import ATTENTION_MODES, DEFAULT_MIN_PSNR_DB, PRECISIONS, TARGETS, TASKS
-    from milpasses.convert.compress import DEFAULT_COMPRESSED_MIN_PSNR_DB
+    from milpasses.convert.options import (ATTENTION_MODES, DEFAULT_COMPRESSED_MIN_PSNR_DB, DEFAULT_MIN_PSNR_DB,
+                                           FRONTENDS, KV_CACHE_MODES, PRECISIONS, TARGETS, TASKS)
 
     parser = argparse.ArgumentParser(prog="milpasses", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,16 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     lengths.add_argument("--seq-lens", type=_lengths, metavar="N,N,...",
                          help="enumerated sequence lengths, e.g. 64,128,512 (ct.EnumeratedShapes; an ONNX "
                               "model: a function per length, seq_len_64..., with --target iOS18)")
-    convert.add_argument("--batch", type=_positive_int, default=1)
+    convert.add_argument("--batch", type=_positive_int, help="batch size (default 1, or an ONNX graph's own)")
     convert.add_argument("--context", type=_positive_int,
                          help="text-generation: the KV cache's length; writes prefill and decode functions")
     convert.add_argument("--prefill-chunk", type=_positive_int, metavar="Q",
                          help="text-generation: tokens per prefill call (default 64, or the context if shorter)")
-    convert.add_argument("--kv-cache", choices=("io", "state"), default="io",
+    convert.add_argument("--kv-cache", choices=KV_CACHE_MODES, default="io",
                          help="text-generation: the cache as inputs and outputs (io) or as Core ML state")
     convert.add_argument("--all-logits", action="store_true",
                          help="text-generation: prefill returns every token's logits (default: the last token's)")
     convert.add_argument("--attention", choices=ATTENTION_MODES, help="attention rewrite of ane_pipeline")
+    convert.add_argument("--frontend", choices=FRONTENDS, default="trace",
+                         help="how a PyTorch model reaches coremltools: torch.jit.trace (default) or torch.export")
     convert.add_argument("--target", choices=TARGETS,
                          help="minimum deployment target (default iOS16; text-generation needs iOS18)")
     convert.add_argument("--precision", choices=PRECISIONS, default="fp16")

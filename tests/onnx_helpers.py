@@ -14,8 +14,8 @@ import torch
 
 from fixtures.families import FAMILIES, build_model, sample_inputs, valid_tokens
 from milpasses.convert.coreml import histogram
-from milpasses.onnx.load import load_onnx
-from milpasses.onnx.translate import to_program
+from milpasses.frontend.onnx.load import load_onnx
+from milpasses.frontend.onnx.translate import to_program
 from milpasses.pipeline import ane_pipeline
 from milpasses.simulator import Simulator, psnr
 from milpasses.frontend.tracing import LastHiddenState

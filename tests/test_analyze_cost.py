@@ -13,7 +13,7 @@ from milpasses.analyze import analyze
 from milpasses.analyze import cost as C
 from milpasses.analyze.render import compare_lines
 from milpasses.analyze.rules import ANE, CPU
-from milpasses.frontend.tracing import convert_traced
+from milpasses.convert.coreml import convert_traced
 from tests.helpers import mil_program
 
 FP16 = 2  # bytes

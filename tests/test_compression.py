@@ -6,7 +6,7 @@ import pytest
 
 from fixtures import families as F
 from milpasses import ane_pipeline
-from milpasses.convert import ConversionError, convert
+from milpasses.convert import DEFAULT_COMPRESSED_MIN_PSNR_DB, ConversionError, Options, convert
 from milpasses.convert import compress as compressing
 from milpasses.simulator import is_decompression, psnr, simulate
 from milpasses.weights import dense_bytes, stored_bytes
@@ -18,7 +18,7 @@ FIXTURE_SMALL_WEIGHT = 512  # the fixtures' weights are 32x32 to 64x32: compress
 @pytest.mark.parametrize("scheme", ["int4", "int8-block", "per_block", "c4w"])
 def test_per_block_integer_schemes_are_refused_saying_why(scheme):
     with pytest.raises(ConversionError, match="does not run.*#2510.*use int8"):
-        compressing.check_scheme(scheme)
+        Options.check(compress=scheme)
 
 
 def test_unknown_schemes_and_misplaced_calibration_are_conversion_errors(tmp_path):
@@ -96,7 +96,7 @@ def test_data_aware_palettize4_converts_with_every_linear_a_conv_reading_compres
     assert report.compression["calibration"] == "2 texts from the calibration file"
     assert 4 in report.compression["bits"].values() and set(report.compression["bits"].values()) <= {4, 6, 8}
     assert report.compression["weight_bytes_after"] < 0.5 * report.compression["weight_bytes_before"]
-    assert report.min_psnr_db == compressing.DEFAULT_COMPRESSED_MIN_PSNR_DB
+    assert report.min_psnr_db == DEFAULT_COMPRESSED_MIN_PSNR_DB
     (cosine,) = report.cosine
     assert cosine["output"] == "sentence_embedding" and 0.9 < cosine["worst_cosine"] <= 1.0
     assert all(np.isfinite(e["psnr_db"]) and e["psnr_db"] > 20 for e in report.psnr)

@@ -11,7 +11,7 @@ from milpasses import ane_pipeline
 from milpasses.analyze import analyze
 from milpasses.passes.layout import LAYOUT_OPS, layout_census
 from milpasses.simulator import psnr, simulate
-from milpasses.frontend.tracing import convert_traced
+from milpasses.convert.coreml import convert_traced
 
 SEQ_LEN = 128
 #: Apple's hand-written ANE DistilBERT, through the same coremltools pipeline (ANE_NOTES.md).

@@ -14,8 +14,10 @@ from fixtures.families import build_model
 from milpasses.cli import main
 from milpasses.convert import ConversionError, convert
 from milpasses.generation.host import ContextFullError, KVCache, Sampling, generate_ids, prefill
-from milpasses.generation.package import SimulatedPackage, build_package, check_prompt
-from milpasses.generation.step import KVCacheStep, convert_step
+from milpasses.convert.text_generation import build_package
+from milpasses.generation.package import SimulatedPackage, check_prompt
+from milpasses.convert.text_generation import convert_step
+from milpasses.frontend.generation_step import KVCacheStep
 from milpasses.pipeline import ane_pipeline
 from tests.convert_helpers import assert_generate_streams_hugging_faces_text, save_fixture
 

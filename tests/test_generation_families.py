@@ -9,7 +9,8 @@ import pytest
 
 from fixtures.families import build_model, causal_lm_families
 from fixtures.fp16_floor import rounded_to_fp16, worst_step_floor_db
-from milpasses.generation.package import SimulatedPackage, build_package, check_prompt
+from milpasses.convert.text_generation import build_package
+from milpasses.generation.package import SimulatedPackage, check_prompt
 from milpasses.pipeline import ane_pipeline
 
 CONTEXT, CHUNK = 32, 8

@@ -20,8 +20,9 @@ from fixtures.families import build_model
 from milpasses.cli import main
 from milpasses.generation.api import CoreMLPackage
 from milpasses.generation.host import ContextFullError, generate_ids
-from milpasses.generation.package import SimulatedPackage, build_package, check_prompt
-from milpasses.generation.step import cache_shape, state_slots
+from milpasses.convert.text_generation import build_package
+from milpasses.generation.package import SimulatedPackage, check_prompt
+from milpasses.frontend.generation_step import cache_shape, state_slots
 from milpasses.pipeline import ane_pipeline
 from milpasses.simulator import InputMismatchError, Simulator
 from tests.convert_helpers import assert_generate_streams_hugging_faces_text, save_fixture

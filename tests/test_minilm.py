@@ -8,7 +8,8 @@ from milpasses import ane_pipeline
 from milpasses.analyze import analyze
 from milpasses.bundled import SAMPLE_SENTENCES, load_bundled
 from milpasses.simulator import psnr, simulate
-from milpasses.frontend.tracing import LastHiddenState, convert_traced
+from milpasses.convert.coreml import convert_traced
+from milpasses.frontend.tracing import LastHiddenState
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from milpasses import ane_pipeline
 from milpasses.bundled import load_bundled
 from milpasses.cli import main
 from milpasses.convert.coreml import histogram
-from milpasses.frontend.tracing import LastHiddenState, convert_traced
+from milpasses.convert.coreml import convert_traced
+from milpasses.frontend.tracing import LastHiddenState
 from tests.onnx_helpers import export, within_allowed
 
 SEQ_LEN = 32

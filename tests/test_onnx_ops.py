@@ -8,8 +8,8 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from milpasses.onnx.fusions import fuse_layer_norms, fuse_tanh_gelus
-from milpasses.onnx.translate import UnsupportedOp, to_program
+from milpasses.frontend.onnx.fusions import fuse_layer_norms, fuse_tanh_gelus
+from milpasses.frontend.onnx.translate import UnsupportedOp, to_program
 from milpasses.simulator import Simulator, psnr
 
 X = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)

@@ -99,7 +99,8 @@ def _convert(model, described: str, seq_len: int, pipelines: tuple[str, ...]):
     import torch
 
     from milpasses.pipeline import ane_pipeline
-    from milpasses.frontend.tracing import LastHiddenState, convert_traced
+    from milpasses.convert.coreml import convert_traced
+    from milpasses.frontend.tracing import LastHiddenState
 
     if getattr(model, "main_input_name", "input_ids") != "input_ids":
         raise UserError("only text models (input_ids) can be converted here; convert others yourself and "

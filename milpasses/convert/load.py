@@ -43,7 +43,7 @@ def load(model, options: Options) -> LoadedModel:
             raise ConversionError("--seq-len and --seq-lens apply to text models; this one takes images")
         return LoadedModel(hf_model, tokenizer, description, modality, ("pixel_values",), (None,), pooling,
                            untrained_pooler)
-    maximum = _max_positions(hf_model.config)
+    maximum = max_positions(hf_model.config)
     if maximum is not None and max(options.lengths) > maximum:
         raise ConversionError(f"sequence length {max(options.lengths)} is above the model's maximum of {maximum} "
                               f"positions: choose --seq-len at most {maximum}")
@@ -184,7 +184,7 @@ def _modality(model, task: Task) -> str:
     return "vision" if getattr(model, "main_input_name", "input_ids") == "pixel_values" else "text"
 
 
-def _max_positions(config) -> int | None:
+def max_positions(config) -> int | None:
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

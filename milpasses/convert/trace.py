@@ -1,5 +1,6 @@
-"""Tracing: the module ``torch.jit.trace`` records, with the task's outputs, and the reference
-the converted program is compared with.
+"""Reading a Hugging Face model for coremltools: the module ``torch.jit.trace`` records (or
+``torch.export`` exports, with ``frontend="export"``), with the task's outputs, and the
+reference the converted program is compared with.
 
 The traced module takes positional tensors and returns the outputs the model really produces
 for the task (``pooler_output`` only when the checkpoint trained a pooler), plus
@@ -15,13 +16,14 @@ import torch
 
 from milpasses.convert.load import LoadedModel, is_causal
 from milpasses.convert.options import Options
+from milpasses.errors import ConversionError
 from milpasses.convert.samples import as_tensors, sample_inputs, verification_rows
 from milpasses.frontend.tracing import TaskOutputs
 
 
 @dataclass
 class Traced:
-    module: torch.jit.ScriptModule
+    module: object  # a torch.jit.ScriptModule, or a torch.export ExportedProgram
     reference: torch.nn.Module  # the model as transformers runs it, with its own 2-D mask handling
     output_names: list[str]
     shapes: dict[str, list[list[int]]]  # input name -> its shapes (several with enumerated lengths)
@@ -48,9 +50,17 @@ def trace(loaded: LoadedModel, options: Options, model=None) -> Traced:
                          causal=causal).eval()
     reference = TaskOutputs(loaded.model, names, tuple(output_names), loaded.pooling).eval()
     example = first_batch(trace_length)
-    with torch.no_grad():
-        # No check_trace: re-running the module to compare is what the verification does, better.
-        traced = torch.jit.trace(module, as_tensors(example), check_trace=False)
+    if options.frontend == "export":
+        from milpasses.frontend.export import export
+
+        if options.enumerated:
+            raise ConversionError("--frontend export converts one sequence length: give --seq-len, or use the "
+                                  "trace frontend for --seq-lens")
+        traced = export(module, as_tensors(example))
+    else:
+        with torch.no_grad():
+            # No check_trace: re-running the module to compare is what the verification does, better.
+            traced = torch.jit.trace(module, as_tensors(example), check_trace=False)
     if loaded.modality == "vision":
         shapes = {"pixel_values": [list(example["pixel_values"].shape)]}
     else:

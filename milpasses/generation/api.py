@@ -14,7 +14,7 @@ from typing import Callable
 
 
 from milpasses.generation.host import Sampling, generate_ids
-from milpasses.generation.step import CacheShape
+from milpasses.frontend.generation_step import CacheShape
 
 
 class GenerationError(ValueError):

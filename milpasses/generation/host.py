@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from milpasses.generation.step import CacheShape
+from milpasses.frontend.generation_step import CacheShape
 
 
 class ContextFullError(ValueError):

@@ -1,53 +1,21 @@
-"""One ``.mlpackage`` with a ``prefill`` and a ``decode`` function sharing one copy of the
-weights (iOS18 multifunction, coremltools' ``save_multifunction``), and its verification:
-greedy tokens from the simulated package against Hugging Face ``generate``."""
+"""A text-generation package (``prefill`` and ``decode`` functions sharing one copy of the
+weights) run in the simulator, and its check: greedy tokens from the package against Hugging
+Face ``generate``."""
 
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from milpasses.generation.host import Sampling, generate_ids
-from milpasses.generation.step import cache_shape, convert_step
+from milpasses.frontend.generation_step import cache_shape
 
 FUNCTIONS = ("prefill", "decode")
 #: A divergence where torch's top-2 logits are closer than this many fp16 spacings is a near tie.
 NEAR_TIE_SPACINGS = 4
-
-
-def build_package(model, context: int, prefill_chunk: int, pass_pipeline_factory, output: Path,
-                  kv_cache: str = "io", all_logits: bool = False) -> dict:
-    """Convert the two steps and write them to ``output`` as one multifunction package (the
-    default function is ``decode``); returns each function's MIL program, for op counts, and
-    each function's pass reports (a ``PassReports`` when the factory makes ``ane_pipeline()``s). In a
-    ``state`` package both functions declare the same two states, so one state serves both."""
-    import coremltools as ct
-
-    staging = Path(tempfile.mkdtemp(prefix=".milpasses-steps-"))
-    programs, reports = {}, {}
-    try:
-        descriptor = None
-        for function, length in (("prefill", prefill_chunk), ("decode", 1)):
-            pipeline = pass_pipeline_factory()
-            mlmodel = convert_step(model, context, length, pipeline, kv_cache=kv_cache, all_logits=all_logits)
-            programs[function] = mlmodel._mil_program
-            reports[function] = getattr(pipeline, "reports", {})
-            path = staging / f"{function}.mlpackage"
-            mlmodel.save(str(path))
-            if descriptor is None:
-                descriptor = ct.utils.MultiFunctionDescriptor()
-            descriptor.add_function(str(path), src_function_name="main", target_function_name=function)
-        descriptor.default_function_name = "decode"
-        ct.utils.save_multifunction(descriptor, str(output))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return programs, reports
 
 
 class SimulatedPackage:

@@ -4,7 +4,7 @@ Every input's dynamic dims are fixed first (batch, sequence length), so each ``S
 and the shape arithmetic around it (Gather, Concat, Range, ConstantOfShape, Where on constants)
 is evaluated at conversion by ONNX's reference implementation: a node whose inputs are all
 constants becomes a constant. Only nodes that read the model's inputs become MIL ops, each by
-its translator in :mod:`milpasses.onnx.ops`.
+its translator in :mod:`milpasses.frontend.onnx.ops`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from milpasses.errors import ConversionError
-from milpasses.onnx.ops import TRANSLATORS, as_var
+from milpasses.frontend.onnx.ops import TRANSLATORS, as_var
 
 _MIL_TYPES = {onnx.TensorProto.FLOAT: types.fp32, onnx.TensorProto.FLOAT16: types.fp16,
               onnx.TensorProto.INT64: types.int32, onnx.TensorProto.INT32: types.int32,

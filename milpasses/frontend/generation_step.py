@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
+from milpasses.frontend.function import Function
 from milpasses.frontend.tracing import MASK_VALUE
 
 
@@ -278,10 +279,10 @@ def trace_step(model, context: int, query_length: int, kv_cache: str = "io",
         return torch.jit.trace(step, tensors, check_trace=False)
 
 
-def convert_step(model, context: int, query_length: int, pass_pipeline=None, precision: str = "fp16",
-                 kv_cache: str = "io", all_logits: bool = False):
-    """The step of ``query_length`` tokens converted to an iOS18 ML Program: fp16 cache inputs
-    and new K/V outputs (``io``), or fp16 cache states updated in place (``state``)."""
+def step_function(model, context: int, query_length: int, kv_cache: str = "io", all_logits: bool = False,
+                  precision: str = "fp16", name: str = "main") -> Function:
+    """The traced step of ``query_length`` tokens with its typed inputs and outputs: fp16 cache
+    inputs and new K/V outputs (``io``), or fp16 cache states updated in place (``state``)."""
     import coremltools as ct
     import numpy as np
 
@@ -296,15 +297,5 @@ def convert_step(model, context: int, query_length: int, pass_pipeline=None, pre
         # Core ML states are fp16 only; their names are the buffers'.
         states = [ct.StateType(wrapped_type=ct.TensorType(shape=shape.array_shape(), dtype=np.float16), name=name)
                   for name in ("key_cache", "value_cache")]
-    return ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=k, shape=v.shape, dtype=v.dtype) for k, v in examples.items()],
-        outputs=outputs,
-        states=states or None,
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
-        compute_units=ct.ComputeUnit.CPU_AND_NE,
-        pass_pipeline=pass_pipeline or ct.PassPipeline.DEFAULT,
-        skip_model_load=True,
-    )
+    inputs = [ct.TensorType(name=k, shape=v.shape, dtype=v.dtype) for k, v in examples.items()]
+    return Function(name, traced, inputs, outputs, states)

@@ -1,9 +1,8 @@
-"""An ONNX model to an ANE-ready ML Program, verified against ONNX Runtime.
+"""An ONNX model on the route, verified against ONNX Runtime.
 
-The stages mirror the torch route's (``milpasses.convert``): load and check the model, fix its
-dynamic dims (batch, sequence length), translate it to MIL, ``ct.convert`` the program with
-``ane_pipeline()``, then simulate the converted program against ONNX Runtime on the same inputs,
-beside a DEFAULT-pipeline conversion for the report's op comparison.
+Load and check the model, fix its dynamic dims (batch, sequence length; the graph's own static
+dims stand), translate it to MIL (``milpasses.frontend.onnx``), then simulate the converted
+program against ONNX Runtime on the same inputs.
 
 With several sequence lengths (``--seq-lens``) the graph is translated and converted once per
 length, each at one fixed length exactly as a single-length conversion, and the programs are
@@ -16,22 +15,20 @@ constants at one length.
 
 from __future__ import annotations
 
-import atexit
-import shutil
 import sys
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 
+from milpasses.convert.coreml import Converted, histogram
 from milpasses.convert.options import Options
-from milpasses.errors import ConversionError, LibraryFailure, first_line
+from milpasses.convert.report import ConversionReport
+from milpasses.frontend.function import Function
+from milpasses.convert.route import Source, Stages
 from milpasses.convert.samples import verification_rows
-from milpasses.onnx.load import OnnxSource, load_onnx
-from milpasses.onnx.translate import UnsupportedOp, input_dtype, to_program
+from milpasses.errors import ConversionError, LibraryFailure, first_line
+from milpasses.frontend.onnx.load import OnnxSource, load_onnx
+from milpasses.frontend.onnx.translate import UnsupportedOp, input_dtype, to_program
 
 _NUMPY_INPUTS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                  onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_}
@@ -49,18 +46,11 @@ def function_name(seq_len: int) -> str:
     return f"seq_len_{seq_len}"
 
 
-def check_lengths_target(options: Options) -> None:
-    """Several lengths become the functions of one multifunction package, which needs iOS18."""
-    if options.enumerated and options.target != "iOS18":
-        raise ConversionError("--seq-lens on an ONNX model needs --target iOS18: each length becomes a function "
-                              "of one multifunction package (weights shared), and Core ML reads those from iOS 18; "
-                              "below it, convert once per length with --seq-len")
-
-
 def fixed_shapes(source: OnnxSource, options: Options) -> dict[int | None, dict[str, tuple[int, ...]]]:
     """Each input's shape with its dynamic dims fixed (the first to the batch, any other to the
     sequence length), per sequence length converted, keyed by that length: the sequence axis of
-    a 2-D integer input when no axis is dynamic, None when there is none either (images)."""
+    a 2-D integer input when no axis is dynamic, None when there is none either (images). The
+    graph's own static dims stand; a --batch or --seq-len that contradicts them is an error."""
     variants = {}
     for length in options.lengths:
         shapes, seq_len, dynamic_seq = {}, None, False
@@ -68,6 +58,10 @@ def fixed_shapes(source: OnnxSource, options: Options) -> dict[int | None, dict[
             dims = []
             for axis, dim in enumerate(value_info.type.tensor_type.shape.dim):
                 if dim.HasField("dim_value") and dim.dim_value > 0:
+                    if axis == 0 and options.batch_given and dim.dim_value != options.batch:
+                        raise ConversionError(
+                            f"--batch {options.batch} contradicts {source.path}: its input '{value_info.name}' has a "
+                            f"fixed batch of {dim.dim_value} ({_shape_text(value_info)}); convert without --batch")
                     dims.append(dim.dim_value)
                 elif axis == 0:
                     dims.append(options.batch)
@@ -77,135 +71,103 @@ def fixed_shapes(source: OnnxSource, options: Options) -> dict[int | None, dict[
             if len(dims) == 2 and _is_integer(value_info):
                 seq_len = dims[1]
             shapes[value_info.name] = tuple(dims)
-        if options.lengths_given and not dynamic_seq:
-            flag = "--seq-lens" if options.enumerated else "--seq-len"
-            raise ConversionError(f"{flag} applies to ONNX inputs with a dynamic sequence axis; the inputs of "
-                                  f"{source.path} have fixed shapes ({_shapes_text(shapes)}): convert without it")
+        if options.lengths_given and not dynamic_seq and (options.enumerated or seq_len != length):
+            flag = "--seq-lens" if options.enumerated else f"--seq-len {length}"
+            raise ConversionError(f"{flag} contradicts {source.path}: its inputs have fixed shapes "
+                                  f"({_shapes_text(shapes)}); convert without it")
         variants[length if dynamic_seq else seq_len] = shapes
     return variants
 
 
-@dataclass
-class _Converted:
-    """One length's conversion: its program (as converted) and what each pass did to it."""
+class OnnxModel(Source):
+    """An ONNX graph on the route: translated to MIL at fixed shapes, one function per sequence
+    length, verified against ONNX Runtime (and the directory's PyTorch model, when it has one)."""
 
-    mlmodel: object
-    passes: list[dict]
+    frontend = "ONNX"
+    task = "the ONNX graph's outputs"
 
+    def __init__(self, model, options: Options):
+        self.given, self.options = model, options
 
-def convert_onnx(model, options: Options, new_pipeline, stage):
-    """``convert()`` for an ONNX model; ``stage(key, description, steps)`` is its stage context."""
-    import coremltools as ct
+    def load(self) -> None:
+        self.session_class = _onnxruntime()
+        if self.options.enumerated and self.options.target != "iOS18":
+            raise ConversionError("--seq-lens on an ONNX model needs --target iOS18: each length becomes a function "
+                                  "of one multifunction package (weights shared), and Core ML reads those from iOS "
+                                  "18; below it, convert once per length with --seq-len")
+        self.source = load_onnx(self.given)
+        self.description = str(self.source.path)
+        self.model_class = f"ONNX graph {self.source.path.name}"
+        self.variants = fixed_shapes(self.source, self.options)
+        self.lengths = list(self.variants)
+        first = self.variants[self.lengths[0]]
+        self.batch = next((shape[0] for shape in first.values() if shape), self.options.batch)
+        self.tokenizer = _tokenizer(self.source)
 
-    import milpasses
-    from milpasses.convert.coreml import histogram
-    from milpasses.convert.report import ConversionReport
-    from milpasses.simulator import Simulator, load_program
+    def _function(self, length) -> Function:
+        import coremltools as ct
 
-    session_class = _onnxruntime()
-    check_lengths_target(options)
-    with stage("load", "loading the ONNX model"):
-        source = load_onnx(model)
-        variants = fixed_shapes(source, options)
-        tokenizer = _tokenizer(source)
-        target = getattr(ct.target, options.target)
-    lengths = list(variants)
-    several = len(lengths) > 1
-    described = f" at {', '.join(str(n) for n in lengths)}, one function per length" if several else ""
-    with stage("convert", f"converting with ane_pipeline(){described}"):
-        # A length's own model is never run when it becomes a function of the package: not loaded.
-        converted = {n: _convert(source, shapes, target, new_pipeline(), options, load=not several)
-                     for n, shapes in variants.items()}
-        if several:
-            package = _write_length_package(converted)
-            mlmodel = ct.models.MLModel(str(package), skip_model_load=True)
-        else:
-            mlmodel = converted[lengths[0]].mlmodel
-    first = converted[lengths[0]]
-    renamed = core_ml_names(source.model, first.mlmodel)
-    output_names = [renamed[o.name] for o in source.model.graph.output]
-    recorded = {k: v for k, v in options.recorded(takes_images=lengths == [None]).items() if k != "task"}
-    report = ConversionReport(model=str(source.path), task="the ONNX graph's outputs",
-                              inputs={renamed[n]: [list(variants[length][n]) for length in lengths]
-                                      for n in variants[lengths[0]]},
-                              outputs=output_names, options=recorded, min_psnr_db=options.min_psnr_db,
-                              reference="ONNX Runtime", passes=first.passes,
-                              ops_after=histogram(first.mlmodel._mil_program))
-    if several:
-        report.functions = {function_name(n): {"seq_len": n, "ops": histogram(c.mlmodel._mil_program),
-                                               "sites_rewritten": _sites_rewritten(c.passes)}
-                            for n, c in converted.items()}
-        program = load_program(str(package))
-    rows = verification_rows(options.batch)
-    with stage("verify", "verifying: simulating the program against ONNX Runtime, beside a DEFAULT-pipeline "
-                         "conversion for comparison", len(lengths) * (rows // options.batch)) as step:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            baseline = pool.submit(_default_histogram, source, variants[lengths[0]], target)
-            session = session_class(str(source.path), providers=["CPUExecutionProvider"])
-            samples = {n: sample_inputs(source, shapes, tokenizer, rows) for n, shapes in variants.items()}
-            report.samples = samples[lengths[0]][1]
-            changed = [f"{a} -> {b}" for a, b in renamed.items() if a != b]
+        shapes = self.variants[length]
+        program = _translate(self.source, shapes, getattr(ct.target, self.options.target))
+        name = function_name(length) if len(self.lengths) > 1 else "main"
+        # The program carries its own inputs and outputs; ct.convert takes none beside it.
+        return Function(name, program, None, None)
+
+    def functions(self, stages: Stages) -> list[Function]:
+        return [self._function(length) for length in self.lengths]
+
+    def baseline(self) -> Function:
+        return self._function(self.lengths[0])
+
+    def report(self, converted: list[Converted]) -> ConversionReport:
+        first = converted[0]
+        self.renamed = core_ml_names(self.source.model, first.mlmodel)
+        output_names = [self.renamed[o.name] for o in self.source.model.graph.output]
+        recorded = self.options.recorded(lengths=False)
+        recorded.pop("task")
+        recorded["batch"] = self.batch
+        if self.lengths != [None]:
+            recorded.update({"seq_lens": self.lengths} if len(self.lengths) > 1 else {"seq_len": self.lengths[0]})
+        report = ConversionReport(model=self.description, task=self.task,
+                                  inputs={self.renamed[n]: [list(self.variants[length][n]) for length in self.lengths]
+                                          for n in self.variants[self.lengths[0]]},
+                                  outputs=output_names, options=recorded, min_psnr_db=self.options.min_psnr_db,
+                                  reference="ONNX Runtime")
+        if len(converted) > 1:
+            report.functions = {item.function.name: {"seq_len": length, "ops": histogram(item.program),
+                                                     "sites_rewritten": _sites_rewritten(item.passes)}
+                                for length, item in zip(self.lengths, converted)}
+        return report
+
+    def verify(self, mlmodel, converted: list[Converted], report: ConversionReport, stages: Stages) -> None:
+        from milpasses.simulator import Simulator, load_program
+
+        rows = verification_rows(self.batch)
+        several = len(converted) > 1
+        program = load_program(mlmodel.package_path) if several else None
+        with stages.stage("verify", "verifying: simulating the program against ONNX Runtime, beside a "
+                          "DEFAULT-pipeline conversion for comparison", len(self.lengths) * (rows // self.batch)) as step:
+            session = self.session_class(str(self.source.path), providers=["CPUExecutionProvider"])
+            samples = {n: sample_inputs(self.source, shapes, self.tokenizer, rows) for n, shapes in self.variants.items()}
+            report.samples = samples[self.lengths[0]][1]
+            changed = [f"{a} -> {b}" for a, b in self.renamed.items() if a != b]
             if changed:
                 report.samples += f" (ONNX names Core ML does not allow, renamed: {', '.join(changed)})"
-            torch_model = _torch_model(source, samples[lengths[0]][0], report)
+            torch_model = _torch_model(self.source, samples[self.lengths[0]][0], report)
             checks = {}
-            for length in lengths:
-                inputs = samples[length][0]
+            for length, item in zip(self.lengths, converted):
                 if several:
-                    simulator = Simulator(program, function_name(length))
-                    device_model = _function_model(package, function_name(length))
+                    simulator = Simulator(program, item.function.name)
+                    device_model = _function_model(mlmodel.package_path, item.function.name)
                 else:
-                    simulator, device_model = Simulator(first.mlmodel._mil_program), (lambda: first.mlmodel)
-                checks[length] = _verify(simulator, device_model, session, inputs, renamed, length, options.batch,
-                                         report, step, torch_model)
-            report.ops_before = baseline.result()
-    distinct = set(checks.values())
-    report.device_check = distinct.pop() if len(distinct) == 1 else "; ".join(f"{n}: {c}" for n, c in checks.items())
-
-    mlmodel.user_defined_metadata["milpasses.version"] = milpasses.__version__
-    mlmodel.user_defined_metadata["milpasses.source_model"] = str(source.path)
-    mlmodel.short_description = f"{source.path.name}, converted from ONNX for the ANE by milpasses"
-    return mlmodel, report
+                    simulator, device_model = Simulator(item.program), (lambda: item.mlmodel)
+                checks[length] = _verify(simulator, device_model, session, samples[length][0], self.renamed, length,
+                                         self.batch, report, step, torch_model)
+        distinct = set(checks.values())
+        report.device_check = distinct.pop() if len(distinct) == 1 else "; ".join(f"{n}: {c}" for n, c in checks.items())
 
 
-def _convert(source: OnnxSource, shapes, target, pipeline, options: Options, load: bool) -> _Converted:
-    """``ct.convert`` of the graph translated at ``shapes``, with ``pipeline``; the model loaded
-    by Core ML (macOS only) when ``load``."""
-    import coremltools as ct
-
-    program = _translate(source, shapes, target)
-    try:
-        mlmodel = ct.convert(program, convert_to="mlprogram", pass_pipeline=pipeline,
-                             minimum_deployment_target=target, compute_units=ct.ComputeUnit.CPU_AND_NE,
-                             skip_model_load=not load or sys.platform != "darwin",
-                             compute_precision=_precision(options))
-    except (RuntimeError, NotImplementedError, ValueError) as error:
-        raise LibraryFailure(f"coremltools could not convert the MIL program of {source.path}: "
-                             f"{first_line(error)}") from error
-    return _Converted(mlmodel, pipeline.reports.as_dicts())
-
-
-def _write_length_package(converted: dict[int, _Converted]) -> Path:
-    """One multifunction package of the lengths' programs, in a temporary directory removed at
-    exit (``save`` copies it to the output); the first length is the default function."""
-    import coremltools as ct
-
-    directory = Path(tempfile.mkdtemp(prefix="milpasses-onnx-lengths-"))
-    atexit.register(shutil.rmtree, directory, True)
-    staging = directory / "lengths"
-    descriptor = ct.utils.MultiFunctionDescriptor()
-    for length, result in converted.items():
-        path = staging / f"{function_name(length)}.mlpackage"
-        result.mlmodel.save(str(path))
-        descriptor.add_function(str(path), src_function_name="main", target_function_name=function_name(length))
-    descriptor.default_function_name = function_name(next(iter(converted)))
-    package = directory / "model.mlpackage"
-    ct.utils.save_multifunction(descriptor, str(package))
-    shutil.rmtree(staging)  # each length's own copy of the weights, now shared in the package
-    return package
-
-
-def _function_model(package: Path, name: str):
+def _function_model(package, name: str):
     """The MLModel of one function of ``package``, loaded when the device check asks for it (macOS)."""
     import coremltools as ct
 
@@ -241,23 +203,6 @@ def _translate(source: OnnxSource, shapes, target):
     except (ValueError, TypeError, IndexError) as error:
         raise LibraryFailure(f"the ONNX graph of {source.path} could not be translated to MIL: "
                              f"{first_line(error)}") from error
-
-
-def _precision(options: Options):
-    import coremltools as ct
-
-    return ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
-
-
-def _default_histogram(source: OnnxSource, shapes, target) -> dict[str, int]:
-    import coremltools as ct
-
-    from milpasses.convert.coreml import histogram
-
-    program = ct.convert(to_program(source.model, shapes, target), convert_to="milinternal",
-                         pass_pipeline=ct.PassPipeline.DEFAULT, minimum_deployment_target=target,
-                         compute_precision=ct.precision.FLOAT32)
-    return histogram(program)
 
 
 def _tokenizer(source: OnnxSource):
@@ -438,3 +383,8 @@ def _is_integer(value_info) -> bool:
 
 def _shapes_text(shapes) -> str:
     return ", ".join(f"{n} {'x'.join(str(d) for d in s)}" for n, s in shapes.items())
+
+
+def _shape_text(value_info) -> str:
+    return "x".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+                    for d in value_info.type.tensor_type.shape.dim)

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from milpasses.convert.compress import EMBEDDING_MIN_BITS, WeightSite, palettized
+from milpasses.convert.compress.sites import EMBEDDING_MIN_BITS, WeightSite, palettized
 from milpasses.convert.samples import as_tensors, sample_inputs, verification_rows
 from milpasses.simulator import Simulator
 

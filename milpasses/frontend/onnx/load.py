@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from milpasses.errors import ConversionError, first_line
-from milpasses.onnx.fusions import fuse_layer_norms, fuse_tanh_gelus
+from milpasses.frontend.onnx.fusions import fuse_layer_norms, fuse_tanh_gelus
 
 #: The oldest default-domain opset the frontend reads (LayerNormalization arrived in 17; older
 #: exports decompose it, which the DEFAULT pipeline fuses back).

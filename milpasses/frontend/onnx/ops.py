@@ -6,7 +6,7 @@ passes, written against the torch frontend's programs, find the same patterns.
 A translator takes the conversion context, the node, its inputs (a MIL ``Var``, a numpy constant,
 or None for an omitted optional input) and its attributes, and returns its outputs. Nodes whose
 inputs are all constants never reach a translator: they are evaluated at conversion
-(:mod:`milpasses.onnx.translate`).
+(:mod:`milpasses.frontend.onnx.translate`).
 """
 
 from __future__ import annotations
