@@ -159,7 +159,8 @@ def test_verbose_shows_the_libraries_output_beside_the_stage_lines(tmp_path, ber
     captured = capsys.readouterr()
     assert "a library's notice" in captured.err and "Running MIL ane pipeline" in captured.err
     stages = [line.split(" ... ")[0] for line in captured.err.splitlines() if line.startswith("milpasses: ")]
-    assert stages == ["milpasses: loading the model", "milpasses: tracing", "milpasses: converting with ane_pipeline()",
+    assert stages == ["milpasses: loading the model", "milpasses: reading the model (torch.jit.trace)",
+                      "milpasses: converting with ane_pipeline()",
                       "milpasses: verifying: simulating the program at 8, beside a DEFAULT-pipeline conversion for "
                       "comparison"]
     assert captured.out.splitlines()[-3:] == [f"wrote {tmp_path / 'loud.mlpackage'}",

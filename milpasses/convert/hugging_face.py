@@ -75,9 +75,11 @@ class HuggingFaceModel(Source):
                                 min_psnr_db=self.options.min_psnr_db,
                                 compression=None if self.compression is None else self.compression.as_dict())
 
-    def verify(self, mlmodel, converted: list[Converted], report: ConversionReport, stages: Stages) -> None:
-        lengths = verify.verified_lengths(self.loaded.lengths)
-        described = ", ".join(str(n) for n in lengths) if lengths != [None] else "the sample images"
-        with stages.stage("verify", f"verifying: simulating the program at {described}, beside a DEFAULT-pipeline "
-                          f"conversion for comparison", verify.simulation_steps(lengths, self.options.batch)) as step:
-            verify.verify(mlmodel, self.traced, self.loaded, self.options, lengths, report, step)
+    def verifying(self) -> tuple[str, int]:
+        self.lengths = verify.verified_lengths(self.loaded.lengths)
+        described = ", ".join(str(n) for n in self.lengths) if self.lengths != [None] else "the sample images"
+        return (f"verifying: simulating the program at {described}, beside a DEFAULT-pipeline conversion for "
+                f"comparison", verify.simulation_steps(self.lengths, self.options.batch))
+
+    def verify(self, mlmodel, converted: list[Converted], report: ConversionReport, step) -> None:
+        verify.verify(mlmodel, self.traced, self.loaded, self.options, self.lengths, report, step)

@@ -139,30 +139,32 @@ class OnnxModel(Source):
                                 for length, item in zip(self.lengths, converted)}
         return report
 
-    def verify(self, mlmodel, converted: list[Converted], report: ConversionReport, stages: Stages) -> None:
+    def verifying(self) -> tuple[str, int]:
+        return ("verifying: simulating the program against ONNX Runtime, beside a DEFAULT-pipeline conversion for "
+                "comparison", len(self.lengths) * (verification_rows(self.batch) // self.batch))
+
+    def verify(self, mlmodel, converted: list[Converted], report: ConversionReport, step) -> None:
         from milpasses.simulator import Simulator, load_program
 
         rows = verification_rows(self.batch)
         several = len(converted) > 1
         program = load_program(mlmodel.package_path) if several else None
-        with stages.stage("verify", "verifying: simulating the program against ONNX Runtime, beside a "
-                          "DEFAULT-pipeline conversion for comparison", len(self.lengths) * (rows // self.batch)) as step:
-            session = self.session_class(str(self.source.path), providers=["CPUExecutionProvider"])
-            samples = {n: sample_inputs(self.source, shapes, self.tokenizer, rows) for n, shapes in self.variants.items()}
-            report.samples = samples[self.lengths[0]][1]
-            changed = [f"{a} -> {b}" for a, b in self.renamed.items() if a != b]
-            if changed:
-                report.samples += f" (ONNX names Core ML does not allow, renamed: {', '.join(changed)})"
-            torch_model = _torch_model(self.source, samples[self.lengths[0]][0], report)
-            checks = {}
-            for length, item in zip(self.lengths, converted):
-                if several:
-                    simulator = Simulator(program, item.function.name)
-                    device_model = _function_model(mlmodel.package_path, item.function.name)
-                else:
-                    simulator, device_model = Simulator(item.program), (lambda: item.mlmodel)
-                checks[length] = _verify(simulator, device_model, session, samples[length][0], self.renamed, length,
-                                         self.batch, report, step, torch_model)
+        session = self.session_class(str(self.source.path), providers=["CPUExecutionProvider"])
+        samples = {n: sample_inputs(self.source, shapes, self.tokenizer, rows) for n, shapes in self.variants.items()}
+        report.samples = samples[self.lengths[0]][1]
+        changed = [f"{a} -> {b}" for a, b in self.renamed.items() if a != b]
+        if changed:
+            report.samples += f" (ONNX names Core ML does not allow, renamed: {', '.join(changed)})"
+        torch_model = _torch_model(self.source, samples[self.lengths[0]][0], report)
+        checks = {}
+        for length, item in zip(self.lengths, converted):
+            if several:
+                simulator = Simulator(program, item.function.name)
+                device_model = _function_model(mlmodel.package_path, item.function.name)
+            else:
+                simulator, device_model = Simulator(item.program), (lambda: item.mlmodel)
+            checks[length] = _verify(simulator, device_model, session, samples[length][0], self.renamed, length,
+                                     self.batch, report, step, torch_model)
         distinct = set(checks.values())
         report.device_check = distinct.pop() if len(distinct) == 1 else "; ".join(f"{n}: {c}" for n, c in checks.items())
 

@@ -71,7 +71,12 @@ class Source:
         """The function converted with DEFAULT for the report's op comparison; None for none."""
         return None
 
-    def verify(self, mlmodel, converted: list[Converted], report: ConversionReport, stages: Stages) -> None:
+    def verifying(self) -> tuple[str, int | None]:
+        """What verification does, as the console shows it, and its steps (None: unknown)."""
+        raise NotImplementedError
+
+    def verify(self, mlmodel, converted: list[Converted], report: ConversionReport, step) -> None:
+        """Fill the report's verification; ``step`` is called after each of the steps."""
         raise NotImplementedError
 
     def metadata(self) -> dict[str, str]:
@@ -134,9 +139,10 @@ def run(model, options: Options, console: Console, workdir: Path | None = None):
     baseline_function = source.baseline()
     # DEFAULT's histogram is pure-Python pass work; verification is mostly torch or ONNX Runtime
     # arithmetic, which releases the GIL: run side by side, they share the cores.
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    description, steps = source.verifying()
+    with ThreadPoolExecutor(max_workers=1) as pool, stages.stage("verify", description, steps) as step:
         baseline = None if baseline_function is None else pool.submit(default_histogram, baseline_function, options)
-        source.verify(mlmodel, converted, report, stages)
+        source.verify(mlmodel, converted, report, step)
         if baseline is not None:
             try:
                 report.ops_before, stages.seconds["baseline"] = baseline.result()

@@ -61,24 +61,26 @@ class CausalLMSteps(Source):
                              "cache_shape": cache, "kv_cache": g.kv_cache, "prompts": []}
         return report
 
-    def verify(self, mlmodel, converted: list[Converted], report: ConversionReport, stages: Stages) -> None:
+    def verifying(self) -> tuple[str, None]:
+        self.prompts = _verification_prompts(self.loaded, self.generation.context)
+        return (f"verifying: {VERIFIED_TOKENS} greedy tokens from {len(self.prompts)} prompts, simulated, against "
+                f"Hugging Face generate", None)
+
+    def verify(self, mlmodel, converted: list[Converted], report: ConversionReport, step) -> None:
         from milpasses.generation.package import SimulatedPackage, check_prompt
 
-        g = self.generation
-        prompts = _verification_prompts(self.loaded, g.context)
-        with stages.stage("verify", f"verifying: {VERIFIED_TOKENS} greedy tokens from {len(prompts)} prompts, "
-                          f"simulated, against Hugging Face generate"):
-            run = SimulatedPackage(mlmodel.package_path)
-            for label, ids in prompts:
-                new_tokens = min(VERIFIED_TOKENS, g.context - len(ids))
-                check = check_prompt(run, self.loaded.model, ids, g.context, g.prefill_chunk, new_tokens, label,
-                                     g.kv_cache)
-                report.generation["prompts"].append(check.as_dict())
-                report.psnr.append({"output": f"logits, prompt {len(report.psnr) + 1}", "seq_len": None,
-                                    "psnr_db": check.worst_psnr_db})
-                if check.first_divergence is not None and not check.near_tie:
-                    report.verification_error = (f"prompt {len(report.psnr)}: the tokens diverge from Hugging "
-                                                 f"Face's at step {check.first_divergence}")
+        g, prompts = self.generation, self.prompts
+        run = SimulatedPackage(mlmodel.package_path)
+        for label, ids in prompts:
+            new_tokens = min(VERIFIED_TOKENS, g.context - len(ids))
+            check = check_prompt(run, self.loaded.model, ids, g.context, g.prefill_chunk, new_tokens, label,
+                                 g.kv_cache)
+            report.generation["prompts"].append(check.as_dict())
+            report.psnr.append({"output": f"logits, prompt {len(report.psnr) + 1}", "seq_len": None,
+                                "psnr_db": check.worst_psnr_db})
+            if check.first_divergence is not None and not check.near_tie:
+                report.verification_error = (f"prompt {len(report.psnr)}: the tokens diverge from Hugging "
+                                             f"Face's at step {check.first_divergence}")
         report.samples = (f"{len(prompts)} prompts, {VERIFIED_TOKENS} greedy tokens each, per-step logits against the "
                           f"torch model fed the same tokens (worst step shown)")
         report.device_check = "skipped: Core ML runs only on macOS (verified by simulation)"
