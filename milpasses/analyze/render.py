@@ -283,9 +283,9 @@ def _summary(analyses: dict[str, Analysis], compare: bool) -> str:
     by_chip = speedups(*columns) if compare else {}
     if compare:
         before, after = labels
-        slowest, fastest = min(by_chip, key=by_chip.get), max(by_chip, key=by_chip.get)
-        sentence = (f"{after} is predicted {by_chip[slowest]:.2f}x ({slowest}) to {by_chip[fastest]:.2f}x "
-                    f"({fastest}) as fast as {before}; device partitions {len(columns[0].partitions)} → "
+        least, most = min(by_chip, key=by_chip.get), max(by_chip, key=by_chip.get)
+        sentence = (f"{after} is predicted {by_chip[least]:.2f}x ({least}) to {by_chip[most]:.2f}x "
+                    f"({most}) as fast as {before}; device partitions {len(columns[0].partitions)} → "
                     f"{len(columns[1].partitions)}.")
     else:
         sentence = " ".join(
