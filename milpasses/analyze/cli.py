@@ -249,7 +249,7 @@ def _run(args, console: Console) -> int:
         if args.compare:
             print("\n".join(render.compare_lines(*analyses.values())))
     if html_output is not None:
-        _write_atomically(html_output, render.html_page(analyses))
+        _write_atomically(html_output, render.html_page(analyses, compare=args.compare))
         if not args.json:
             print(f"wrote {html_output}")
     return 0

@@ -175,16 +175,41 @@ def _layer_svg(analysis: Analysis) -> str:
                 x += length
         rows.append(f'<text x="{x + 4:.1f}" y="{y + 13}" font-size="10">{total * 1e6:.1f} us</text></g>')
     return ('<h3>Per layer: attention and feed-forward halves, cut at each norm</h3>'
-            f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_width + width + 80}" '
-            f'height="{bar_height * len(segments)}" font-family="monospace">' + "".join(rows) + "</svg>"
-            '<h3>Per op</h3>')
+            f'<svg class="layers" xmlns="http://www.w3.org/2000/svg" width="{label_width + width + 80}" '
+            f'height="{bar_height * len(segments)}" font-family="monospace">' + "".join(rows) + "</svg>")
+
+
+#: Rows of switch labels above the execution strip.
+SWITCH_LABEL_ROWS = 3
+#: Room per character of a 10 px monospace label: DejaVu Sans Mono and Menlo advance 6.02 px.
+_LABEL_CHAR_WIDTH = 6.5
+_LABEL_GAP = 6.0
+
+
+def switch_label_rows(marks: list[float], widths: list[float], rows: int = SWITCH_LABEL_ROWS) -> list[int | None]:
+    """The row of each switch's label (0 nearest the strip), or None where none fits, for marks
+    in increasing order. A label runs right from its mark, and the mark's line runs down to the
+    strip through the rows below it, so a label must sit below every earlier label that spans
+    its mark: a crowded run of switches becomes a descending staircase, then goes unlabelled."""
+    placed: list[tuple[float, int]] = []  # (right end with its gap, row) of each label so far
+    chosen: list[int | None] = []
+    for mark, width in zip(marks, widths):
+        ceiling = min((row for end, row in placed if end > mark), default=rows)
+        if ceiling == 0:
+            chosen.append(None)
+            continue
+        chosen.append(ceiling - 1)
+        placed.append((mark + width + _LABEL_GAP, ceiling - 1))
+    return chosen
 
 
 def _strip_svg(analysis: Analysis) -> str:
     """The program in execution order as one strip: a segment per op as wide as its estimated
-    time (at least a hairline), coloured by device, with each switch between devices marked
-    and labelled with its estimated cost."""
-    width, height, label_height = 900, 22, 14
+    time (at least a hairline), coloured by device, with each switch between devices marked.
+    A switch is labelled with its devices where the label fits (see ``switch_label_rows``);
+    every mark names them in its tooltip."""
+    width, height, row_height = 900, 22, 13
+    strip_top = SWITCH_LABEL_ROWS * row_height + 4
     order = analysis.execution_order()
     total = sum(r.seconds for r in order) or 1.0
     hairline = 0.6
@@ -195,23 +220,35 @@ def _strip_svg(analysis: Analysis) -> str:
         starts.append(x)
         length = hairline + r.seconds * scale
         tip = html.escape(f"{r.op_type} {r.name} on {r.device}: {r.seconds * 1e6:.1f} us")
-        parts.append(f'<rect class="strip" x="{x:.2f}" y="{label_height}" width="{length:.2f}" height="{height}" '
+        parts.append(f'<rect class="strip" x="{x:.2f}" y="{strip_top}" width="{length:.2f}" height="{height}" '
                      f'fill="{DEVICE_COLOURS[r.device]}"><title>{tip}</title></rect>')
         x += length
-    for index, before, after in analysis.switches():
-        at = starts[index]
-        label = f"{before}→{after} {switch_cost * 1e3:.2f} ms"
-        parts.append(f'<g class="switch"><title>{html.escape(f"switch {label}: a dispatch and a hand-over")}</title>'
-                     f'<line x1="{at:.2f}" y1="0" x2="{at:.2f}" y2="{label_height + height + 4}" stroke="black" '
-                     f'stroke-width="2"/><text x="{at + 2:.2f}" y="10" font-size="10">{html.escape(label)}</text></g>')
-    partitions = " → ".join(f"{device} {len(names)}" for device, names in analysis.partitions)
-    return (f'<h3>Execution order: {len(analysis.partitions)} device partitions ({html.escape(partitions)}), '
-            f'{len(analysis.switches())} switches</h3>'
-            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 120}" height="{label_height + height + 6}" '
-            'font-family="monospace">' + "".join(parts) + "</svg>")
+    switches = analysis.switches()
+    labels = [f"{before}→{after}" for _, before, after in switches]
+    marks = [starts[index] for index, _, _ in switches]
+    rows = switch_label_rows(marks, [len(label) * _LABEL_CHAR_WIDTH for label in labels])
+    for mark, label, row in zip(marks, labels, rows):
+        tip = html.escape(f"switch {label}: {switch_cost * 1e3:.2f} ms, a dispatch and a hand-over")
+        if row is None:  # a tick under the strip, leaving its colours visible where switches crowd
+            mark_line = (f'<line x1="{mark:.2f}" y1="{strip_top + height}" x2="{mark:.2f}" '
+                         f'y2="{strip_top + height + 6}" stroke="black" stroke-width="1"/>')
+        else:
+            label_top = strip_top - 4 - (row + 1) * row_height
+            mark_line = (f'<line x1="{mark:.2f}" y1="{label_top}" x2="{mark:.2f}" y2="{strip_top + height + 6}" '
+                         f'stroke="black" stroke-width="2"/><text class="switch-label" x="{mark + 2:.2f}" '
+                         f'y="{label_top + 10}" font-size="10">{html.escape(label)}</text>')
+        parts.append(f'<g class="switch"><title>{tip}</title>{mark_line}</g>')
+    unlabelled = rows.count(None)
+    longest_label = max((len(label) for label in labels), default=0) * _LABEL_CHAR_WIDTH
+    return (f'<h3>Execution order: {len(analysis.partitions)} device partitions, '
+            f'{len(switches)} switches, each estimated at {switch_cost * 1e3:.2f} ms</h3>'
+            + (f'<p>{unlabelled} of the {len(switches)} switches are too close together to label; they are the '
+               'short ticks under the strip (hover one for its devices).</p>' if unlabelled else "")
+            + f'<svg class="execution" xmlns="http://www.w3.org/2000/svg" width="{width + longest_label + 10:.0f}" '
+            f'height="{strip_top + height + 8}" font-family="monospace">' + "".join(parts) + "</svg>")
 
 
-def _svg(analysis: Analysis, title: str) -> str:
+def _ops_svg(analysis: Analysis) -> str:
     bar_height, width, label_width = 14, 520, 320
     longest = max((r.seconds for r in analysis.ops), default=0) or 1
     rows = []
@@ -226,23 +263,64 @@ def _svg(analysis: Analysis, title: str) -> str:
             f'<rect class="op" x="{label_width}" y="{y + 2}" width="{length:.1f}" height="{bar_height - 4}" '
             f'fill="{DEVICE_COLOURS[r.device]}"/>'
             f'<text x="{label_width + length + 4:.1f}" y="{y + 11}" font-size="10">{r.seconds * 1e6:.1f} us</text></g>')
-    height = bar_height * len(analysis.ops)
-    return (f'<h2>{html.escape(title)}</h2><p>Bar length: estimated time on {analysis.chip.name} '
-            f'(longest op {longest * 1e6:.1f} us); estimated latency {analysis.latency * 1e3:.2f} ms.</p>'
-            + _strip_svg(analysis) + _layer_svg(analysis) + f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_width + width + 70}" height="{height}" '
-            f'font-family="monospace">' + "".join(rows) + "</svg>")
+    return (f'<h3>Per op (longest {longest * 1e6:.1f} us)</h3>'
+            f'<svg class="ops" xmlns="http://www.w3.org/2000/svg" width="{label_width + width + 70}" '
+            f'height="{bar_height * len(analysis.ops)}" font-family="monospace">' + "".join(rows) + "</svg>")
 
 
-def html_page(analyses: dict[str, Analysis]) -> str:
-    """A self-contained page: per op, a bar as long as its estimated time, coloured by device."""
+def _section(title: str, analysis: Analysis) -> str:
+    summary = "".join(f"<li>{html.escape(line)}</li>" for line in summary_lines(analysis))
+    return (f'<section><h2>{html.escape(title)}</h2><p>Bar length: estimated time on {analysis.chip.name}; '
+            f'estimated latency {analysis.latency * 1e3:.2f} ms.</p><ul>{summary}</ul>'
+            + _strip_svg(analysis) + _layer_svg(analysis) + _ops_svg(analysis) + "</section>")
+
+
+def _summary(analyses: dict[str, Analysis], compare: bool) -> str:
+    """The page's opening: a sentence, then a table of latency per chip and device partitions per
+    analysis, with the speed-up of the second over the first when they are a comparison."""
+    labels, columns = list(analyses), list(analyses.values())
+    chosen = columns[0].chip.name
+    by_chip = speedups(*columns) if compare else {}
+    if compare:
+        before, after = labels
+        least, most = min(by_chip, key=by_chip.get), max(by_chip, key=by_chip.get)
+        sentence = (f"{after} is predicted {by_chip[least]:.2f}x ({least}) to {by_chip[most]:.2f}x "
+                    f"({most}) as fast as {before}; device partitions {len(columns[0].partitions)} → "
+                    f"{len(columns[1].partitions)}.")
+    else:
+        sentence = " ".join(
+            f"{label}: {a.latency * 1e3:.2f} ms predicted on {chosen}, {len(a.partitions)} device partitions."
+            for label, a in analyses.items())
+    header = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
+    if compare:
+        header += f"<th>speed-up of {html.escape(labels[1])}</th>"
+    rows = [("device partitions", [str(len(a.partitions)) for a in columns], ""),
+            ("switches", [str(len(a.switches())) for a in columns], ""),
+            ("ANE share of ops", [f"{a.ane_op_share:.1%}" for a in columns], "")]
+    rows += [(f"latency {chip}", [f"{a.latency_by_chip[chip] * 1e3:.2f} ms" for a in columns],
+              f"{by_chip[chip]:.2f}x" if compare else "") for chip in columns[0].latency_by_chip]
+    body = "".join(
+        f"<tr{' class=chosen' if name == f'latency {chosen}' else ''}><th>{html.escape(name)}</th>"
+        + "".join(f"<td>{value}</td>" for value in values) + (f"<td>{speedup}</td>" if compare else "") + "</tr>"
+        for name, values, speedup in rows)
+    return (f'<section id="summary"><h2>Summary</h2><p>{html.escape(sentence)}</p>'
+            f'<table class="summary"><tr><th></th>{header}</tr>{body}</table></section>')
+
+
+_STYLE = ("table.summary{border-collapse:collapse}table.summary th,table.summary td{padding:2px 12px;"
+          "border-bottom:1px solid #ddd;text-align:right}table.summary tr>th:first-child{text-align:left}"
+          "table.summary tr.chosen{font-weight:bold}")
+
+
+def html_page(analyses: dict[str, Analysis], compare: bool = False) -> str:
+    """A self-contained page: a summary (with ``compare``, the speed-up of the second analysis
+    over the first), then per analysis the execution strip and a bar per layer half and per op,
+    each as long as its estimated time and coloured by device."""
     legend = " ".join(f'<span style="color:{c}">&#9632; {d}</span>' for d, c in DEVICE_COLOURS.items())
-    sections = []
-    for title, analysis in analyses.items():
-        summary = "".join(f"<li>{html.escape(line)}</li>" for line in summary_lines(analysis))
-        sections.append(f"<section>{_svg(analysis, title)}<ul>{summary}</ul></section>")
     assumptions = "".join(f"<li>{html.escape(a)}</li>" for a in costs.ASSUMPTIONS)
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>milpasses analyze</title></head>"
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>milpasses analyze</title>"
+            f"<style>{_STYLE}</style></head>"
             "<body style='font-family:sans-serif'><h1>milpasses analyze: predicted device and estimated time "
-            f"per op</h1><p>{legend}. Hover a bar for the reason. Predictions are heuristics, not "
-            "measurements.</p>" + "".join(sections)
+            f"per op</h1>{_summary(analyses, compare)}<p>{legend}. Hover a bar for the reason. Predictions are "
+            "heuristics, not measurements.</p>" + "".join(_section(t, a) for t, a in analyses.items())
             + f"<h2>Assumptions</h2><ul>{assumptions}</ul></body></html>")
