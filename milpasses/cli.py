@@ -57,6 +57,10 @@ def convert_command(args) -> int:
         raise UserError(str(error)) from error
     except OSError as error:
         raise UserError(f"cannot write {output}: {error.strerror or error}") from error
+    except Exception as error:  # outside the route's stages: still one line, the traceback with --verbose
+        if args.verbose:
+            raise
+        raise _unexpected(f"convert failed on {args.model or 'the bundled model'}", error) from error
     if args.json:
         print(report.to_json())
     elif not args.quiet:
@@ -79,8 +83,21 @@ def generate_command(args) -> int:
     except (GenerationError, ContextFullError) as error:
         print()
         raise UserError(str(error)) from error
+    except Exception as error:  # a library failing on this package: one line, the traceback with --verbose
+        print()
+        if args.verbose:
+            raise
+        raise _unexpected(f"generate failed on {args.package}", error) from error
     print()
     return 0
+
+
+def _unexpected(what: str, error: Exception) -> UserError:
+    """An error nobody foresaw, in one line that says how to see its traceback."""
+    from milpasses.errors import first_line
+
+    return UserError(f"{what}: {type(error).__name__}: {first_line(error)} (--verbose shows the traceback)",
+                     show_library_output=True)
 
 
 def _add_generate_parser(commands) -> None:

@@ -180,7 +180,7 @@ def test_a_library_failure_shows_what_the_library_printed(tmp_path, bert_dir, ca
                  "--offline"]) == 2
     err = capsys.readouterr().err.splitlines()
     failure = next(i for i, line in enumerate(err) if line.startswith("milpasses: error:"))
-    assert "coremltools could not convert bert: something inside coremltools broke" in err[failure]
+    assert "converting BertModel: coremltools failed: something inside coremltools broke" in err[failure]
     assert any("coremltools was here" in line for line in err[failure + 1:])
     assert list(tmp_path.iterdir()) == []
 

@@ -8,6 +8,7 @@ from fixtures import families as F
 from milpasses import ane_pipeline
 from milpasses.convert import DEFAULT_COMPRESSED_MIN_PSNR_DB, ConversionError, Options, convert
 from milpasses.convert import compress as compressing
+from milpasses.convert.compress import sites as compress_sites
 from milpasses.simulator import is_decompression, psnr, simulate
 from milpasses.weights import dense_bytes, stored_bytes
 
@@ -42,7 +43,7 @@ BELOW_THE_BAR = {"qwen2"}
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason="44.3 dB, see above"))
                                     if f in BELOW_THE_BAR else f for f in F.FAMILIES])
 def test_fixture_families_palettized_to_8_bits_stay_finite_and_above_45_db(family, monkeypatch):
-    monkeypatch.setattr(compressing, "SMALL_WEIGHT_ELEMENTS", FIXTURE_SMALL_WEIGHT)
+    monkeypatch.setattr(compress_sites, "SMALL_WEIGHT_ELEMENTS", FIXTURE_SMALL_WEIGHT)
     inputs = F.sample_inputs(family)
     mlmodel = F.converted_ane(family, "fp16")  # shared with the pass checks of test_ane_families
     sites = compressing.weight_sites(mlmodel._mil_program)
@@ -62,7 +63,7 @@ def test_fixture_families_palettized_to_8_bits_stay_finite_and_above_45_db(famil
 def test_weight_sites_give_the_embedding_table_and_the_lm_head_their_own_bits(monkeypatch):
     import torch
 
-    monkeypatch.setattr(compressing, "SMALL_WEIGHT_ELEMENTS", FIXTURE_SMALL_WEIGHT)
+    monkeypatch.setattr(compress_sites, "SMALL_WEIGHT_ELEMENTS", FIXTURE_SMALL_WEIGHT)
 
     class TinyLM(torch.nn.Module):
         def __init__(self):
@@ -84,7 +85,7 @@ def test_weight_sites_give_the_embedding_table_and_the_lm_head_their_own_bits(mo
 def test_data_aware_palettize4_converts_with_every_linear_a_conv_reading_compressed_weights(tmp_path, monkeypatch):
     from tests.convert_helpers import save_fixture
 
-    monkeypatch.setattr(compressing, "SMALL_WEIGHT_ELEMENTS", FIXTURE_SMALL_WEIGHT)
+    monkeypatch.setattr(compress_sites, "SMALL_WEIGHT_ELEMENTS", FIXTURE_SMALL_WEIGHT)
     directory = save_fixture(tmp_path / "st", "bert", sentence_pooling="mean_tokens")
     texts = tmp_path / "texts.txt"
     texts.write_text("the neural engine runs transformers.\n\ncoremltools converts models.\n")
@@ -105,7 +106,7 @@ def test_data_aware_palettize4_converts_with_every_linear_a_conv_reading_compres
 def test_auto_picks_bits_per_layer_that_keep_the_floor_with_fewer_bytes_than_8_bits(tmp_path, monkeypatch):
     from tests.convert_helpers import save_fixture
 
-    monkeypatch.setattr(compressing, "SMALL_WEIGHT_ELEMENTS", FIXTURE_SMALL_WEIGHT)
+    monkeypatch.setattr(compress_sites, "SMALL_WEIGHT_ELEMENTS", FIXTURE_SMALL_WEIGHT)
     directory = save_fixture(tmp_path / "bert", "bert")
     _, report = convert(str(directory), seq_len=F.SEQ_LEN, target="iOS18", offline=True, compress="auto",
                         min_psnr_db=35.0)

@@ -175,6 +175,9 @@ def test_cli_writes_a_verified_two_function_package(tmp_path, capsys):
     assert code == 0
     report = json.loads((tmp_path / "gpt2.report.json").read_text())
     assert set(report["generation"]["functions"]) == {"prefill", "decode"}
+    attention = {entry["function"]: entry for entry in report["passes"] if entry["pass"] == "ane::attention_to_einsum"}
+    assert set(attention) == {"prefill", "decode"}  # each function's own passes, not the last conversion's
+    assert all(sum(entry["rewritten"].values()) == 2 for entry in attention.values())
     for check in report["generation"]["prompts"]:
         assert check["first_divergence"] is None or check["near_tie"]
     assert report["verified"]

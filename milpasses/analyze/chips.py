@@ -19,9 +19,9 @@ class Chip:
     gpu_published: bool = True  # Apple quoted the GPU's TFLOPS; else a community figure
 
 
-# ANE peak and DRAM bandwidth from the roofline table in shared/ANE_NOTES.md. Apple quotes
-# A17 Pro / M4 in int8-counted TOPS: fp16 is taken as half. A17 Pro's bandwidth is not in the
-# table: taken as A16's (same LPDDR5 generation), marked derived. GPU peaks: Apple's launch
+# ANE peak and DRAM bandwidth: Apple's launch figures for each chip. Apple quotes
+# A17 Pro / M4 in int8-counted TOPS: fp16 is taken as half. A17 Pro's bandwidth is not published:
+# taken as A16's (same LPDDR5 generation), marked derived. GPU peaks: Apple's launch
 # figures for M1 (2.6 TFLOPS) and M2 (3.6); the others are community figures for the shipping
 # core counts (marked), used only when an op is predicted on the GPU.
 CHIPS: dict[str, Chip] = {c.name: c for c in [

@@ -2,7 +2,7 @@
 
 Per op on its predicted device: ``max(FLOPs / (efficiency x peak), DRAM bytes / bandwidth)``
 plus a fixed cost per op that does work, and per program a cost per device partition and per
-switch between devices. Peaks and bandwidths are Apple's published figures (ANE_NOTES); the
+switch between devices. Peaks and bandwidths are Apple's published figures (``chips``); the
 few parameters no public spec gives are fitted to published on-device latencies by
 ``benchmarks/calibration.py``, which also reports how well each point is predicted by a fit
 that leaves it out. ``PARAMETERS`` lists every value with where it came from; it is a model,
@@ -61,7 +61,7 @@ PARAMETER_SOURCES = {
     "op_seconds": "fitted with the above (benchmarks/calibration.py); small: the ANE fuses most elementwise ops",
     "on_chip_bytes": "assumed: 1 MiB of on-chip buffer, the order of what Apple's per-head split aims to stay "
                      "within (one head's S=512 score tile is 0.5 MiB); not published, not fitted",
-    "dispatch_seconds": "ANE_NOTES: about 0.1 ms per ANE dispatch (community, M4)",
+    "dispatch_seconds": "about 0.1 ms per ANE dispatch (community measurement on M4)",
     "switch_seconds": "assumed equal to a dispatch (a hand-over waits for the other device's submission)",
 }
 
@@ -80,7 +80,7 @@ ASSUMPTIONS = (
     "per op: time = max(FLOPs / (efficiency x peak), DRAM bytes / bandwidth) + a fixed cost per op that "
     "does work; views and copies that only move size-1 axes are free",
     "ANE peak is Apple's fp16 figure (int8-counted TOPS halved for A17 Pro/M4); bandwidths marked * in "
-    "ANE_NOTES are derived, not published; GPU peaks are Apple's for M1/M2, community figures elsewhere",
+    "milpasses.analyze.chips are derived, not published; GPU peaks are Apple's for M1/M2, community figures elsewhere",
     f"CPU {CPU_FLOPS / TERA:g} TFLOPS on every chip (a round guess); every device shares the DRAM bandwidth",
     "every weight is read from DRAM once per inference; a gather reads only the rows it looks up",
     "on the ANE an activation no larger than the on-chip buffer stays on chip (Apple splits attention per "

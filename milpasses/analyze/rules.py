@@ -1,8 +1,8 @@
 """Rules that predict where Core ML will run a MIL op: the ANE, the GPU or the CPU.
 
 Apple publishes no list of what the Neural Engine runs, and says support changes with chip,
-OS and tensor size. Each rule here is a heuristic from ``shared/ANE_NOTES.md`` with its
-confidence, its source and the scope where it is known to hold; none of them is certain.
+OS and tensor size. Each rule here is a heuristic from public sources (Apple's documents and
+code, reverse engineering, community measurements) with its confidence, its source and the scope where it is known to hold; none of them is certain.
 A rule is a function ``rule(op, context) -> Prediction | None``: None when it does not apply.
 """
 
@@ -79,7 +79,7 @@ def fp32_compute(op, context: Context) -> Prediction | None:
 def _state_write_offsets(op) -> list:
     """The run-time begin/end of a ``slice_update`` into what ``read_state`` read (a KV cache
     written at the step's position): index operands, not int32 data; ANEMLL runs this write
-    on the ANE (community, ANE_NOTES)."""
+    on the ANE (community: ANEMLL's KV-cache state)."""
     x = op.inputs.get("x") if op.op_type == "slice_update" else None
     if x is None or x.op is None or x.op.op_type != "read_state":
         return []
@@ -92,7 +92,7 @@ def int32_tensors(op, context: Context) -> Prediction | None:
     if not any(v.dtype in wide_ints for v in activation_vars(op) if not any(v is o for o in offsets)):
         return None
     return Prediction(CPU, "reads or writes a 32/64-bit integer tensor; the ANE has no int32 arithmetic or casts",
-                      REVERSE_ENGINEERED, "ANE_NOTES: int32 arithmetic and casts (RE)", rule="int32_tensors")
+                      REVERSE_ENGINEERED, "int32 arithmetic and casts run off the ANE (reverse-engineered; Apple's Core AI Neural Engine rules: fp16, int8 or int16 only)", rule="int32_tensors")
 
 
 def rank_above_five(op, context: Context) -> Prediction | None:
@@ -126,7 +126,7 @@ def runtime_offset_slice(op, context: Context) -> Prediction | None:
     if offsets is None or all(op.inputs[name].val is not None for name in offsets if name in op.inputs):
         return None
     return Prediction(CPU, "a slice whose offsets are computed at run time", COMMUNITY,
-                      "ANE_NOTES: runtime-offset slices (doc/folk)", rule="runtime_offset_slice")
+                      "slices at run-time offsets run on the CPU (Apple's DistilBERT report; community)", rule="runtime_offset_slice")
 
 
 def control_flow(op, context: Context) -> Prediction | None:
@@ -143,7 +143,7 @@ def flexible_shape(op, context: Context) -> Prediction | None:
     if context.enumerated_inputs:
         return None  # EnumeratedShapes compile one static program per shape
     return Prediction(GPU, "a shape only known at run time (RangeDim flexible input)", COMMUNITY,
-                      "ANE_NOTES: RangeDim usually falls off the ANE; EnumeratedShapes can stay (doc)",
+                      "RangeDim usually falls off the ANE; EnumeratedShapes can stay (coremltools' flexible-shapes guide)",
                       rule="flexible_shape")
 
 
@@ -173,7 +173,7 @@ def weights_too_large(op, context: Context) -> Prediction | None:
     size = context.weight_bytes
     if context.is_mac and size > MAC_WEIGHT_LIMIT:
         return Prediction(GPU, f"model weights {size / 2**30:.2f} GiB exceed the 2 GiB a Mac loads; fix: {WEIGHT_FIX}",
-                          COMMUNITY, "ANE_NOTES: weight file over 2 GiB refused on macOS (folk)", scope="Mac",
+                          COMMUNITY, "a weight file over 2 GiB is refused on macOS (community: eeANE)", scope="Mac",
                           rule="weights_too_large")
     if context.is_mac and size > MACOS27_WEIGHT_LIMIT:
         return Prediction(CPU, f"model weights {size / 2**30:.2f} GiB exceed 1 GiB: from macOS 27 such a model runs "

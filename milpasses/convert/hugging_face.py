@@ -75,7 +75,7 @@ class HuggingFaceModel(Source):
                                 min_psnr_db=self.options.min_psnr_db,
                                 compression=None if self.compression is None else self.compression.as_dict())
 
-    def verifying(self) -> tuple[str, int]:
+    def verifying(self, mlmodel) -> tuple[str, int]:
         self.lengths = verify.verified_lengths(self.loaded.lengths)
         described = ", ".join(str(n) for n in self.lengths) if self.lengths != [None] else "the sample images"
         return (f"verifying: simulating the program at {described}, beside a DEFAULT-pipeline conversion for "

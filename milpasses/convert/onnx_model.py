@@ -139,16 +139,21 @@ class OnnxModel(Source):
                                 for length, item in zip(self.lengths, converted)}
         return report
 
-    def verifying(self) -> tuple[str, int]:
+    def verifying(self, mlmodel) -> tuple[str, int]:
+        from milpasses.simulator import load_program
+
+        # Read before the DEFAULT comparison starts beside verification: coremltools' program
+        # reader and its converter share the builder's global opset context.
+        self.several = len(self.lengths) > 1
+        self.package = load_program(mlmodel.package_path) if self.several else None
         return ("verifying: simulating the program against ONNX Runtime, beside a DEFAULT-pipeline conversion for "
                 "comparison", len(self.lengths) * (verification_rows(self.batch) // self.batch))
 
     def verify(self, mlmodel, converted: list[Converted], report: ConversionReport, step) -> None:
-        from milpasses.simulator import Simulator, load_program
+        from milpasses.simulator import Simulator
 
         rows = verification_rows(self.batch)
-        several = len(converted) > 1
-        program = load_program(mlmodel.package_path) if several else None
+        several, program = self.several, self.package
         session = self.session_class(str(self.source.path), providers=["CPUExecutionProvider"])
         samples = {n: sample_inputs(self.source, shapes, self.tokenizer, rows) for n, shapes in self.variants.items()}
         report.samples = samples[self.lengths[0]][1]

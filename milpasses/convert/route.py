@@ -34,15 +34,20 @@ class Stages:
     @contextmanager
     def stage(self, key: str, description: str, steps: int | None = None):
         started = time.perf_counter()
+        with self.guard(key), self.console.stage(description, steps) as step:
+            yield step
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
+
+    @contextmanager
+    def guard(self, key: str):
+        """Any failure but a ConversionError becomes one, naming the stage and the model."""
         try:
-            with self.console.stage(description, steps) as step:
-                yield step
+            yield
         except ConversionError:
             raise
         except Exception as error:  # a library's or our own failure: one line, never a traceback
             raise LibraryFailure(f"{key} failed on {self.model_class}: {type(error).__name__}: "
                                  f"{first_line(error)}") from error
-        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
 
 
 class Source:
@@ -71,7 +76,7 @@ class Source:
         """The function converted with DEFAULT for the report's op comparison; None for none."""
         return None
 
-    def verifying(self) -> tuple[str, int | None]:
+    def verifying(self, mlmodel) -> tuple[str, int | None]:
         """What verification does, as the console shows it, and its steps (None: unknown)."""
         raise NotImplementedError
 
@@ -133,13 +138,15 @@ def run(model, options: Options, console: Console, workdir: Path | None = None):
             mlmodel = assemble(converted, directory / "model.mlpackage", source.default_function)
             if workdir is None:
                 remove_with(mlmodel, directory)
-    report = source.report(converted)
+    with stages.guard("report"):
+        report = source.report(converted)
     report.passes = [entry for item in converted for entry in item.passes]
     report.ops_after = histogram(converted[-1 if source.default_function else 0].program)
     baseline_function = source.baseline()
     # DEFAULT's histogram is pure-Python pass work; verification is mostly torch or ONNX Runtime
     # arithmetic, which releases the GIL: run side by side, they share the cores.
-    description, steps = source.verifying()
+    with stages.guard("verify"):
+        description, steps = source.verifying(mlmodel)
     with ThreadPoolExecutor(max_workers=1) as pool, stages.stage("verify", description, steps) as step:
         baseline = None if baseline_function is None else pool.submit(default_histogram, baseline_function, options)
         source.verify(mlmodel, converted, report, step)

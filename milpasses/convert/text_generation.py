@@ -61,7 +61,7 @@ class CausalLMSteps(Source):
                              "cache_shape": cache, "kv_cache": g.kv_cache, "prompts": []}
         return report
 
-    def verifying(self) -> tuple[str, None]:
+    def verifying(self, mlmodel) -> tuple[str, None]:
         self.prompts = _verification_prompts(self.loaded, self.generation.context)
         return (f"verifying: {VERIFIED_TOKENS} greedy tokens from {len(self.prompts)} prompts, simulated, against "
                 f"Hugging Face generate", None)

@@ -219,7 +219,7 @@ class KVCacheStep(torch.nn.Module):
 
 
 #: The ANE fails on a state whose contiguous (last) axis is not a multiple of 32 (coremltools
-#: #2631, ANE_NOTES): a state cache's context axis is rounded up to one.
+#: #2631, a community report): a state cache's context axis is rounded up to one.
 STATE_AXIS_MULTIPLE = 32
 
 

@@ -10,11 +10,11 @@ from milpasses.convert.compress.sites import (
     PALETTIZE4_MEAN_BITS,
     PALETTIZE4_TABLES,
     SENSITIVITY_PROJECTIONS,
-    SMALL_WEIGHT_ELEMENTS,
     TABLE_ROWS,
     WIDENED_BITS,
     CompressionRecord,
 )
+from milpasses.convert.compress import sites
 from milpasses.errors import ConversionError
 
 
@@ -154,7 +154,7 @@ def calibrated_palettization(loaded, options, texts, compression: CompressionRec
         if isinstance(module, torch.nn.Embedding):
             names[name] = None  # palettized after conversion: SKM's weighted k-means takes minutes on a vocabulary
         elif isinstance(module, torch.nn.Linear):
-            if module.weight.numel() <= SMALL_WEIGHT_ELEMENTS:
+            if module.weight.numel() <= sites.SMALL_WEIGHT_ELEMENTS:
                 names[name] = None
             elif module.weight.shape[0] == vocab:
                 names[name] = wide
