@@ -4,26 +4,20 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 from fixtures import families as F
-from milpasses import ane_pipeline
 from milpasses.analyze import analyze
 from milpasses.passes.layout import LAYOUT_OPS, layout_census
 from milpasses.simulator import psnr, simulate
-from milpasses.convert.coreml import convert_traced
 
 SEQ_LEN = 128
-#: Apple's hand-written ANE DistilBERT, through the same coremltools pipeline (ANE_NOTES.md).
+#: Apple's hand-written ANE DistilBERT, through the same coremltools pipeline (benchmarks/apple_form.py).
 APPLE_NON_CONST_OPS = 538
 
 
 @pytest.fixture(scope="module")
 def distilbert():
-    model, inputs, traced = F.distilbert_base(SEQ_LEN, valid_tokens=100)
-    with torch.no_grad():
-        expected = model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in inputs.items()}).last_hidden_state.numpy()
-    return convert_traced(traced, inputs, "fp16", ane_pipeline()), inputs, expected, model.config
+    return F.distilbert_base_converted("ane", SEQ_LEN, valid_tokens=100)
 
 
 def test_the_body_has_no_matmul_linear_or_reshape_and_attention_is_per_head(distilbert):

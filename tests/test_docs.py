@@ -136,3 +136,47 @@ def test_readme_first_command_prints_only_milpasses_lines_and_ends_with_psnr_and
     assert report["ops_before"]["linear"] == 36
     assert report["package_bytes"] > 40 * 2**20  # 22.7 M fp16 weights
     assert "| sentence_embedding | 128 |" in (tmp_path / "all-MiniLM-L6-v2.report.md").read_text()
+
+
+#: The README's DistilBERT-base figures, each checked against the conversion that measures it.
+DISTILBERT_FIGURES = re.compile(
+    r"On stock DistilBERT-base at S=128 the result has no `linear` or `matmul` left: (?P<conv>\d+) conv, "
+    r"(?P<einsum>\d+) einsum, (?P<softmax>\d+) softmax over axis 1, (?P<layer_norm>\d+) layer_norm over axis 1, "
+    r"(?P<ops>\d+) ops in all \(DEFAULT: (?P<default_ops>\d+); Apple's hand-written model: \d+\) with "
+    r"(?P<layout>\d+) layout ops, at (?P<psnr>[\d.]+) dB fp16 PSNR against torch \(DEFAULT: (?P<default_psnr>[\d.]+) dB\)")
+#: docs/passes.md's count of the layout ops left in the same conversion.
+PASSES_LAYOUT_FIGURE = re.compile(r"On stock DistilBERT-base at S=128 only (\d+) layout ops remain")
+#: A printed PSNR is rounded to 0.1 dB; the simulation's own run-to-run spread is far below this.
+PSNR_TOLERANCE_DB = 0.15
+
+
+def _one_line(path: Path) -> str:
+    return " ".join(path.read_text().split())
+
+
+def test_distilbert_figures_in_the_readme_and_the_passes_doc_are_the_measured_ones():
+    from collections import Counter
+
+    from fixtures.families import distilbert_base_converted
+    from milpasses.passes.layout import LAYOUT_OPS
+    from milpasses.simulator import psnr, simulate
+
+    figures = DISTILBERT_FIGURES.search(_one_line(ROOT / "README.md"))
+    assert figures, "the README's DistilBERT-base sentence changed shape: update DISTILBERT_FIGURES with it"
+    measured = {}
+    for pipeline in ("ane", "default"):
+        mlmodel, inputs, expected, _ = distilbert_base_converted(pipeline)
+        operations = mlmodel._mil_program.functions["main"].operations
+        counts = Counter(op.op_type for op in operations if op.op_type != "const")
+        valid = inputs["attention_mask"].astype(bool)
+        measured[pipeline] = (counts, sum(counts[t] for t in LAYOUT_OPS),
+                              psnr(expected[valid], simulate(mlmodel, inputs)["last_hidden_state"][valid]))
+    (counts, layout, ane_psnr), (default_counts, _, default_psnr) = measured["ane"], measured["default"]
+    for op in ("conv", "einsum", "softmax", "layer_norm"):
+        assert int(figures[op]) == counts[op], op
+    assert int(figures["ops"]) == sum(counts.values()) and int(figures["default_ops"]) == sum(default_counts.values())
+    assert int(figures["layout"]) == layout
+    assert abs(float(figures["psnr"]) - ane_psnr) <= PSNR_TOLERANCE_DB
+    assert abs(float(figures["default_psnr"]) - default_psnr) <= PSNR_TOLERANCE_DB
+    (passes_layout,) = PASSES_LAYOUT_FIGURE.findall(_one_line(ROOT / "docs" / "passes.md"))
+    assert int(passes_layout) == layout
