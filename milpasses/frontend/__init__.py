@@ -6,5 +6,6 @@ own registry, so a plain ``ct.convert`` of a traced model gains them too.
 """
 
 from milpasses.frontend.torch_ops import INSTALLED
+from milpasses.frontend import export  # noqa: F401  (installs the torch.export route's converters)
 
 __all__ = ["INSTALLED"]

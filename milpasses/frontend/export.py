@@ -14,7 +14,9 @@ from coremltools.converters.mil.frontend.torch.torch_op_registry import (
     _TORCH_OPS_REGISTRY,
     register_torch_op,
 )
-from coremltools.converters.mil.mil import types
+from coremltools.converters.mil.frontend.torch.utils import sanitize_op_kind
+
+from milpasses.errors import ConversionError
 
 #: ATen op kinds (as coremltools names them) that milpasses converts on the torch.export route,
 #: with the reason each is missing upstream.
@@ -45,6 +47,13 @@ def alias(context, node):
     context.add(mb.identity(x=x, name=node.name))
 
 
+def grouped_mm_fallback(context, node):
+    """``transformers::grouped_mm_fallback(x, weights, offs)``, the custom op transformers' grouped
+    experts call instead of ``torch._grouped_mm`` under export (fp32 weights): the same product,
+    converted by milpasses' ``_grouped_mm`` (``torch_ops``) as on the trace route."""
+    _upstream("_grouped_mm")(context, node)
+
+
 def _install(converter, why: str, name: str | None = None) -> None:
     name = name or converter.__name__
     existing = _TORCH_OPS_REGISTRY.name_to_func_mapping.get(name)
@@ -61,6 +70,18 @@ _install(where_scalarother, "transformers' masks, where(mask, 0.0, finfo.min); c
          name="where.scalarother")
 _install(bool_and, "'&' of bool masks; coremltools 9.0 looks aten.__and__ up undunderscored", name="__and__")
 _install(alias, "aten.alias; missing in coremltools 9.0")
+_install(grouped_mm_fallback, "transformers >= 5 grouped experts under torch.export; a custom op coremltools cannot know",
+         name="transformers::grouped_mm_fallback")
+
+
+
+def _kind(node) -> str:
+    """The name coremltools looks an fx node's converter up by (as its ``from_exir_node`` does)."""
+    try:
+        name = node.target.name()
+    except AttributeError:
+        name = getattr(node.target, "__name__", str(node.target))
+    return sanitize_op_kind(name)
 
 
 def export(module, example_inputs: tuple):
@@ -68,9 +89,16 @@ def export(module, example_inputs: tuple):
     in eval mode (dropout off), without autograd, non-strict (transformers' Python-level model code
     is traced, not parsed), and decomposed to the ATen inference IR with an empty table
     (``run_decompositions({})``, coremltools' advice), which keeps ``linear``, ``layer_norm`` and
-    ``softmax`` whole, as the ``ane::`` passes find them after a trace."""
+    ``softmax`` whole, as the ``ane::`` passes find them after a trace. The module's training
+    mode is restored afterwards.
+
+    Raises ``ConversionError`` when the exported program holds an op that no converter (coremltools'
+    or milpasses') converts, naming it, before ``ct.convert`` fails on it halfway."""
     import torch
 
+    if not isinstance(example_inputs, (tuple, list)):
+        raise ConversionError(f"example_inputs must be a tuple of the module's positional inputs, got "
+                              f"{type(example_inputs).__name__}; pass one tensor as (tensor,)")
     was_training = module.training
     module.eval()
     try:
@@ -78,4 +106,11 @@ def export(module, example_inputs: tuple):
             exported = torch.export.export(module, tuple(example_inputs), strict=False)
     finally:
         module.train(was_training)
-    return exported.run_decompositions({})
+    exported = exported.run_decompositions({})
+    missing = sorted({_kind(node) for node in exported.graph_module.graph.nodes if node.op == "call_function"}
+                     - set(_TORCH_OPS_REGISTRY.name_to_func_mapping))
+    if missing:
+        raise ConversionError(f"the exported program holds ops coremltools cannot convert: {', '.join(missing)}; "
+                              "register a converter for each with coremltools' register_torch_op, or convert "
+                              "the model traced (torch.jit.trace) instead")
+    return exported
