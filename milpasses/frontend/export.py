@@ -60,6 +60,7 @@ def _install(converter, why: str, name: str | None = None) -> None:
     if existing is not None and existing.__module__ != __name__:
         return  # coremltools converts it itself: leave its converter in charge
     if name != converter.__name__:
+        # ATen overload names ("where.scalarother") are no Python names: set the entry itself
         _TORCH_OPS_REGISTRY.set_func_by_name(converter, name)
     else:
         register_torch_op(converter, override=existing is not None)
