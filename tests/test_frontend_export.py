@@ -33,10 +33,10 @@ def converted(name: str, route: str):
         program = F.trace(name, inputs, model)
     pipeline = ane_pipeline()
     # the MIL program itself: the ane:: passes have run, the serialising backend adds nothing here
-    program = ct.convert(program, inputs=[ct.TensorType(name=k, shape=v.shape, dtype=v.dtype) for k, v in inputs.items()],
-                         outputs=[ct.TensorType(name="last_hidden_state")], convert_to="milinternal",
-                         minimum_deployment_target=ct.target.iOS16, compute_precision=ct.precision.FLOAT16,
-                         pass_pipeline=pipeline)
+    typed_inputs = [ct.TensorType(name=k, shape=v.shape, dtype=v.dtype) for k, v in inputs.items()]
+    program = ct.convert(program, inputs=typed_inputs, outputs=[ct.TensorType(name="last_hidden_state")],
+                         convert_to="milinternal", minimum_deployment_target=ct.target.iOS16,
+                         compute_precision=ct.precision.FLOAT16, pass_pipeline=pipeline)
     return program, pipeline
 
 

@@ -67,12 +67,12 @@ def _install(converter, why: str, name: str | None = None) -> None:
     INSTALLED[name] = why
 
 
-_install(where_scalarother, "transformers' masks, where(mask, 0.0, finfo.min); coremltools 9.0 has where.scalarself only",
-         name="where.scalarother")
+_install(where_scalarother, "transformers' masks, where(mask, 0.0, finfo.min); coremltools 9.0 registers "
+         "where.scalarself only", name="where.scalarother")
 _install(bool_and, "'&' of bool masks; coremltools 9.0 looks aten.__and__ up undunderscored", name="__and__")
 _install(alias, "aten.alias; missing in coremltools 9.0")
-_install(grouped_mm_fallback, "transformers >= 5 grouped experts under torch.export; a custom op coremltools cannot know",
-         name="transformers::grouped_mm_fallback")
+_install(grouped_mm_fallback, "transformers >= 5 grouped experts under torch.export; a custom op coremltools "
+         "cannot know", name="transformers::grouped_mm_fallback")
 
 
 
