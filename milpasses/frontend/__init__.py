@@ -5,6 +5,7 @@ Importing this package installs the missing op converters (``torch_ops``) throug
 own registry, so a plain ``ct.convert`` of a traced model gains them too.
 """
 
+from milpasses.frontend import export  # noqa: F401  (installs the torch.export route's converters)
 from milpasses.frontend.torch_ops import INSTALLED
 
 __all__ = ["INSTALLED"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from coremltools.converters.mil import Builder as mb
-from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+from coremltools.converters.mil.frontend.torch.ops import _get_inputs, _get_kwinputs
 from coremltools.converters.mil.frontend.torch.torch_op_registry import (
     _TORCH_OPS_REGISTRY,
     register_torch_op,
@@ -36,7 +36,9 @@ def new_ones(context, node):
     ``size=()`` and ``dtype=torch.bool`` while building attention masks."""
     inputs = _get_inputs(context, node, min_expected=2)
     like, size = inputs[0], inputs[1]
-    dtype = _numpy_dtype_for(inputs[2] if len(inputs) > 2 else None, like)
+    # TorchScript passes the dtype positionally, torch.export as a keyword
+    dtype_var = inputs[2] if len(inputs) > 2 else _get_kwinputs(context, node, "dtype", default=[None])[0]
+    dtype = _numpy_dtype_for(dtype_var, like)
     if isinstance(size, (list, tuple)):
         if all(s.val is not None for s in size):
             size = np.array([int(s.val) for s in size], dtype=np.int32)
