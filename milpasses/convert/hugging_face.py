@@ -12,7 +12,7 @@ from milpasses.convert.coreml import Converted
 from milpasses.convert.options import Options
 from milpasses.convert.report import ConversionReport
 from milpasses.frontend.function import Function
-from milpasses.convert.route import Source, Stages
+from milpasses.convert.source import Source, Stages
 
 
 class HuggingFaceModel(Source):

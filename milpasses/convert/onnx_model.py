@@ -24,7 +24,7 @@ from milpasses.convert.coreml import Converted, histogram
 from milpasses.convert.options import Options
 from milpasses.convert.report import ConversionReport
 from milpasses.frontend.function import Function
-from milpasses.convert.route import Source, Stages
+from milpasses.convert.source import Source, Stages
 from milpasses.convert.samples import verification_rows
 from milpasses.errors import ConversionError, LibraryFailure, first_line
 from milpasses.frontend.onnx.load import OnnxSource, load_onnx

@@ -14,7 +14,7 @@ from milpasses.convert import load
 from milpasses.convert.coreml import Converted, histogram, to_mlprogram, write_multifunction
 from milpasses.convert.options import Options
 from milpasses.convert.report import ConversionReport
-from milpasses.convert.route import Source, Stages
+from milpasses.convert.source import Source, Stages
 from milpasses.errors import ConversionError
 from milpasses.frontend.generation_step import cache_shape, state_slots, step_function
 
