@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.frontend.torch.ops import _get_inputs
-from coremltools.converters.mil.frontend.torch.torch_op_registry import (
-    _TORCH_OPS_REGISTRY,
-    register_torch_op,
-)
+from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
 from coremltools.converters.mil.frontend.torch.utils import sanitize_op_kind
 
 from milpasses.errors import ConversionError
+from milpasses.frontend.registry import install
 
 #: ATen op kinds (as coremltools names them) that milpasses converts on the torch.export route,
 #: with the reason each is missing upstream.
@@ -55,16 +53,7 @@ def grouped_mm_fallback(context, node):
 
 
 def _install(converter, why: str, name: str | None = None) -> None:
-    name = name or converter.__name__
-    existing = _TORCH_OPS_REGISTRY.name_to_func_mapping.get(name)
-    if existing is not None and existing.__module__ != __name__:
-        return  # coremltools converts it itself: leave its converter in charge
-    if name != converter.__name__:
-        # ATen overload names ("where.scalarother") are no Python names: set the entry itself
-        _TORCH_OPS_REGISTRY.set_func_by_name(converter, name)
-    else:
-        register_torch_op(converter, override=existing is not None)
-    INSTALLED[name] = why
+    install(converter, why, INSTALLED, name)
 
 
 _install(where_scalarother, "transformers' masks, where(mask, 0.0, finfo.min); coremltools 9.0 registers "

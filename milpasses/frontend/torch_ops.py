@@ -11,12 +11,11 @@ from __future__ import annotations
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.frontend.torch.ops import _get_inputs, _get_kwinputs
-from coremltools.converters.mil.frontend.torch.torch_op_registry import (
-    _TORCH_OPS_REGISTRY,
-    register_torch_op,
-)
+from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
 from coremltools.converters.mil.frontend.torch.utils import NUM_TO_NUMPY_DTYPE
 from coremltools.converters.mil.mil import types
+
+from milpasses.frontend.registry import install
 
 #: Torch op kinds that milpasses converts, with the reason each is missing upstream.
 INSTALLED: dict[str, str] = {}
@@ -209,17 +208,7 @@ def log_sigmoid(context, node):
 
 
 def _install(converter, why: str, name: str | None = None) -> None:
-    name = name or converter.__name__
-    existing = _TORCH_OPS_REGISTRY.name_to_func_mapping.get(name)
-    if existing is not None and existing.__module__ != __name__:
-        return  # coremltools converts it itself: leave its converter in charge
-    if name != converter.__name__:
-        # A name no Python function can have (the frontend looks `a | b` up as "or", the
-        # sanitized "__or__"): register_torch_op takes the name from the function, so set the entry.
-        _TORCH_OPS_REGISTRY.set_func_by_name(converter, name)
-    else:
-        register_torch_op(converter, override=existing is not None)
-    INSTALLED[name] = why
+    install(converter, why, INSTALLED, name)
 
 
 _install(new_ones, "transformers >= 5 masking utilities; missing in coremltools 9.0")
