@@ -115,7 +115,8 @@ def test_readme_first_command_prints_only_milpasses_lines_and_ends_with_psnr_and
     print(done.stderr + done.stdout)  # the first command's whole output, shown with -s or on failure
     assert done.returncode == 0
     assert [line.split(" ... ")[0] for line in done.stderr.splitlines()] == [
-        "milpasses: loading the model", "milpasses: tracing", "milpasses: converting with ane_pipeline()",
+        "milpasses: loading the model", "milpasses: reading the model (torch.jit.trace)",
+        "milpasses: converting with ane_pipeline()",
         "milpasses: verifying: simulating the program at 128, beside a DEFAULT-pipeline conversion for comparison"]
     out = done.stdout.splitlines()
     assert out[-8] == "output               seq_len  PSNR dB  vs PyTorch fp32 (simulated)"
