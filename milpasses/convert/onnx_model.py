@@ -8,9 +8,9 @@ With several sequence lengths (``--seq-lens``) the graph is translated and conve
 length, each at one fixed length exactly as a single-length conversion, and the programs are
 written as the functions of one iOS18 multifunction package (``seq_len_16``, ...; weights
 shared, the first length the default function). One program with ``ct.EnumeratedShapes`` would
-compute at run time every folded value that depends on the length (54 to 82 nodes per fixture
-family: head reshape shapes, masks, position slices, rotary tables), which the passes read as
-constants at one length.
+compute at run time every folded value that depends on the length (head reshape shapes, masks,
+position slices, rotary tables; counted in docs/cli.md), which the passes read as constants at
+one length.
 """
 
 from __future__ import annotations

@@ -1,22 +1,16 @@
 """Compressing: weights palettized or quantized in forms the Neural Engine runs.
 
 - ``palettize8`` / ``palettize6``: lookup tables of 256 or 64 values (``ct.optimize.coreml``'s
-  k-means, after conversion). At 6 bits (and 4) one table per 16 output channels: per tensor,
-  6 bits missed the 0.995 sentence-embedding cosine on MiniLM (0.9937), and a 64-entry table
-  per 16 rows of 384 channels adds 3% to their indices. At 8 bits one per tensor (a 256-entry
-  table per 16 rows would add 8%), by optimal 1-D k-means (see :class:`OptimalTable`). A scale
-  per output row (iOS18) lifted the worst fixture family (qwen2, 44.3 to 46.7 dB) but cost
-  MiniLM 2.5 dB at 8 bits (56.6 to 54.1, and coremltools then left its embedding table
-  uncompressed) and 2.4 dB at 4, so it is not used.
+  k-means, after conversion): at 6 bits one table per 16 output channels, at 8 one per tensor by
+  optimal 1-D k-means (:class:`~milpasses.convert.compress.sites.OptimalTable`); no scale per
+  output row.
 - ``palettize4``: data-aware, before tracing. Each linear layer's output noise at 4, 6 and 8
   bits is measured alone on the calibration inputs (the verification samples, or
   ``--calibration FILE`` of texts); layers start at 4 bits and the widenings that remove the
   most noise per byte are taken up to a mean of :data:`PALETTIZE4_MEAN_BITS`. Then coremltools'
-  ``optimize.torch`` sensitive k-means (SKM) palettizes each at its width, weighting each weight
-  by how much the outputs move with it. The converted program carries the compressed weights
-  through ``ane_pipeline()``. A table per 16 output channels: on MiniLM it gains 2.7 dB over
-  one table per tensor at the same package size; the widening 4.0 dB more (38.4 dB), at 35% of
-  the fp16 weights instead of 32%. Grouped tables need iOS18.
+  ``optimize.torch`` sensitive k-means (SKM) palettizes each at its width, a table per 16 output
+  channels, weighting each weight by how much the outputs move with it. The converted program
+  carries the compressed weights through ``ane_pipeline()``. Grouped tables need iOS18.
 - ``int8``: symmetric, one scale per output channel (the quantization the NE runs correctly).
 - ``auto``: bits per layer from {8, 6, 4}, chosen by simulation (:mod:`milpasses.convert.compress.auto`).
 
@@ -24,7 +18,8 @@ Per-block integer weights are refused: Core ML runs them wrong or off the Neural
 (coremltools #2510). Weights of :data:`SMALL_WEIGHT_ELEMENTS` elements or fewer (norm gains, biases,
 small tables) stay fp16; the token embedding table and an LM head (a projection to as many
 channels as the table has rows) get two bits more than the body, 6 at least (ANEMLL keeps its
-LM head at LUT6 beside LUT4 layers).
+LM head at LUT6 beside LUT4 layers). The measurements behind each choice are in docs/cli.md
+("Compression").
 """
 
 from __future__ import annotations

@@ -76,8 +76,7 @@ def weight_sites(program) -> list[WeightSite]:
 
 def uniform_bits(sites: list[WeightSite], bits: int) -> dict[str, int]:
     """``bits`` for every weight; the embedding table and LM head two bits wider (6 at least, 8 at
-    most): at 6 bits everywhere MiniLM's sentence-embedding cosine is 0.9948, with the table at 8
-    it clears 0.995."""
+    most); docs/cli.md gives the cosine this buys on MiniLM."""
     return {s.op_name: bits if s.role == "body" else min(8, max(bits + 2, EMBEDDING_MIN_BITS)) for s in sites}
 
 
@@ -107,9 +106,8 @@ class OptimalTable:
     """A lookup table of ``2**bits`` values by optimal one-dimensional k-means (coremltools' own
     kmeans1d), for ``ct.optimize.coreml``'s custom mode. Its k-means mode uses kmeans1d only for
     fp16 tensors of 10,000 elements or more; smaller tensors get scikit-learn's k-means with a
-    loose tolerance and one start, which cost the fixtures up to 3 dB at 8 bits (bert 48.8 to
-    51.8 dB). A class, not a closure: the tables of a tensor's groups
-    may be computed in worker processes."""
+    loose tolerance and one start, which costs small tensors accuracy (docs/cli.md). A class, not
+    a closure: the tables of a tensor's groups may be computed in worker processes."""
 
     def __init__(self, bits: int):
         self.bits = bits
