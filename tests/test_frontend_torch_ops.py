@@ -60,15 +60,15 @@ def test_reloading_changes_no_other_converter():
 
 
 def test_an_op_coremltools_already_converts_is_left_to_coremltools(monkeypatch):
-    own = _TORCH_OPS_REGISTRY.name_to_func_mapping["new_zeros"]
+    own = _TORCH_OPS_REGISTRY.name_to_func_mapping["logical_or"]
 
-    def new_zeros(context, node):  # a would-be milpasses converter for an op upstream has
+    def logical_or(context, node):  # a would-be milpasses converter for an op upstream has
         raise AssertionError("must never be installed")
 
-    new_zeros.__module__ = "somewhere.else"
+    logical_or.__module__ = "somewhere.else"
     monkeypatch.setattr(frontend, "INSTALLED", {})
-    frontend._install(new_zeros, "test")
-    assert _TORCH_OPS_REGISTRY.name_to_func_mapping["new_zeros"] is own
+    frontend._install(logical_or, "test")
+    assert _TORCH_OPS_REGISTRY.name_to_func_mapping["logical_or"] is own
     assert frontend.INSTALLED == {}
 
 
@@ -207,13 +207,16 @@ def test_view_as_multiply_and_bool_or_convert_and_simulate_like_torch():
 
 
 class IntegerOr(torch.nn.Module):
+    """CPM-Ant's int mask | a bool mask, and a bitwise or of integers (negatives in two's complement)."""
+
     def forward(self, x):
-        return x.int() | 3
+        return torch.stack([x | (x > 2), x | 6, x | -x])
 
 
-def test_bitwise_or_of_integers_is_refused_with_the_reason():
-    with pytest.raises(NotImplementedError, match="bool tensors only"):
-        _convert(IntegerOr(), torch.randn(4))
+def test_bitwise_or_of_integers_matches_torch_bit_for_bit():
+    x = torch.tensor([0, 1, 2, 5, -3, -8, 2**30 + 1, -(2**31)], dtype=torch.int32)
+    (actual,) = simulate(_convert(IntegerOr(), x, input_dtype=np.int32), {"x": x.numpy()}).values()
+    np.testing.assert_array_equal(actual, IntegerOr()(x).numpy())
 
 
 class BicubicResize(torch.nn.Module):

@@ -1,4 +1,5 @@
-"""Installing a torch op converter into coremltools' registry, only where coremltools has none."""
+"""Installing a torch op converter into coremltools' registry: where coremltools has none, or,
+as a fix, in place of coremltools' own where that gives a wrong result."""
 
 from __future__ import annotations
 
@@ -18,4 +19,13 @@ def install(converter, why: str, installed: dict[str, str], name: str | None = N
         _TORCH_OPS_REGISTRY.set_func_by_name(converter, name)
     else:
         register_torch_op(converter, override=existing is not None)
+    installed[name] = why
+
+
+def install_fix(converter, why: str, installed: dict[str, str], name: str | None = None) -> None:
+    """Register ``converter`` for ``name`` (its own name by default) in place of coremltools'
+    converter, whose result is wrong for some inputs (``why`` says which, recorded in
+    ``installed``). The fix hands the inputs coremltools converts right to coremltools' function."""
+    name = name or converter.__name__
+    _TORCH_OPS_REGISTRY.set_func_by_name(converter, name)
     installed[name] = why

@@ -30,9 +30,9 @@ def _numpy_dtype_for(dtype_var, like_var) -> type:
     return {np.int64: np.int32, np.float64: np.float32}.get(dtype, dtype)
 
 
-def new_ones(context, node):
-    """``tensor.new_ones(size, dtype=...)``: transformers' masking utilities call it with
-    ``size=()`` and ``dtype=torch.bool`` while building attention masks."""
+def new_filled(context, node, fill: int) -> None:
+    """``tensor.new_ones`` / ``new_zeros(size, dtype=...)``: a tensor of ``size`` filled with
+    ``fill``, in ``dtype`` or else the tensor's own dtype; ``size`` may be ``()`` or dynamic."""
     inputs = _get_inputs(context, node, min_expected=2)
     like, size = inputs[0], inputs[1]
     # TorchScript passes the dtype positionally, torch.export as a keyword
@@ -46,10 +46,16 @@ def new_ones(context, node):
     elif size.val is not None:
         size = np.asarray(size.val, dtype=np.int32).reshape(-1)
     if isinstance(size, np.ndarray):
-        result = mb.const(val=np.ones(tuple(size), dtype=dtype), name=node.name)
+        result = mb.const(val=np.full(tuple(size), fill, dtype=dtype), name=node.name)
     else:
-        result = mb.fill(shape=size, value=dtype(1), name=node.name)
+        result = mb.fill(shape=size, value=dtype(fill), name=node.name)
     context.add(result)
+
+
+def new_ones(context, node):
+    """``tensor.new_ones(size, dtype=...)``: transformers' masking utilities call it with
+    ``size=()`` and ``dtype=torch.bool`` while building attention masks."""
+    new_filled(context, node, fill=1)
 
 
 def histc(context, node):
@@ -138,14 +144,39 @@ def multiply(context, node):
     _upstream("mul")(context, node)
 
 
-def bool_or(context, node):
-    """``a | b`` on bool tensors: a logical or (CPM-Ant combines its attention masks with it).
-    Bitwise or of integers is not converted."""
+def _bit(x, position: int):
+    """Bit ``position`` (0 to 30) of the int32 ``x`` in two's complement, as 0 or 1: floor
+    division by a power of two is an arithmetic shift, and a floored mod 2 keeps the lowest bit."""
+    return mb.mod(x=mb.floor_div(x=x, y=np.int32(1 << position)), y=np.int32(2))
+
+
+def bitwise_or(context, node):
+    """``a | b``: a logical or of bool tensors (CPM-Ant and transformers' ``or_masks`` combine
+    attention masks with it), and torch's bitwise or where an operand is an integer (CPM-Ant's
+    int32 context mask | a bool mask). Core ML has no bitwise ops, so integers are taken bit by bit."""
     x, y = _get_inputs(context, node, expected=2)
-    if not (types.is_bool(x.dtype) and types.is_bool(y.dtype)):
-        raise NotImplementedError(f"'|' ('{node.name}') converts for bool tensors only, got "
+    if types.is_bool(x.dtype) and types.is_bool(y.dtype):
+        _upstream("logical_or")(context, node)
+        return
+    if not all(types.is_int(v.dtype) or types.is_bool(v.dtype) for v in (x, y)):
+        raise NotImplementedError(f"'|' ('{node.name}') is defined for bool and integer tensors, got "
                                   f"{types.builtin_to_string(x.dtype)} and {types.builtin_to_string(y.dtype)}")
-    _upstream("logical_or")(context, node)
+    if types.is_bool(y.dtype):
+        x, y = y, x
+    y = mb.cast(x=y, dtype="int32")
+    if types.is_bool(x.dtype):
+        # y | flag sets y's lowest bit where flag is set: y + flag * (1 - lowest bit of y)
+        flag = mb.cast(x=x, dtype="int32")
+        context.add(mb.add(x=y, y=mb.mul(x=flag, y=mb.sub(x=np.int32(1), y=_bit(y, 0))), name=node.name))
+        return
+    x = mb.cast(x=x, dtype="int32")
+    negative = mb.logical_or(x=mb.less(x=x, y=np.int32(0)), y=mb.less(x=y, y=np.int32(0)))
+    # The sign bit first (-2**31), then bits 0 to 30: no partial sum leaves int32.
+    result = mb.mul(x=mb.cast(x=negative, dtype="int32"), y=np.int32(-(1 << 31)))
+    for position in range(31):
+        either = mb.maximum(x=_bit(x, position), y=_bit(y, position))
+        result = mb.add(x=result, y=mb.mul(x=either, y=np.int32(1 << position)))
+    context.add(mb.identity(x=result, name=node.name))
 
 
 def _resize_matrix(in_size: int, out_size: int, align_corners: bool, antialias: bool, scale) -> np.ndarray:
@@ -215,7 +246,7 @@ _install(new_ones, "transformers >= 5 masking utilities; missing in coremltools 
 _install(_grouped_mm, "transformers >= 5 grouped_mm mixture-of-experts projections; missing in coremltools 9.0")
 _install(view_as, "Tensor.view_as; missing in coremltools 9.0 (it has reshape_as)")
 _install(multiply, "torch.multiply, the alias of mul; missing in coremltools 9.0")
-_install(bool_or, "'|' on bool masks; missing in coremltools 9.0 (it has logical_or)", name="or")
+_install(bitwise_or, "'|' on bool masks and integers; missing in coremltools 9.0 (it has logical_or)", name="or")
 _install(upsample_bicubic2d, "bicubic F.interpolate (position embeddings resized to the image); missing in coremltools 9.0")
 _install(_upsample_bicubic2d_aa, "antialiased bicubic F.interpolate; missing in coremltools 9.0")
 _install(log_sigmoid, "F.logsigmoid; missing in coremltools 9.0")
