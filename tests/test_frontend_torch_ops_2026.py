@@ -11,7 +11,6 @@ from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_O
 import milpasses.frontend  # noqa: F401  (installs the converters)
 from milpasses.frontend import torch_ops_2026
 from milpasses.simulator import simulate
-from milpasses.simulator.ops import OP_IMPLEMENTATIONS
 
 
 def _convert(module, *examples):
@@ -35,27 +34,6 @@ def coremltools_own(monkeypatch):
     return restore
 
 
-def _scatter(data, indices, updates, axis=0, mode="update", validate_indices=False):
-    result = np.moveaxis(data.copy(), axis, 0)
-    for index, update in zip(indices, np.moveaxis(updates, axis, 0)):
-        result[index] = result[index] + update if mode == "add" else update
-    return np.moveaxis(result, 0, axis)
-
-
-def _scatter_along_axis(data, indices, updates, axis=0, mode="update", validate_indices=False):
-    result = data.copy()
-    np.put_along_axis(result, indices, updates, axis=axis)
-    assert mode == "update"
-    return result
-
-
-@pytest.fixture
-def scatter_simulated(monkeypatch):
-    """MIL's scatter and scatter_along_axis for the simulator (which has neither), in numpy."""
-    monkeypatch.setitem(OP_IMPLEMENTATIONS, "scatter", _scatter)
-    monkeypatch.setitem(OP_IMPLEMENTATIONS, "scatter_along_axis", _scatter_along_axis)
-
-
 class RopeKeys(torch.nn.Module):
     """DeepSeek-V3's keys: two halves of the last axis copied in place."""
 
@@ -77,7 +55,7 @@ class InterleavedRope(torch.nn.Module):
         return first + 0.0
 
 
-def test_inplace_copy_on_inner_axes_matches_torch_where_coremltools_fails(coremltools_own, scatter_simulated):
+def test_inplace_copy_on_inner_axes_matches_torch_where_coremltools_fails(coremltools_own):
     nope, rot = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 2)
     np.testing.assert_array_equal(_simulated(RopeKeys(), nope, rot), RopeKeys()(nope, rot).numpy())
     freqs = torch.randn(3, 2, 5, 8)
@@ -96,7 +74,7 @@ class GroupMask(torch.nn.Module):
         return mask
 
 
-def test_scatter_of_an_int_value_into_float_data_matches_torch_where_coremltools_fails(coremltools_own, scatter_simulated):
+def test_scatter_of_an_int_value_into_float_data_matches_torch_where_coremltools_fails(coremltools_own):
     scores = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(_simulated(GroupMask(), scores), GroupMask()(scores).numpy())
     coremltools_own("scatter", upstream.scatter)
@@ -166,7 +144,7 @@ class IndexAdd(torch.nn.Module):
         return torch.zeros(4, 3).index_add(0, index, x, alpha=2.0)
 
 
-def test_index_add_accumulates_repeats_like_torch(scatter_simulated):
+def test_index_add_accumulates_repeats_like_torch():
     x, index = torch.randn(5, 3), torch.tensor([3, 0, 3, 1, 3], dtype=torch.int32)
     np.testing.assert_allclose(_simulated(IndexAdd(), x, index), IndexAdd()(x, index).numpy(), rtol=1e-6, atol=1e-6)
 

@@ -553,8 +553,31 @@ _SCATTER_MODES = {
 def scatter_nd(data, indices, updates, mode="add", validate_indices=False):
     """``data`` with ``updates`` written (or combined by ``mode``) at the index tuples in the last
     axis of ``indices``; repeated indices accumulate, except in "update" mode where one wins."""
+    return _scattered(data, tuple(np.moveaxis(indices.astype(np.int64), -1, 0)), updates, mode)
+
+
+@implements("scatter")
+def scatter(data, indices, updates, axis=0, mode="add", validate_indices=False):
+    """``data`` with slice ``i`` of ``updates`` along ``axis`` written (or combined by ``mode``) at
+    index ``indices[i]`` of that axis; repeated indices accumulate, except in "update" mode."""
+    axis = int(axis) % data.ndim
+    where = (slice(None),) * axis + (np.where(indices < 0, indices + data.shape[axis], indices).astype(np.int64),)
+    return _scattered(data, where, updates, mode)
+
+
+@implements("scatter_along_axis")
+def scatter_along_axis(data, indices, updates, axis=0, mode="add", validate_indices=False):
+    """``data`` with each element of ``updates`` written (or combined by ``mode``) at the position
+    along ``axis`` that ``indices`` gives, its other coordinates its own (put_along_axis)."""
+    axis = int(axis) % data.ndim
+    grid = list(np.indices(indices.shape, sparse=True))
+    grid[axis] = np.where(indices < 0, indices + data.shape[axis], indices).astype(np.int64)
+    return _scattered(data, tuple(grid), updates, mode)
+
+
+def _scattered(data, where: tuple, updates, mode) -> np.ndarray:
+    """``data`` with ``updates`` written at the numpy index ``where``, or combined by ``mode``."""
     out = np.array(data, copy=True)
-    where = tuple(np.moveaxis(indices.astype(np.int64), -1, 0))
     if str(mode) == "update":
         out[where] = updates
     else:
