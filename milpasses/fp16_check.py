@@ -69,9 +69,11 @@ def sample_inputs(model, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def check_fp16(model, inputs: dict[str, np.ndarray] | None = None,
-               min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> list[Finding]:
+               min_psnr_db: float = DEFAULT_MIN_PSNR_DB, numerics="storage") -> list[Finding]:
     """Findings for ``model`` (a Program, MLModel or .mlpackage path) on ``inputs`` (sample
-    inputs when None), in program order."""
+    inputs when None), in program order. ``numerics="device"`` simulates the device run in the
+    simulator's device numerics, where an op whose value overflows fp16 inside it (a reduction's
+    sum, a norm's squares, a matmul past the Neural Engine's limit) is an overflow finding."""
     program = load_program(model)
     inputs = sample_inputs(program) if inputs is None else inputs
     observed: dict[str, tuple] = {}
@@ -83,8 +85,11 @@ def check_fp16(model, inputs: dict[str, np.ndarray] | None = None,
                     observed.setdefault(var.name, [None, None])[slot] = value
         return observer
 
-    device = Simulator(program)
+    device = Simulator(program, numerics=numerics)
     device.run(inputs, record(0))
+    internal = {}
+    for overflow in device.overflows:
+        internal.setdefault(overflow.op, overflow)
 
     def constant(var):
         """A constant input's value as the device holds it, a compressed weight decompressed."""
@@ -100,7 +105,7 @@ def check_fp16(model, inputs: dict[str, np.ndarray] | None = None,
             if var.name not in quality:
                 continue
             upstream = [quality[v.name] for v in op.get_flattened_inputs() if v.name in quality]
-            finding = _finding(op, quality[var.name], upstream, min_psnr_db, constant)
+            finding = _finding(op, quality[var.name], upstream, min_psnr_db, constant, internal.get(op.name))
             if finding is not None:
                 findings.append(finding)
     return findings
@@ -117,7 +122,12 @@ def _quality(device: np.ndarray, reference: np.ndarray) -> dict:
     }
 
 
-def _finding(op, quality: dict, upstream: list[dict], min_psnr_db: float, constant) -> Finding | None:
+def _finding(op, quality: dict, upstream: list[dict], min_psnr_db: float, constant,
+             internal_overflow) -> Finding | None:
+    if internal_overflow is not None and not any(q["inf"] or q["nan"] for q in upstream):
+        detail = (f"overflows inside the op: its {internal_overflow.step} reaches {internal_overflow.peak:.4g}, "
+                  f"past {internal_overflow.limit:.6g}")
+        return Finding(op.name, op.op_type, "overflow", detail, _fix_for(op, "overflow", constant))
     if quality["nan"] and not any(q["nan"] for q in upstream):
         return Finding(op.name, op.op_type, "nan", "NaN first appears here", _fix_for(op, "nan", constant))
     if quality["inf"] and not any(q["inf"] or q["nan"] for q in upstream):

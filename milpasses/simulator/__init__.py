@@ -1,11 +1,13 @@
 """Run converted MIL programs on Linux, where Core ML itself cannot run."""
 
+from milpasses.simulator.fp16 import DeviceNumerics, InternalOverflow
 from milpasses.simulator.core import (
     InputMismatchError,
     RangeObserver,
     SimulationError,
     Simulator,
     UnsupportedOpError,
+    device_numerics,
     is_decompression,
     load_program,
     psnr,
@@ -13,6 +15,6 @@ from milpasses.simulator.core import (
 )
 
 __all__ = [
-    "InputMismatchError", "RangeObserver", "SimulationError", "Simulator", "UnsupportedOpError",
-    "is_decompression", "load_program", "psnr", "simulate",
+    "DeviceNumerics", "InputMismatchError", "InternalOverflow", "RangeObserver", "SimulationError", "Simulator",
+    "UnsupportedOpError", "device_numerics", "is_decompression", "load_program", "psnr", "simulate",
 ]

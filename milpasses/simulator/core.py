@@ -1,10 +1,12 @@
-"""Execute a MIL program on numpy inputs, emulating the device's fp16 storage.
+"""Execute a MIL program on numpy inputs, emulating the device's fp16.
 
 Core ML cannot run on Linux, so every numeric claim milpasses makes comes from
-here. Each op computes in float32 (or its integer/bool dtype) and its result is
-rounded to the op's declared output dtype, so an fp16 program stores fp16 values
-between ops, overflows to inf past 65504 and propagates NaN as the device would,
-while the arithmetic runs at float32 speed.
+here. In storage numerics (the default) each op computes in float32 (or its
+integer/bool dtype) and its result is rounded to the op's declared output dtype, so
+an fp16 program stores fp16 values between ops, overflows to inf past 65504 and
+propagates NaN as the device would, while the arithmetic runs at float32 speed.
+Device numerics also round every step inside an fp16 op and apply the Neural
+Engine's limits (:mod:`milpasses.simulator.fp16`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 from coremltools.converters.mil.mil import Program, types
 
-from milpasses.simulator.ops import OP_IMPLEMENTATIONS
+from milpasses.simulator.fp16 import FP16_SMALLEST_NORMAL, DeviceNumerics, Fp16Arithmetic, InternalOverflow
+from milpasses.simulator.ops import DEVICE_IMPLEMENTATIONS, OP_IMPLEMENTATIONS
 
 
 class SimulationError(RuntimeError):
@@ -65,11 +68,14 @@ def _declared_dtype(builtin) -> np.dtype:
     return np.dtype(types.nptype_from_builtin(builtin))
 
 
-def _to_storage(value, builtin, round_fp16: bool = True) -> np.ndarray:
+def _to_storage(value, builtin, round_fp16: bool = True, flush_subnormals: bool = False) -> np.ndarray:
     value = np.asarray(value)
     if builtin == types.fp16 and round_fp16:
         with np.errstate(over="ignore", invalid="ignore"):
-            return value.astype(np.float16).astype(np.float32)
+            rounded = value.astype(np.float16).astype(np.float32)
+        if flush_subnormals:
+            rounded[np.abs(rounded) < FP16_SMALLEST_NORMAL] = 0.0
+        return rounded
     dtype = _storage_dtype(builtin)
     if value.dtype == dtype:
         return value
@@ -82,6 +88,17 @@ def _static_shape(var) -> tuple | None:
     if any(not isinstance(d, (int, np.integer)) for d in shape):
         return None
     return tuple(int(d) for d in shape)
+
+
+def device_numerics(numerics) -> DeviceNumerics | None:
+    """None for "storage", the model of the device for "device" or a :class:`DeviceNumerics`."""
+    if isinstance(numerics, DeviceNumerics):
+        return numerics
+    if numerics == "storage":
+        return None
+    if numerics == "device":
+        return DeviceNumerics()
+    raise ValueError(f"numerics must be 'storage', 'device' or a DeviceNumerics, not {numerics!r}")
 
 
 def load_program(model) -> Program:
@@ -131,10 +148,22 @@ def _program_from_spec(spec, weights_dir) -> Program:
 class Simulator:
     """Runs one function of a MIL program. Constants are prepared once, at construction."""
 
-    def __init__(self, model, function_name: str = "main", emulate_fp16: bool = True):
+    def __init__(self, model, function_name: str = "main", emulate_fp16: bool = True,
+                 numerics: str | DeviceNumerics = "storage"):
         """``emulate_fp16=False`` runs an fp16 program with float32 storage: the same program,
-        its fp16 constants included, but without fp16's rounding and range."""
+        its fp16 constants included, but without fp16's rounding and range.
+
+        ``numerics="storage"`` rounds each fp16 op's output only; ``"device"`` (or a
+        :class:`DeviceNumerics`) also rounds every step inside an fp16 op (products, partial
+        sums, softmax and norm steps), makes matmul-class outputs past 32752 inf and flushes
+        subnormals, and records each overflow inside an op in :attr:`overflows`."""
         self.emulate_fp16 = emulate_fp16
+        self.device = device_numerics(numerics)
+        if self.device is not None and not emulate_fp16:
+            raise ValueError("device numerics emulate fp16: they cannot run with emulate_fp16=False")
+        self.overflows: list[InternalOverflow] = []
+        """The overflows inside fp16 ops (device numerics) of the runs since the last :meth:`run`
+        or :meth:`values` began."""
         program = load_program(model)
         if function_name not in program.functions:
             raise SimulationError(
@@ -146,9 +175,13 @@ class Simulator:
         for op in self.function.operations:
             if op.op_type == "const":
                 var = op.outputs[0]
-                self._constants[var.name] = _to_storage(var.val, var.dtype, emulate_fp16)
+                self._constants[var.name] = self._store(var.val, var.dtype)
             elif is_decompression(op):
                 self._execute(op, self._constants)
+
+    def _store(self, value, builtin) -> np.ndarray:
+        flush = self.device is not None and self.device.flush_subnormals
+        return _to_storage(value, builtin, self.emulate_fp16, flush)
 
     def constant(self, var) -> np.ndarray | None:
         """The value of a const's or a decompression op's output (decompressed), else None."""
@@ -169,7 +202,7 @@ class Simulator:
     def make_state(self) -> dict[str, np.ndarray]:
         """Fresh state for :meth:`run`, zeros, as ``MLModel.make_state()`` gives. It persists
         across calls (and across functions of one program that declare the same states)."""
-        return {name: _to_storage(np.zeros(var.shape, np.float32), var.dtype, self.emulate_fp16)
+        return {name: self._store(np.zeros(var.shape, np.float32), var.dtype)
                 for name, var in self._states.items()}
 
     def _check_state(self, state) -> dict[str, np.ndarray]:
@@ -219,7 +252,7 @@ class Simulator:
                     f"input '{name}' has shape {value.shape}, the program expects {tuple(shape)}; "
                     f"expected inputs: {self._expectations()}"
                 )
-            checked[name] = _to_storage(value, var.dtype, self.emulate_fp16)
+            checked[name] = self._store(value, var.dtype)
         return checked
 
     def run(self, inputs: Mapping[str, np.ndarray], observer: Observer | None = None,
@@ -234,6 +267,7 @@ class Simulator:
                constants: Mapping[str, np.ndarray] | None = None,
                state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Every value of a :meth:`run`, by var name, for :meth:`rerun`."""
+        self.overflows = []
         env = dict(self._constants)
         if constants:
             env.update(constants)
@@ -281,13 +315,20 @@ class Simulator:
         args = {name: value for name, value in op.default_inputs().items()}
         for name, var in op.inputs.items():
             args[name] = [self._value(v, env) for v in var] if isinstance(var, (list, tuple)) else self._value(var, env)
+        device_form = self._device_form(op)
         with np.errstate(all="ignore"):
-            results = implementation(**args)
+            if device_form is None:
+                results = implementation(**args)
+            else:
+                arithmetic = Fp16Arithmetic(self.device)
+                results = device_form(arithmetic, **args)
+                self.overflows.extend(InternalOverflow(op.name, op.op_type, step, peak, limit)
+                                      for step, peak, limit in arithmetic.overflowed)
         if not isinstance(results, (list, tuple)):
             results = [results]
         stored = []
         for var, value in zip(op.outputs, results):
-            value = _to_storage(value, var.dtype, self.emulate_fp16)
+            value = self._store(value, var.dtype)
             shape = _static_shape(var)
             if shape is not None and value.shape != shape:
                 raise SimulationError(
@@ -298,22 +339,31 @@ class Simulator:
             stored.append(value)
         return stored
 
+    def _device_form(self, op):
+        """The op's device form, in device numerics, for an op that computes in fp16."""
+        if self.device is None or op.outputs[0].dtype != types.fp16:
+            return None
+        return DEVICE_IMPLEMENTATIONS.get(op.op_type)
+
     def _value(self, var, env):
         value = env.get(var.name)
         if value is None:
             if var.val is None:
                 raise SimulationError(f"variable '{var.name}' is used before it is computed")
-            value = _to_storage(var.val, var.dtype, self.emulate_fp16)
+            value = self._store(var.val, var.dtype)
         return value
 
 
 def simulate(model, inputs: Mapping[str, np.ndarray], observer: Observer | None = None,
-             function_name: str = "main", state: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+             function_name: str = "main", state: dict[str, np.ndarray] | None = None,
+             numerics: str | DeviceNumerics = "storage") -> dict[str, np.ndarray]:
     """Run ``model`` (a Program, MLModel or .mlpackage path) on numpy ``inputs``.
 
-    Returns the program's outputs by name, in their declared dtypes.
+    Returns the program's outputs by name, in their declared dtypes. ``numerics`` is
+    "storage" (fp16 at op outputs) or "device" (fp16 at every step inside an op too), see
+    :class:`Simulator`.
     """
-    return Simulator(model, function_name).run(inputs, observer, state=state)
+    return Simulator(model, function_name, numerics=numerics).run(inputs, observer, state=state)
 
 
 def psnr(reference: np.ndarray, actual: np.ndarray) -> float:

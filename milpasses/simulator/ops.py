@@ -4,22 +4,38 @@ Each implementation takes the op's inputs as keyword arguments, named as in the 
 coremltools definition, with the op's declared defaults already filled in by the
 simulator, and returns one array or a list of arrays (one per output). Floating point
 inputs arrive as float32; the simulator rounds results to each output's dtype.
+
+An op whose every step rounds differently on the device has a device form beside its storage
+form (``DEVICE_IMPLEMENTATIONS``), which ``numerics="device"`` runs for ops with fp16 outputs: it
+takes an :class:`~milpasses.simulator.fp16.Fp16Arithmetic` first and rounds each step with it.
+An op missing there (elementwise ops) rounds once in both numerics, as the device does.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import torch
 
 OP_IMPLEMENTATIONS: dict = {}
+DEVICE_IMPLEMENTATIONS: dict = {}
 
 
 def implements(*op_types):
     def register(function):
         for op_type in op_types:
             OP_IMPLEMENTATIONS[op_type] = function
+        return function
+
+    return register
+
+
+def device_form(*op_types):
+    def register(function):
+        for op_type in op_types:
+            DEVICE_IMPLEMENTATIONS[op_type] = function
         return function
 
     return register
@@ -33,6 +49,10 @@ def _axes(value, rank):
 
 def _tensor(x):
     return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _optional_tensor(x):
+    return None if x is None else _tensor(np.asarray(x, dtype=np.float32))
 
 
 def _torch_unary(function):
@@ -162,6 +182,17 @@ def softmax(x, axis):
     return exponent / np.sum(exponent, axis=int(axis), keepdims=True)
 
 
+def _softmax_device(fp16, x, axis):
+    shifted = fp16.round(x - x.amax(axis, keepdim=True), "max subtraction")
+    exponent = fp16.round(torch.exp(shifted), "exp")
+    return fp16.round(exponent / fp16.reduce(exponent, (axis,), True, "sum of exponents"), "division")
+
+
+@device_form("softmax")
+def softmax_device(fp16, x, axis):
+    return _softmax_device(fp16, _tensor(x), int(axis)).numpy()
+
+
 # ----------------------------------------------------------------------------- linear algebra
 
 
@@ -174,19 +205,46 @@ def linear(x, weight, bias=None):
     return torch.nn.functional.linear(_tensor(x), _tensor(weight), None if bias is None else _tensor(bias)).numpy()
 
 
-@implements("matmul")
-def matmul(x, y, transpose_x=False, transpose_y=False):
+@device_form("linear")
+def linear_device(fp16, x, weight, bias=None):
+    return fp16.contract([(_tensor(x), _tensor(weight))], "...k,nk->...n", _optional_tensor(bias), "output").numpy()
+
+
+def _matmul_operands(x, y, transpose_x, transpose_y):
     x, y = _tensor(x), _tensor(y)
     if transpose_x:
         x = x.transpose(-1, -2)
     if transpose_y:
         y = y.transpose(-1, -2)
-    return torch.matmul(x, y).numpy()
+    return x, y
+
+
+@implements("matmul")
+def matmul(x, y, transpose_x=False, transpose_y=False):
+    return torch.matmul(*_matmul_operands(x, y, transpose_x, transpose_y)).numpy()
+
+
+@device_form("matmul")
+def matmul_device(fp16, x, y, transpose_x=False, transpose_y=False):
+    x, y = _matmul_operands(x, y, transpose_x, transpose_y)
+    out = fp16.contract([(x.unsqueeze(0) if x.ndim == 1 else x, y.unsqueeze(-1) if y.ndim == 1 else y)],
+                        "...ij,...jk->...ik", None, "output")
+    if y.ndim == 1:  # torch.matmul's vector operands: a vector y drops the last axis, a vector x the one before
+        out = out.squeeze(-1)
+    if x.ndim == 1:
+        out = out.squeeze(-1 if y.ndim == 1 else -2)
+    return out.numpy()
 
 
 @implements("einsum")
 def einsum(values, equation):
     return torch.einsum(str(equation), *[_tensor(v) for v in values]).numpy()
+
+
+@device_form("einsum")
+def einsum_device(fp16, values, equation):
+    a, b = (_tensor(v) for v in values)
+    return fp16.contract([(a, b)], str(equation), None, "output").numpy()
 
 
 def _conv_padding(spatial, kernel, strides, dilations, pad_type, pad):
@@ -226,6 +284,30 @@ def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilatio
     return out.numpy()
 
 
+@device_form("conv")
+def conv_device(fp16, x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1):
+    """Each kernel tap is a contraction over input channels, all taps adding into one accumulator."""
+    spatial, kernel = x.shape[2:], weight.shape[2:]
+    rank = len(spatial)
+    strides = [int(s) for s in (strides if strides is not None else [1] * rank)]
+    dilations = [int(d) for d in (dilations if dilations is not None else [1] * rank)]
+    padding = _conv_padding(spatial, kernel, strides, dilations, pad_type, pad)
+    padded = torch.nn.functional.pad(_tensor(x), [p for begin_end in reversed(padding) for p in begin_end])
+    out_spatial = [(size - (k - 1) * d - 1) // s + 1
+                   for size, k, d, s in zip(padded.shape[2:], kernel, dilations, strides)]
+    batch, groups, out_channels = x.shape[0], int(groups), weight.shape[0]
+    per_group = _tensor(weight).reshape(groups, out_channels // groups, weight.shape[1], *kernel)
+    terms = []
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        window = tuple(slice(t * d, t * d + (n - 1) * s + 1, s)
+                       for t, d, s, n in zip(tap, dilations, strides, out_spatial))
+        taps = padded[(slice(None), slice(None)) + window].reshape(batch, groups, weight.shape[1], -1)
+        terms.append((taps, per_group[(slice(None),) * 3 + tap]))
+    bias = None if bias is None else _optional_tensor(bias).reshape(1, groups, out_channels // groups, 1)
+    out = fp16.contract(terms, "ngcl,goc->ngol", bias, "output")
+    return out.reshape(batch, out_channels, *out_spatial).numpy()
+
+
 @implements("scaled_dot_product_attention")
 def scaled_dot_product_attention(query, key, value, attn_mask=None):
     scores = np.matmul(query, np.swapaxes(key, -1, -2)) / np.float32(math.sqrt(query.shape[-1]))
@@ -235,6 +317,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None):
         else:
             scores = scores + attn_mask
     return np.matmul(softmax(scores, -1), value)
+
+
+@device_form("scaled_dot_product_attention")
+def scaled_dot_product_attention_device(fp16, query, key, value, attn_mask=None):
+    query, key, value = _tensor(query), _tensor(key), _tensor(value)
+    scores = fp16.contract([(query, key)], "...id,...jd->...ij", None, "scores")
+    scale = fp16.round(torch.tensor(1.0 / math.sqrt(query.shape[-1])), "scale")
+    scores = fp16.round(scores * scale, "scaled scores")
+    if attn_mask is not None:
+        mask = _tensor(attn_mask)
+        scores = torch.where(mask, scores, -torch.inf) if mask.dtype == torch.bool else fp16.round(scores + mask, "mask")
+    return fp16.contract([(_softmax_device(fp16, scores, -1), value)], "...ij,...jd->...id", None, "output").numpy()
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -254,6 +348,39 @@ def layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-5):
     if beta is not None:
         out = out + np.reshape(beta, affine_shape)
     return out
+
+
+def _normalised_device(fp16, x, axes):
+    """``x - mean`` and the variance over ``axes``, each step rounded to fp16."""
+    count = math.prod(x.shape[a] for a in axes)
+    mean = fp16.round(fp16.reduce(x, axes, True, "sum") / count, "mean")
+    centred = fp16.round(x - mean, "centring")
+    squares = fp16.round(centred * centred, "squares")
+    variance = fp16.round(fp16.reduce(squares, axes, True, "sum of squares") / count, "variance")
+    return centred, variance
+
+
+def _rsqrt_scaled_device(fp16, centred, variance, epsilon):
+    epsilon = fp16.round(torch.tensor(float(epsilon)), "epsilon")
+    scale = fp16.round(torch.rsqrt(fp16.round(variance + epsilon, "variance + epsilon")), "rsqrt")
+    return fp16.round(centred * scale, "normalisation")
+
+
+def _affine_device(fp16, out, gamma, beta, shape):
+    if gamma is not None:
+        out = fp16.round(out * _tensor(np.reshape(gamma, shape)), "gamma")
+    if beta is not None:
+        out = fp16.round(out + _tensor(np.reshape(beta, shape)), "beta")
+    return out
+
+
+@device_form("layer_norm")
+def layer_norm_device(fp16, x, axes, gamma=None, beta=None, epsilon=1e-5):
+    axes = _axes(list(axes), x.ndim)
+    centred, variance = _normalised_device(fp16, _tensor(x), axes)
+    out = _rsqrt_scaled_device(fp16, centred, variance, epsilon)
+    affine_shape = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
+    return _affine_device(fp16, out, gamma, beta, affine_shape).numpy()
 
 
 @implements("batch_norm")
@@ -281,6 +408,13 @@ def instance_norm(x, gamma=None, beta=None, epsilon=1e-5):
     return out
 
 
+@device_form("instance_norm")
+def instance_norm_device(fp16, x, gamma=None, beta=None, epsilon=1e-5):
+    centred, variance = _normalised_device(fp16, _tensor(x), tuple(range(2, x.ndim)))
+    out = _rsqrt_scaled_device(fp16, centred, variance, epsilon)
+    return _affine_device(fp16, out, gamma, beta, [1, -1] + [1] * (x.ndim - 2)).numpy()
+
+
 # ----------------------------------------------------------------------------- reductions
 
 _REDUCTIONS = {
@@ -304,6 +438,34 @@ def _arg_reduction(function):
         return np.expand_dims(out, int(axis)) if keep_dims else out
 
     return reduce
+
+
+
+def _mean_device(fp16, x, dims, keep):
+    count = math.prod(x.shape[d] for d in dims)
+    return fp16.round(fp16.reduce(x, dims, keep, "sum") / count, "mean")
+
+
+def _sum_of_squares_device(fp16, x, dims, keep):
+    return fp16.reduce(fp16.round(x * x, "squares"), dims, keep, "sum of squares")
+
+
+_DEVICE_REDUCTIONS = {
+    "reduce_sum": lambda fp16, x, dims, keep: fp16.reduce(x, dims, keep, "sum"),
+    "reduce_mean": _mean_device,
+    "reduce_prod": lambda fp16, x, dims, keep: fp16.reduce(x, dims, keep, "product", combine=torch.mul),
+    "reduce_sum_square": _sum_of_squares_device,
+    "reduce_l1_norm": lambda fp16, x, dims, keep: fp16.reduce(x.abs(), dims, keep, "sum"),
+    "reduce_l2_norm": lambda fp16, x, dims, keep: fp16.round(torch.sqrt(_sum_of_squares_device(fp16, x, dims, keep)), "sqrt"),
+    "reduce_log_sum": lambda fp16, x, dims, keep: fp16.round(torch.log(fp16.reduce(x, dims, keep, "sum")), "log"),
+    "reduce_log_sum_exp": lambda fp16, x, dims, keep: fp16.round(
+        torch.log(fp16.reduce(fp16.round(torch.exp(x), "exp"), dims, keep, "sum of exponents")), "log"),
+}
+for _name, _function in _DEVICE_REDUCTIONS.items():
+    device_form(_name)(
+        lambda fp16, x, axes=None, keep_dims=False, _f=_function:
+            _f(fp16, _tensor(x), _axes(axes, x.ndim), bool(keep_dims)).numpy()
+    )
 
 
 OP_IMPLEMENTATIONS["reduce_argmax"] = _arg_reduction(np.argmax)
