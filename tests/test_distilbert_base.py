@@ -9,7 +9,7 @@ import torch
 from fixtures import families as F
 from milpasses import ane_pipeline
 from milpasses.analyze import analyze
-from milpasses.passes.layout import LAYOUT_OPS, layout_census
+from milpasses.passes.shared.bc1s import LAYOUT_OPS, layout_census
 from milpasses.simulator import psnr, simulate
 from milpasses.frontend.tracing import convert_traced
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.passes.matching import op_with, rank
+from milpasses.passes.shared.matching import op_with, rank
 
 #: Where each axis of a rank-3 (B, S, C) tensor lives in (B, C, 1, S).
 BC1S_AXIS = {0: 0, 1: 3, 2: 1}

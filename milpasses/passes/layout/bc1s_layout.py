@@ -8,7 +8,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.base import AnePass, register
-from milpasses.passes.layout import (
+from milpasses.passes.shared.bc1s import (
     BC1S_AXIS,
     constant_to_bc1s,
     enter,
@@ -17,7 +17,7 @@ from milpasses.passes.layout import (
     leave,
     left_from,
 )
-from milpasses.passes.matching import (
+from milpasses.passes.shared.matching import (
     BINARY,
     REDUCTIONS,
     UNARY,

@@ -36,7 +36,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from milpasses.passes.head_form import (
+from milpasses.passes.attention.head_form import (
     BATCH,
     CHANNEL,
     SEQ,
@@ -45,8 +45,8 @@ from milpasses.passes.head_form import (
     materialise,
     materialised,
 )
-from milpasses.passes import matching
-from milpasses.passes.matching import BINARY, NoMatch, constant_value, is_static, rank, scalar_value
+from milpasses.passes.shared import matching
+from milpasses.passes.shared.matching import BINARY, NoMatch, constant_value, is_static, rank, scalar_value
 
 #: Inside the attention region a few more elementwise ops are carried (rotary tables computed
 #: from positions).

@@ -1,0 +1,3 @@
+"""What the passes share: matching helpers, the (B, C, 1, S) boundaries, compressed weights.
+
+Nothing here imports a pass."""
