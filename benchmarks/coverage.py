@@ -310,7 +310,7 @@ def _torch_op_of(error: BaseException) -> str | None:
 
 
 def _program_census(mlmodel) -> dict:
-    from milpasses.passes.layout import layout_census
+    from milpasses.passes.shared.bc1s import layout_census
 
     function = mlmodel._mil_program.functions["main"]
     ops = [op for op in function.operations if op.op_type != "const"]

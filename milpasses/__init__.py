@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _HOMES = {
     "ane_pipeline": "milpasses.pipeline",
-    "check_fp16": "milpasses.fp16_check",
+    "check_fp16": "milpasses.simulator.fp16_check",
     "generate": "milpasses.generation.api",
     "psnr": "milpasses.simulator",
     "simulate": "milpasses.simulator",

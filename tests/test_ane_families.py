@@ -6,7 +6,7 @@ import pytest
 
 from fixtures import families as F
 from milpasses import ane_pipeline
-from milpasses.passes.layout import layout_census
+from milpasses.passes.shared.bc1s import layout_census
 from milpasses.simulator import psnr, simulate
 
 # Region boundaries per family, each an enter or a leave of two layout ops: the embedding sum

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from coremltools.converters.mil.mil import types
 
-from milpasses.passes import compressed
-from milpasses.passes.compressed import Compressed
-from milpasses.passes.matching import NoMatch
+from milpasses.passes.shared import compressed
+from milpasses.passes.shared.compressed import Compressed
+from milpasses.passes.shared.matching import NoMatch
 from milpasses.simulator.ops import OP_IMPLEMENTATIONS
 
 rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ import pytest
 
 from fixtures import families as F
 from milpasses.analyze import analyze
-from milpasses.passes.layout import LAYOUT_OPS, layout_census
+from milpasses.passes.shared.bc1s import LAYOUT_OPS, layout_census
 from milpasses.simulator import psnr, simulate
 
 SEQ_LEN = 128

@@ -5,7 +5,7 @@ from coremltools.converters.mil import Builder as mb
 
 from fixtures import families as F
 from milpasses import ane_pipeline, check_fp16
-from milpasses.fp16_check import NO_PASS, sample_inputs
+from milpasses.simulator.fp16_check import NO_PASS, sample_inputs
 from tests.helpers import mil_program
 
 

@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from fixtures.fuzz import MODES, Case, as_test, cases, check_case, fp16_psnr_db
-from milpasses.passes import head_rules, linear_to_conv
-from milpasses.passes.matching import NoMatch
+from milpasses.passes.attention import head_rules
+from milpasses.passes.layout import linear_to_conv
+from milpasses.passes.shared.matching import NoMatch
 from milpasses.passes.translation_check import TranslationError
 
 #: Drawn models, each converted in one attention mode drawn with it: a model is traced and read by

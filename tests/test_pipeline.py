@@ -65,10 +65,10 @@ def test_converting_many_times_in_one_process_gives_the_same_program():
 
 
 def test_reimport_and_reload_raise_no_key_error():
-    import milpasses.passes.linear_to_conv as module
+    import milpasses.passes.layout.linear_to_conv as module
 
     importlib.reload(module)
-    importlib.reload(importlib.import_module("milpasses.passes.bc1s_layout"))
+    importlib.reload(importlib.import_module("milpasses.passes.layout.bc1s_layout"))
     importlib.reload(milpasses)
     assert PASS_REGISTRY["ane::linear_to_conv"].__class__.__module__ == module.__name__
 

@@ -10,8 +10,8 @@ import coremltools.optimize.coreml as cto
 from coremltools.converters.mil import Builder as mb
 
 from milpasses import check_fp16
-from milpasses.fp16_check import RECOMPRESS
 from milpasses.simulator import Simulator, is_decompression, psnr, simulate
+from milpasses.simulator.fp16_check import RECOMPRESS
 from tests.helpers import mil_program
 
 # ct.optimize.coreml's schemes, each with the deployment target that gives its op forms.

@@ -21,8 +21,8 @@ from milpasses.errors import first_line
 from milpasses.convert.report import ConversionReport
 from milpasses.convert.samples import as_tensors, sample_inputs, verification_rows
 from milpasses.convert.trace import Traced
-from milpasses.fp16_check import check_fp16
 from milpasses.simulator import SimulationError, Simulator, psnr
+from milpasses.simulator.fp16_check import check_fp16
 
 
 #: Outputs compared by cosine similarity too (what a sentence-embedding search ranks by).

@@ -8,7 +8,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.base import AnePass, register
-from milpasses.passes.matching import NoMatch, has_static_shape, is_activation, rank
+from milpasses.passes.shared.matching import NoMatch, has_static_shape, is_activation, rank
 
 
 @dataclass(frozen=True)

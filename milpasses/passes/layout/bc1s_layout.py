@@ -8,8 +8,9 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.base import AnePass, register
-from milpasses.passes.layout import (
-    BC1S_AXIS,
+from milpasses.passes.shared import axis_rules
+from milpasses.passes.shared.bc1s import (
+    BC1S_MAP,
     constant_to_bc1s,
     enter,
     entered_from,
@@ -17,7 +18,7 @@ from milpasses.passes.layout import (
     leave,
     left_from,
 )
-from milpasses.passes.matching import (
+from milpasses.passes.shared.matching import (
     BINARY,
     REDUCTIONS,
     UNARY,
@@ -30,18 +31,9 @@ from milpasses.passes.matching import (
 
 BOUNDARY_OPS = ("transpose", "squeeze", "expand_dims")
 
-#: The inputs of each carried op that hold the (B, S, C) tensors; every other input is a parameter.
-TENSOR_INPUTS = {
-    **{op_type: ("x",) for op_type in UNARY | REDUCTIONS},
-    **{op_type: ("x", "y") for op_type in BINARY},
-    "select": ("cond", "a", "b"),
-    "layer_norm": ("x",),
-    "softmax": ("x",),
-    "concat": ("values",),
-    "split": ("x",),
-    "slice_by_index": ("x",),
-    "slice_by_size": ("x",),
-}
+#: The op types carried through the layout (their tensor inputs and axes: ``axis_rules``).
+CARRIED = UNARY | BINARY | REDUCTIONS | {"select", "layer_norm", "softmax", "concat", "split", "slice_by_index",
+                                         "slice_by_size"}
 
 
 @dataclass(frozen=True)
@@ -53,55 +45,20 @@ class CarriedOp:
     parameters: dict  # input name -> value in the (B, C, 1, S) form
 
 
-def _to_bc1s_vector(values, unit) -> list:
-    """Per-axis settings of a (B, S, C) op, rearranged for (B, C, 1, S) with ``unit`` on axis 2."""
-    values = list(np.asarray(values).tolist())
-    return [values[0], values[2], unit, values[1]]
-
-
-def _axis(op) -> int:
-    return BC1S_AXIS[int(constant_value(op.inputs["axis"])) % 3]
-
-
 def _parameters(op) -> dict | NoMatch:
     """The op's parameters in (B, C, 1, S) form, or why it cannot be carried."""
-    kind = op.op_type
-    if kind in UNARY or kind in BINARY or kind == "select":
-        return {}
-    if kind == "layer_norm":
-        axes = [int(a) % 3 for a in constant_value(op.inputs["axes"])]
-        return {"axes": [1]} if axes == [2] else NoMatch("layer_norm over axes other than the last")
-    if kind in REDUCTIONS:
-        axes = op.inputs.get("axes")
-        if axes is None:
-            return NoMatch("reduction over every axis")
-        return {"axes": sorted(BC1S_AXIS[int(a) % 3] for a in constant_value(axes))}
-    if kind == "softmax":
-        return {"axis": _axis(op)}
-    if kind == "concat":
-        if constant_value(op.inputs.get("interleave")):
-            return NoMatch("interleaved concat")
-        return {"axis": _axis(op)}
-    if kind == "split":
-        return {"axis": _axis(op)}
-    if kind == "slice_by_index":
-        return _slice_by_index_parameters(op)
-    if kind == "slice_by_size":
-        return {"begin": _to_bc1s_vector(constant_value(op.inputs["begin"]), 0),
-                "size": _to_bc1s_vector(constant_value(op.inputs["size"]), -1)}
-    return NoMatch(f"'{kind}' is not carried through the layout")
-
-
-def _slice_by_index_parameters(op) -> dict | NoMatch:
-    squeeze = op.inputs.get("squeeze_mask")
-    if squeeze is not None and any(constant_value(squeeze)):
+    axes = axis_rules.axes(op)
+    # Stricter than the op needs: gamma and beta are carried unchanged, right only for a norm over C alone.
+    if op.op_type == "layer_norm" and axes != [2]:
+        return NoMatch("layer_norm over axes other than the last")
+    if axes is None:
+        return NoMatch("reduction over every axis")
+    # Stricter than the op needs (unmerge_leading_axes carries it): interleaving in (B, C, 1, S) is untested here.
+    if axis_rules.interleaves(op):
+        return NoMatch("interleaved concat")
+    if op.op_type == "slice_by_index" and axis_rules.drops_axes(op):
         return NoMatch("slice squeezes an axis")
-    parameters = {"begin": _to_bc1s_vector(constant_value(op.inputs["begin"]), 0),
-                  "end": _to_bc1s_vector(constant_value(op.inputs["end"]), 1)}
-    for name, unit in (("stride", 1), ("begin_mask", True), ("end_mask", True)):
-        if op.inputs.get(name) is not None:
-            parameters[name] = _to_bc1s_vector(constant_value(op.inputs[name]), unit)
-    return parameters
+    return axis_rules.parameters(op, BC1S_MAP)
 
 
 def _operand_ok(var) -> bool:
@@ -112,16 +69,13 @@ def _operand_ok(var) -> bool:
 
 
 def match_carried(op) -> CarriedOp | NoMatch:
-    names = TENSOR_INPUTS.get(op.op_type)
-    if names is None:
+    if op.op_type not in CARRIED:
         return NoMatch(f"'{op.op_type}' is not carried through the layout")
     if any(rank(out) != 3 for out in op.outputs):
         return NoMatch("output is not rank 3")
-    operands = tuple((name, op.inputs[name]) for name in names if name in op.inputs)
-    flat = _flat_operands(op)
-    if op.op_type in REDUCTIONS | {"layer_norm", "softmax", "split", "slice_by_index", "slice_by_size"} and any(
-        rank(v) != 3 for v in flat
-    ):
+    operands = tuple((name, op.inputs[name]) for name in axis_rules.tensor_inputs(op.op_type) if name in op.inputs)
+    flat = axis_rules.tensor_operands(op)
+    if axis_rules.axes(op) != [] and any(rank(v) != 3 for v in flat):  # its axis parameters name rank-3 axes
         return NoMatch("operand is not rank 3")
     if not all(_operand_ok(v) for v in flat):
         return NoMatch("operand of rank 1, 2 or above 3")
@@ -156,14 +110,6 @@ def _only_entered(var) -> bool:
     return True
 
 
-def _flat_operands(op) -> list:
-    flat = []
-    for name in TENSOR_INPUTS[op.op_type]:
-        var = op.inputs.get(name)
-        flat.extend(var if isinstance(var, (list, tuple)) else [] if var is None else [var])
-    return flat
-
-
 def _needs_entry(var) -> bool:
     """A full-width activation that would need an enter boundary. A (B, S, 1) operand, such as
     a padding mask or an RMS statistic, is not counted: entering it moves S values, not S * C."""
@@ -181,13 +127,13 @@ def _all_inputs(op) -> list:
 
 def _new_entries(op) -> set:
     """The activation operands of ``op`` that would each need an enter boundary."""
-    return {id(v) for v in _flat_operands(op) if _needs_entry(v)}
+    return {id(v) for v in axis_rules.tensor_operands(op) if _needs_entry(v)}
 
 
 def _entry_points(op, found: set) -> set:
     """The vars where the region would have to be entered if ``op``, and every carried op that
     feeds only it, were moved into (B, C, 1, S): hoisting is worth it when there is one."""
-    for var in _flat_operands(op):
+    for var in axis_rules.tensor_operands(op):
         if not _needs_entry(var):
             continue
         producer = var.op
@@ -299,7 +245,7 @@ class bc1s_layout(AnePass):
     def _hoist_enters(self, block) -> bool:
         changed = False
         for op in reversed(list(block.operations)):
-            if op.enclosing_block is None or op.op_type not in TENSOR_INPUTS or len(op.outputs) != 1:
+            if op.enclosing_block is None or op.op_type not in CARRIED or len(op.outputs) != 1:
                 continue
             if not _only_entered(op.outputs[0]):
                 continue

@@ -8,7 +8,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.base import AnePass, logger, register
-from milpasses.passes.matching import NoMatch, is_dead
+from milpasses.passes.shared.matching import NoMatch, is_dead
 
 FP16_MAX = 65504.0
 #: Apple's mask value in ml-ane-transformers: exp(-1e4) is 0 in fp16 and fp32 alike, so a

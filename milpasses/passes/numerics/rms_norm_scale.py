@@ -9,7 +9,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 
 from milpasses.passes.base import AnePass, register
-from milpasses.passes.matching import NoMatch, constant_value, single_consumer
+from milpasses.passes.shared.matching import NoMatch, constant_value, single_consumer
 
 @dataclass(frozen=True)
 class RmsNormChain:

@@ -25,10 +25,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 from coremltools.converters.mil.mil import types
 
-from milpasses.passes import compressed, head_rules
-from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, DryRun, HeadForm, Placeholder, root_form
-from milpasses.passes.layout import left_from
-from milpasses.passes.matching import (
+from milpasses.passes.attention import head_rules
+from milpasses.passes.attention.head_form import BATCH, CHANNEL, SEQ, DryRun, HeadForm, Placeholder, root_form
+from milpasses.passes.shared import compressed
+from milpasses.passes.shared.bc1s import left_from
+from milpasses.passes.shared.matching import (
     NoMatch,
     as_list,
     is_dead,

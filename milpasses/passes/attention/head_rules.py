@@ -36,7 +36,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from milpasses.passes.head_form import (
+from milpasses.passes.attention.head_form import (
     BATCH,
     CHANNEL,
     SEQ,
@@ -45,20 +45,13 @@ from milpasses.passes.head_form import (
     materialise,
     materialised,
 )
-from milpasses.passes import matching
-from milpasses.passes.matching import BINARY, NoMatch, constant_value, is_static, rank, scalar_value
+from milpasses.passes.shared import axis_rules
+from milpasses.passes.shared.matching import BINARY, NoMatch, constant_value, is_static, rank, scalar_value
 
-#: Inside the attention region a few more elementwise ops are carried (rotary tables computed
-#: from positions).
-UNARY = matching.UNARY | {"sin", "cos", "sign", "log", "floor", "ceil", "round"}
-#: Binary ops that commute with a scalar factor on one operand (x * c op y == (x op y) * c).
+#: Every elementwise op of one tensor but ``cast``: heads are carried as floats, and a cast may leave them.
+UNARY = axis_rules.ELEMENTWISE - {"cast"}
+#: Reductions that commute with a scalar factor (sum(x * c) == sum(x) * c).
 LINEAR_REDUCTIONS = {"reduce_mean": "mean", "reduce_sum": "sum"}
-REDUCTIONS = set(LINEAR_REDUCTIONS) | {"reduce_max", "reduce_min", "reduce_sum_square", "reduce_l2_norm",
-                                        "reduce_prod", "reduce_log_sum", "reduce_log_sum_exp"}
-
-
-def _axis(op, name: str, rank_: int) -> int:
-    return int(constant_value(op.inputs[name])) % rank_
 
 
 def _channel_position(form: HeadForm, axis: int) -> int | None:
@@ -72,7 +65,7 @@ def _channel_position(form: HeadForm, axis: int) -> int | None:
 
 def transpose(op, forms, builder):
     form = forms[0]
-    perm = [int(p) % len(form.axes) for p in constant_value(op.inputs["perm"])]
+    perm = axis_rules.perm(op)
     axes = [form.axes[p] for p in perm]
     channel_order = [form.channel_axes().index(p) for p in perm if form.axes[p] == CHANNEL]
     return form.with_channels(axes, np.transpose(form.src, channel_order), np.transpose(form.chan, channel_order))
@@ -155,7 +148,7 @@ def _reshape_groups(before, after):
 def expand_dims(op, forms, builder):
     form = forms[0]
     out_rank = rank(op.outputs[0])
-    inserted = sorted(int(a) % out_rank for a in constant_value(op.inputs["axes"]))
+    inserted = axis_rules.axes(op)
     axes, old = [], iter(form.axes)
     for i in range(out_rank):
         axes.append(CHANNEL if i in inserted else next(old))
@@ -168,9 +161,7 @@ def expand_dims(op, forms, builder):
 def squeeze(op, forms, builder):
     form = forms[0]
     shape = op.inputs["x"].shape
-    axes_in = op.inputs.get("axes")
-    dropped = ([int(a) % len(shape) for a in constant_value(axes_in)] if axes_in is not None
-               else [i for i, d in enumerate(shape) if d == 1])
+    dropped = axis_rules.axes(op)
     if any(form.axes[a] != CHANNEL for a in dropped):
         return NoMatch("a squeeze drops the batch or sequence axis of an attention operand")
     keep = [i for i in range(len(shape)) if i not in dropped]
@@ -237,7 +228,7 @@ def slice_by_size(op, forms, builder):
 
 def split(op, forms, builder):
     form = forms[0]
-    axis = _axis(op, "axis", len(form.axes))
+    (axis,) = axis_rules.axes(op)
     position = _channel_position(form, axis)
     if form.axes[axis] == SEQ:
         return _split_sequence(op, form, axis, builder)
@@ -284,7 +275,7 @@ def gather(op, forms, builder):
     """A gather with constant indices on a channel axis picks heads (Falcon's one K/V head)."""
     form = forms[0]
     indices = constant_value(op.inputs["indices"])
-    axis = _axis(op, "axis", len(form.axes))
+    (axis,) = axis_rules.axes(op)
     position = _channel_position(form, axis)
     batch_dims = constant_value(op.inputs.get("batch_dims"))
     if indices is None or position is None or (batch_dims is not None and int(batch_dims) != 0):
@@ -324,9 +315,9 @@ def concat(op, forms, builder):
         return forms[0]
     if any(f is None for f in forms):
         return NoMatch("a concat joins an attention operand with another tensor")
-    if constant_value(op.inputs.get("interleave")):
+    if axis_rules.interleaves(op):
         return NoMatch("an interleaved concat on an attention operand")
-    axis = _axis(op, "axis", len(forms[0].axes))
+    (axis,) = axis_rules.axes(op)
     position = _channel_position(forms[0], axis)
     if forms[0].axes[axis] == SEQ:
         return _concat_sequence(op, forms, builder)
@@ -338,7 +329,7 @@ def concat(op, forms, builder):
 def stack(op, forms, builder):
     if any(f is None for f in forms):
         return NoMatch("a stack joins an attention operand with another tensor")
-    axis = _axis(op, "axis", len(forms[0].axes) + 1)
+    (axis,) = axis_rules.axes(op)
     axes = list(forms[0].axes)
     axes.insert(axis, CHANNEL)
     position = sum(role == CHANNEL for role in axes[:axis])
@@ -437,10 +428,9 @@ def broadcast_channels(small: HeadForm, full: HeadForm, builder, name: str):
 
 def reduction(op, forms, builder):
     form = forms[0]
-    axes_var = op.inputs.get("axes")
-    if axes_var is None:
+    axes = axis_rules.axes(op)
+    if axes is None:
         return NoMatch("a reduction over every axis of an attention operand")
-    axes = sorted(int(a) % len(form.axes) for a in constant_value(axes_var))
     channel = form.channel_axes()
     if len(axes) != 1 or axes[0] != channel[-1]:
         return NoMatch(f"'{op.op_type}' over an axis other than head_dim")
@@ -473,7 +463,7 @@ def layer_norm(op, forms, builder):
     grouped convs, centring, square, rsqrt, ...) every step would round to fp16, where DEFAULT's
     one fused op rounds once: 1 to 1.5 dB of PSNR lost on the fuzzer's q/k LayerNorm cases."""
     form = forms[0]
-    axes = sorted(int(a) % len(form.axes) for a in constant_value(op.inputs["axes"]))
+    axes = axis_rules.axes(op)
     if axes != [form.channel_axes()[-1]]:
         return NoMatch("'layer_norm' over axes other than head_dim")
     if any(name in op.inputs and constant_value(op.inputs[name]) is None for name in ("gamma", "beta")):
@@ -513,12 +503,11 @@ RULES = {
     "layer_norm": layer_norm,
     **{kind: unary for kind in UNARY},
     **{kind: binary for kind in BINARY},
-    **{kind: reduction for kind in REDUCTIONS},
+    **{kind: reduction for kind in axis_rules.ALL_REDUCTIONS},
 }
 
 #: The inputs of each op type that may carry region tensors; the others are parameters.
-TENSOR_INPUTS = {kind: ("x", "y") if kind in BINARY else ("values",) if kind in ("concat", "stack") else ("x",)
-                 for kind in RULES}
+TENSOR_INPUTS = {kind: axis_rules.tensor_inputs(kind) for kind in RULES}
 
 
 def apply(op, forms, builder, externals):

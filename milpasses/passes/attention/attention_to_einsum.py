@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.passes.attention_match import (
+from milpasses.passes.attention.attention_match import (
     bc1s_view,
     AttentionSite,
     carry,
@@ -17,11 +17,11 @@ from milpasses.passes.attention_match import (
     operand_rows,
     projection_rows,
 )
-from milpasses.passes import compressed
+from milpasses.passes.attention.head_form import BATCH, CHANNEL, SEQ, Build, HeadForm, Source, materialise
 from milpasses.passes.base import AnePass, logger, register
-from milpasses.passes.head_form import BATCH, CHANNEL, SEQ, Build, HeadForm, Source, materialise
-from milpasses.passes.layout import enter, leave, left_from
-from milpasses.passes.matching import NoMatch, constant_value, is_static, rank
+from milpasses.passes.shared import compressed
+from milpasses.passes.shared.bc1s import enter, leave, left_from
+from milpasses.passes.shared.matching import NoMatch, constant_value, is_static, rank
 
 MODES = ("split_einsum", "split_einsum_v2", "batched", "off")
 #: The one einsum MIL has: contract axis -1 of the first operand with axis -3 of the second.

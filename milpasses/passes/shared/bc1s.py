@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.passes.matching import op_with, rank
+from milpasses.passes.shared.axis_rules import AxisMap
+from milpasses.passes.shared.matching import op_with, rank
 
 #: Where each axis of a rank-3 (B, S, C) tensor lives in (B, C, 1, S).
-BC1S_AXIS = {0: 0, 1: 3, 2: 1}
+BC1S_MAP = AxisMap(to=(0, 3, 1), rank=4)
 
 _ENTER = {3: ([0, 2, 1], [2]), 2: ([1, 0], [0, 2])}  # rank -> (transpose perm, expand axes)
 

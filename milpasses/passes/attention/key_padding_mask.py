@@ -8,7 +8,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.base import AnePass, register
-from milpasses.passes.matching import BINARY, LOGICAL, NoMatch, is_activation, rank
+from milpasses.passes.shared.matching import BINARY, LOGICAL, NoMatch, is_activation, rank
 
 #: Ops that compute each output element from the elements at the same (broadcast) position of
 #: their inputs: evaluating them on one query row gives that row of their result.

@@ -9,7 +9,9 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.base import AnePass, register
-from milpasses.passes.matching import (
+from milpasses.passes.shared import axis_rules
+from milpasses.passes.shared.axis_rules import AxisMap, parameter_vars, tensor_operands
+from milpasses.passes.shared.matching import (
     BINARY,
     REDUCTIONS,
     UNARY,
@@ -23,22 +25,11 @@ from milpasses.passes.matching import (
     same_length,
 )
 
-ELEMENTWISE_UNARY = UNARY | {"cast"}
 _UPSTREAM_DEPTH = 4  # ops between a merge and the region op that reads it, walking up
 
-#: The inputs of each op type that hold the merged view; every other input is a parameter.
-TENSOR_INPUTS = {
-    **{op_type: ("x",) for op_type in ELEMENTWISE_UNARY | REDUCTIONS},
-    **{op_type: ("x", "y") for op_type in BINARY},
-    "select": ("cond", "a", "b"),
-    "linear": ("x",),
-    "matmul": ("x", "y"),
-    "layer_norm": ("x",),
-    "softmax": ("x",),
-    "concat": ("values",),
-    "split": ("x",),
-    "transpose": ("x",),
-}
+#: The op types with a rule to run on the unmerged tensor (their tensor inputs and axes: ``axis_rules``).
+CARRIED = UNARY | BINARY | REDUCTIONS | {"cast", "select", "linear", "matmul", "layer_norm", "softmax", "concat",
+                                         "split", "transpose"}
 
 
 @dataclass(frozen=True)
@@ -51,40 +42,14 @@ class MergedRegion:
     exits: tuple  # reshape ops (A*B, ...) -> (A, B, ...), in block order
 
 
-def _kept_axis(axis, var_rank: int) -> int | None:
-    """``axis`` of a merged view as a negative axis, the same in the unmerged tensor; None for
-    axis 0, the merged one."""
-    axis = int(axis) % var_rank
-    return None if axis == 0 else axis - var_rank
+def unmerged_axes(view_rank: int) -> AxisMap:
+    """Axis 0 of a merged view split into (A, B); the others kept, named from the end."""
+    return AxisMap(to=(None,) + tuple(range(1 - view_rank, 0)), rank=view_rank + 1, split=(0, 1))
 
 
 def _view_rank(op) -> int:
     """The rank of the op's merged views (the matcher has checked that they agree)."""
-    return max(rank(v) for v in _operands(op) if constant_value(v) is None)
-
-
-def _axis_parameter(op, name: str) -> dict | NoMatch:
-    axis = _kept_axis(constant_value(op.inputs[name]), _view_rank(op))
-    if axis is None:
-        return NoMatch(f"'{op.op_type}' works across the merged axis (axis 0)")
-    return {name: axis}
-
-
-def _axes_parameter(op) -> dict | NoMatch:
-    axes = op.inputs.get("axes")
-    if axes is None:
-        return NoMatch(f"'{op.op_type}' works over every axis, the merged one included")
-    kept = [_kept_axis(a, rank(op.inputs["x"])) for a in constant_value(axes)]
-    if None in kept:
-        return NoMatch(f"'{op.op_type}' works across the merged axis (axis 0)")
-    return {"axes": kept}
-
-
-def _transpose_parameter(op) -> dict | NoMatch:
-    perm = [int(p) % rank(op.inputs["x"]) for p in constant_value(op.inputs["perm"])]
-    if perm[0] != 0:
-        return NoMatch("'transpose' moves the merged axis (axis 0)")
-    return {"perm": [0] + [p + 1 for p in perm]}
+    return max(rank(v) for v in tensor_operands(op) if constant_value(v) is None)
 
 
 def _matmul_parameter(op) -> dict | NoMatch:
@@ -104,25 +69,20 @@ def _matmul_parameter(op) -> dict | NoMatch:
 def _parameters(op) -> dict | NoMatch:
     """The op's parameters on the unmerged tensor, or why it does not commute with the merge."""
     kind = op.op_type
-    if len({rank(v) for v in _operands(op) if constant_value(v) is None}) != 1:
+    if len({rank(v) for v in tensor_operands(op) if constant_value(v) is None}) != 1:
         return NoMatch(f"'{kind}' reads merged views of different ranks")
     if kind == "linear" and _view_rank(op) != 2:
         return NoMatch("linear on a merged view of rank 3 (MIL's linear takes rank <= 3)")
-    if kind in ELEMENTWISE_UNARY or kind in BINARY or kind in ("select", "linear"):
-        return {}
     if kind == "matmul":
         return _matmul_parameter(op)
-    if kind in REDUCTIONS:
-        if not constant_value(op.inputs.get("keep_dims")):
-            return NoMatch(f"'{kind}' drops the reduced axis (keep_dims false)")
-        return _axes_parameter(op)
-    if kind == "layer_norm":
-        return _axes_parameter(op)
-    if kind in ("softmax", "concat", "split"):
-        return _axis_parameter(op, "axis")
-    if kind == "transpose":
-        return _transpose_parameter(op)
-    return NoMatch(f"'{kind}' reads a merged view and has no rule to run on the unmerged tensor")
+    if axis_rules.drops_axes(op):
+        return NoMatch(f"'{kind}' drops the reduced axis (keep_dims false)")
+    axes = axis_rules.axes(op)
+    if axes is None:
+        return NoMatch(f"'{kind}' works over every axis, the merged one included")
+    if 0 in axes:
+        return NoMatch(f"'{kind}' {axis_rules.op_rule(op).verb} the merged axis (axis 0)")
+    return axis_rules.parameters(op, unmerged_axes(_view_rank(op)))
 
 
 def merged_leading(op) -> tuple | NoMatch | None:
@@ -171,14 +131,6 @@ def _constant_unmerged(op, value, merged, leading) -> np.ndarray | None | NoMatc
     return NoMatch(f"a constant of shape {value.shape} broadcasts the merged view to rank {value.ndim}")
 
 
-def _operands(op) -> list:
-    return [v for name in TENSOR_INPUTS[op.op_type] for v in as_list(op.inputs.get(name))]
-
-
-def _parameter_vars(op) -> list:
-    return [v for name, value in op.inputs.items() if name not in TENSOR_INPUTS[op.op_type] for v in as_list(value)]
-
-
 def _upstream_merge(var, leading, depth: int = 0):
     """The merge of the same (A, B) that ``var`` is computed from through ops with a rule (K's
     transpose before the scores matmul), or None. The region then grows forward from it too."""
@@ -188,9 +140,9 @@ def _upstream_merge(var, leading, depth: int = 0):
     merged = merged_leading(op)
     if merged is not None:
         return op if merged and tuple(merged) == tuple(leading) else None
-    if op.op_type not in TENSOR_INPUTS:
+    if op.op_type not in CARRIED:
         return None
-    for operand in _operands(op):
+    for operand in tensor_operands(op):
         if constant_value(operand) is None:
             found = _upstream_merge(operand, leading, depth + 1)
             if found is not None:
@@ -224,13 +176,13 @@ def match_region(root) -> MergedRegion | NoMatch:
                     return NoMatch(problem)
                 exits[id(consumer)] = consumer
                 continue
-            if consumer.op_type not in TENSOR_INPUTS:
+            if consumer.op_type not in CARRIED:
                 return NoMatch(f"'{consumer.op_type}' reads a merged view and has no rule to run on the "
                                "unmerged tensor")
             parameters = _parameters(consumer)
             if isinstance(parameters, NoMatch):
                 return parameters
-            for operand in _operands(consumer):
+            for operand in tensor_operands(consumer):
                 value = constant_value(operand)
                 if value is not None:
                     unmerged = _constant_unmerged(consumer, value, merged, leading)
@@ -249,9 +201,9 @@ def match_region(root) -> MergedRegion | NoMatch:
                 pending.append(out)
             ops[id(consumer)] = consumer
     for op in ops.values():
-        if any(id(v) in region_vars for v in _parameter_vars(op)):
+        if any(id(v) in region_vars for v in parameter_vars(op)):
             return NoMatch(f"'{op.op_type}' reads a merged view as a parameter")
-        outside = [v for v in _operands(op) if constant_value(v) is None and id(v) not in region_vars]
+        outside = [v for v in tensor_operands(op) if constant_value(v) is None and id(v) not in region_vars]
         if outside:
             return NoMatch(f"'{op.op_type}' mixes a merged view with '{outside[0].name}' from outside the region")
     if not exits:
@@ -347,7 +299,7 @@ class unmerge_leading_axes(AnePass):
 
         for op in region.ops:
             arguments = dict(op.inputs)
-            for name in TENSOR_INPUTS[op.op_type]:
+            for name in axis_rules.tensor_inputs(op.op_type):
                 if name in arguments:
                     value = arguments[name]
                     arguments[name] = ([operand(op, v) for v in value] if isinstance(value, (list, tuple))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.passes.matching import NoMatch
+from milpasses.passes.shared.matching import NoMatch
 
 BATCH, SEQ, CHANNEL = "b", "s", "c"
 #: Shortest average run of consecutive channels worth a split and a concat; shorter runs are

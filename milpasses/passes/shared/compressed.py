@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.passes.matching import NoMatch
+from milpasses.passes.shared.matching import NoMatch
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 from milpasses.passes.base import AnePass, register
-from milpasses.passes.matching import (
+from milpasses.passes.shared.matching import (
     BINARY,
     LOGICAL,
     UNARY,

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.passes import compressed
 from milpasses.passes.base import AnePass, BoolOption, register
-from milpasses.passes.layout import enter, leave
-from milpasses.passes.matching import (
+from milpasses.passes.shared import compressed
+from milpasses.passes.shared.bc1s import enter, leave
+from milpasses.passes.shared.matching import (
     NoMatch,
     constant_value,
     has_static_shape,

@@ -1,0 +1,1 @@
+"""Passes that keep fp16 arithmetic finite and accurate."""
