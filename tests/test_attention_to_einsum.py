@@ -305,8 +305,10 @@ def test_bad_options_are_refused_when_the_pipeline_is_made(options, message):
 
 def test_pipeline_options_reach_the_pass_and_do_not_leak_into_the_next_pipeline():
     batched = ane_pipeline(attention="batched", query_chunk=64)
-    assert {o.option_name: o.option_val for o in batched.get_options(PASS)} == {"mode": "batched", "query_chunk": 64}
-    assert ane_pipeline().get_options(PASS) is None
+    assert {o.option_name: o.option_val for o in batched.get_options(PASS)} == {
+        "mode": "batched", "query_chunk": 64, "reports": batched.reports}
+    fresh = ane_pipeline()
+    assert [(o.option_name, o.option_val) for o in fresh.get_options(PASS)] == [("reports", fresh.reports)]
 
 
 DP = 16  # head_dim long enough that half of a partial rotary is a run worth a split

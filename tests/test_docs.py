@@ -159,7 +159,7 @@ def test_distilbert_figures_in_the_readme_and_the_passes_doc_are_the_measured_on
     from collections import Counter
 
     from fixtures.families import distilbert_base_converted
-    from milpasses.passes.layout import LAYOUT_OPS
+    from milpasses.passes.shared.bc1s import LAYOUT_OPS
     from milpasses.simulator import psnr, simulate
 
     figures = DISTILBERT_FIGURES.search(_one_line(ROOT / "README.md"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from coremltools.converters.mil import Builder as mb
 
-from milpasses.fp16_check import check_fp16
+from milpasses.simulator.fp16_check import check_fp16
 from milpasses.simulator import DeviceNumerics, Simulator, psnr, simulate
 from tests.helpers import mil_program
 

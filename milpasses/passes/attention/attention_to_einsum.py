@@ -29,7 +29,7 @@ EQUATION = "nchw,nwhu->nchu"
 #: Scores (B, H, Sq, Sk) -> (B, Sk, H, Sq): keys on the channel axis, queries on the last.
 TO_KEYS_FIRST = [0, 3, 1, 2]
 #: One head's score tensor must stay below this many elements: at 2^20 and above the ANE gives
-#: wrong numbers (community finding, eeANE's ATTENTION_SCORE_ELEMENT_LIMIT; see ANE_NOTES).
+#: wrong numbers (community finding, eeANE's ATTENTION_SCORE_ELEMENT_LIMIT).
 SCORE_ELEMENT_LIMIT = 1 << 20
 
 
