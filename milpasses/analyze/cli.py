@@ -72,24 +72,17 @@ def _is_package_argument(text: str) -> bool:
 
 
 def _load_hf_model(text: str | None):
-    """A Hugging Face model in eager attention: the bundled MiniLM, a local directory, or a hub id."""
-    if text is None:
-        from milpasses.bundled import load_bundled
+    """A Hugging Face model in eager attention, loaded as ``milpasses convert`` loads it: the
+    bundled MiniLM, a local directory, or a hub id."""
+    from milpasses.convert import ConversionError, Options
+    from milpasses.convert.load import load_pretrained
 
-        return load_bundled()[0], "all-MiniLM-L6-v2 (bundled)"
-    from transformers import AutoModel
-
-    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text and Path(text).parent.exists()
-    if looks_like_path and not Path(text).expanduser().exists():
-        raise UserError(f"no such file or directory: {text}")
     try:
-        model = AutoModel.from_pretrained(str(Path(text).expanduser()) if looks_like_path else text,
-                                          attn_implementation="eager")
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        model, _, _, description, _ = load_pretrained(text, Options.check())
+    except ConversionError as error:
         raise UserError(f"cannot load '{text}': not an .mlpackage, nor a Hugging Face model directory "
-                        f"or id ({first_line})") from error
-    return model.eval(), text
+                        f"or id ({error})") from error
+    return model, description
 
 
 def _convert(model, described: str, seq_len: int, pipelines: tuple[str, ...]):

@@ -34,7 +34,7 @@ class LoadedModel:
 
 
 def load(model, options: Options) -> LoadedModel:
-    hf_model, tokenizer, source, description, untrained_pooler = _load(model, options)
+    hf_model, tokenizer, source, description, untrained_pooler = load_pretrained(model, options)
     task = options.spec
     modality = _modality(hf_model, task)
     pooling = sentence_pooling(source) if options.task == "feature-extraction" and modality == "text" else None
@@ -97,7 +97,7 @@ def _is_local_path(model: str) -> bool:
             or model.count("/") > 1)
 
 
-def _load(model, options: Options):
+def load_pretrained(model, options: Options):
     """(model, tokenizer or None, source directory or None, description, whether the pooler's
     weights are missing) for ``model``."""
     task_name, offline = options.task, options.offline
