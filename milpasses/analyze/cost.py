@@ -66,6 +66,18 @@ PARAMETER_SOURCES = {
 }
 
 
+#: The assumed costs a speed-up depends on when a rewrite changes the number of device
+#: partitions; ``analyze --compare`` sets each to 0 and to twice its value in turn.
+SENSITIVITY = ("dispatch_seconds", "switch_seconds")
+SENSITIVITY_FACTORS = (0.0, 2.0)
+
+
+def sensitivity_variants(parameters: CostParameters = PARAMETERS) -> dict[str, CostParameters]:
+    """{"dispatch_seconds x0": parameters with that one value scaled, ...} for each of ``SENSITIVITY``."""
+    return {f"{name} x{factor:g}": parameters.replace(**{name: factor * getattr(parameters, name)})
+            for name in SENSITIVITY for factor in SENSITIVITY_FACTORS}
+
+
 def parameter_lines(parameters: CostParameters = PARAMETERS) -> list[str]:
     units = {"ane_efficiency": ("{:.2f}", 1), "gpu_efficiency": ("{:.2f}", 1), "op_seconds": ("{:.1f} us", 1e6),
              "on_chip_bytes": ("{:.0f} KiB", 1 / 1024), "dispatch_seconds": ("{:.2f} ms", 1e3),
