@@ -129,7 +129,7 @@ def max_difference(model, ane: AppleFormEncoder, input_ids, attention_mask) -> f
     return float((expected[valid] - actual[valid]).abs().max())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def distilbert_converted(seq_len: int = 128):
     """Stock DistilBERT-base (``fixtures.families.distilbert_base``'s seeded weights) in this form,
     converted in fp16 through coremltools' DEFAULT pipeline, once per process: the MLModel."""

@@ -43,7 +43,8 @@ class CostParameters:
         return CostParameters(**{f.name: changes.get(f.name, getattr(self, f.name)) for f in fields(self)})
 
 
-#: The values in use: the fit of ``benchmarks/calibration.py`` on every point of its set.
+#: The values in use: the fit of ``benchmarks/calibration.py`` on every point of its set, to two
+#: significant figures (tests/test_calibration_log.py checks them against benchmarks/logs/calibration.json).
 PARAMETERS = CostParameters(
     ane_efficiency=0.33,
     gpu_efficiency=0.39,
@@ -56,7 +57,7 @@ PARAMETERS = CostParameters(
 FITTED = ("ane_efficiency", "gpu_efficiency", "op_seconds")
 PARAMETER_SOURCES = {
     "ane_efficiency": "fitted to 16 published measurements from 5 sources (benchmarks/calibration.py; "
-                      "leave-one-out median error 1.17x, worst 2.4x)",
+                      "leave-one-out median error 1.17x, worst 2.38x, as in benchmarks/logs/calibration.json)",
     "gpu_efficiency": "fitted, with the above, to hft2ane's ANE-vs-GPU speed-ups on M1 (benchmarks/calibration.py)",
     "op_seconds": "fitted with the above (benchmarks/calibration.py); small: the ANE fuses most elementwise ops",
     "on_chip_bytes": "assumed: 1 MiB of on-chip buffer, the order of what Apple's per-head split aims to stay "
