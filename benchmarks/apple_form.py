@@ -11,6 +11,7 @@ and a (B, Sk, 1, 1) additive padding mask of -1e4; heads are concatenated on cha
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -126,3 +127,17 @@ def max_difference(model, ane: AppleFormEncoder, input_ids, attention_mask) -> f
         actual = ane(input_ids, attention_mask).squeeze(2).transpose(1, 2)
     valid = attention_mask.bool()
     return float((expected[valid] - actual[valid]).abs().max())
+
+
+@functools.cache
+def distilbert_converted(seq_len: int = 128):
+    """Stock DistilBERT-base (``fixtures.families.distilbert_base``'s seeded weights) in this form,
+    converted in fp16 through coremltools' DEFAULT pipeline, once per process: the MLModel."""
+    from fixtures.families import distilbert_base
+    from milpasses.convert.coreml import convert_traced
+
+    model, inputs, _ = distilbert_base(seq_len)
+    examples = tuple(torch.from_numpy(v.astype("int64")) for v in inputs.values())
+    with torch.no_grad():
+        traced = torch.jit.trace(from_distilbert(model), examples)
+    return convert_traced(traced, inputs, "fp16")

@@ -37,7 +37,8 @@ def add_analyze_parser(commands) -> None:
     parser.add_argument("--chip", choices=tuple(CHIPS), default=DEFAULT_CHIP,
                         help="the chip for the per-op times (every chip's latency is summarised)")
     parser.add_argument("--compare", action="store_true",
-                        help="convert the model with DEFAULT and with ane_pipeline() and compare them")
+                        help="convert the model with DEFAULT and with ane_pipeline() and compare them: the "
+                             "predicted speed-up, with its range when the assumed dispatch and switch costs vary")
     parser.add_argument("--device", action="store_true",
                         help="macOS only: show Core ML's own MLComputePlan device and cost beside each op")
     parser.add_argument("--seq-len", type=int, default=128, help="sequence length when converting a model")
@@ -227,6 +228,7 @@ def _run(args, console: Console) -> int:
         output = {"model": described, "analyses": document}
         if args.compare:
             output["speedup"] = render.speedups(*analyses.values())
+            output["speedup_sensitivity"] = render.speedup_sensitivity(*analyses.values())
         print(json.dumps(output, indent=1))
     else:
         for label, analysis in analyses.items():

@@ -43,7 +43,8 @@ class CostParameters:
         return CostParameters(**{f.name: changes.get(f.name, getattr(self, f.name)) for f in fields(self)})
 
 
-#: The values in use: the fit of ``benchmarks/calibration.py`` on every point of its set.
+#: The values in use: the fit of ``benchmarks/calibration.py`` on every point of its set, to two
+#: significant figures (tests/test_calibration_log.py checks them against benchmarks/logs/calibration.json).
 PARAMETERS = CostParameters(
     ane_efficiency=0.33,
     gpu_efficiency=0.39,
@@ -56,7 +57,7 @@ PARAMETERS = CostParameters(
 FITTED = ("ane_efficiency", "gpu_efficiency", "op_seconds")
 PARAMETER_SOURCES = {
     "ane_efficiency": "fitted to 16 published measurements from 5 sources (benchmarks/calibration.py; "
-                      "leave-one-out median error 1.17x, worst 2.4x)",
+                      "leave-one-out median error 1.17x, worst 2.38x, as in benchmarks/logs/calibration.json)",
     "gpu_efficiency": "fitted, with the above, to hft2ane's ANE-vs-GPU speed-ups on M1 (benchmarks/calibration.py)",
     "op_seconds": "fitted with the above (benchmarks/calibration.py); small: the ANE fuses most elementwise ops",
     "on_chip_bytes": "assumed: 1 MiB of on-chip buffer, the order of what Apple's per-head split aims to stay "
@@ -64,6 +65,18 @@ PARAMETER_SOURCES = {
     "dispatch_seconds": "about 0.1 ms per ANE dispatch (community measurement on M4)",
     "switch_seconds": "assumed equal to a dispatch (a hand-over waits for the other device's submission)",
 }
+
+
+#: The assumed costs a speed-up depends on when a rewrite changes the number of device
+#: partitions; ``analyze --compare`` sets each to 0 and to twice its value in turn.
+SENSITIVITY = ("dispatch_seconds", "switch_seconds")
+SENSITIVITY_FACTORS = (0.0, 2.0)
+
+
+def sensitivity_variants(parameters: CostParameters = PARAMETERS) -> dict[str, CostParameters]:
+    """{"dispatch_seconds x0": parameters with that one value scaled, ...} for each of ``SENSITIVITY``."""
+    return {f"{name} x{factor:g}": parameters.replace(**{name: factor * getattr(parameters, name)})
+            for name in SENSITIVITY for factor in SENSITIVITY_FACTORS}
 
 
 def parameter_lines(parameters: CostParameters = PARAMETERS) -> list[str]:

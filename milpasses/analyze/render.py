@@ -109,8 +109,26 @@ def to_dict(analysis: Analysis) -> dict:
     }
 
 
+def speedup_sensitivity(before: Analysis, after: Analysis) -> dict:
+    """The speed-up of ``after`` over ``before`` on their chip, and again with each assumed
+    per-partition cost (``cost.SENSITIVITY``) at 0 and at twice its value."""
+    varied = {label: before.latency_with(p) / after.latency_with(p)
+              for label, p in costs.sensitivity_variants().items()}
+    return {"chip": before.chip.name, "speedup": before.latency / after.latency, "variants": varied,
+            "range": [min(varied.values()), max(varied.values())]}
+
+
+def headline(before: Analysis, after: Analysis, labels=("DEFAULT", "ane_pipeline()")) -> str:
+    """One line: the predicted speed-up on the analyses' chip with its sensitivity range."""
+    found = speedup_sensitivity(before, after)
+    assumed = " and ".join(f"{name} {getattr(costs.PARAMETERS, name) * 1e3:.2f} ms" for name in costs.SENSITIVITY)
+    return (f"predicted speed-up of {labels[1]} over {labels[0]} on {found['chip']}: {found['speedup']:.2f}x "
+            f"({found['range'][0]:.2f}x to {found['range'][1]:.2f}x with each of {assumed} at 0 or 2x; "
+            f"{before.latency * 1e3:.2f} ms -> {after.latency * 1e3:.2f} ms)")
+
+
 def compare_lines(before: Analysis, after: Analysis, labels=("DEFAULT", "ane_pipeline()")) -> list[str]:
-    lines = [f"{'':28}{labels[0]:>18}{labels[1]:>18}"]
+    lines = [headline(before, after, labels), f"{'':28}{labels[0]:>18}{labels[1]:>18}"]
     rows = [
         ("ops", len(before.ops), len(after.ops), "{}"),
         ("ANE share of ops", before.ane_op_share, after.ane_op_share, "{:.1%}"),
@@ -284,9 +302,11 @@ def _summary(analyses: dict[str, Analysis], compare: bool) -> str:
     if compare:
         before, after = labels
         least, most = min(by_chip, key=by_chip.get), max(by_chip, key=by_chip.get)
-        sentence = (f"{after} is predicted {by_chip[least]:.2f}x ({least}) to {by_chip[most]:.2f}x "
-                    f"({most}) as fast as {before}; device partitions {len(columns[0].partitions)} → "
-                    f"{len(columns[1].partitions)}.")
+        found = speedup_sensitivity(*columns)
+        sentence = (f"{after} is predicted {found['speedup']:.2f}x as fast as {before} on {chosen} "
+                    f"({found['range'][0]:.2f}x to {found['range'][1]:.2f}x with the assumed dispatch or switch "
+                    f"cost at 0 or 2x), {by_chip[least]:.2f}x ({least}) to {by_chip[most]:.2f}x ({most}) "
+                    f"across chips; device partitions {len(columns[0].partitions)} → {len(columns[1].partitions)}.")
     else:
         sentence = " ".join(
             f"{label}: {a.latency * 1e3:.2f} ms predicted on {chosen}, {len(a.partitions)} device partitions."

@@ -68,6 +68,10 @@ class Analysis:
     def latency(self) -> float:
         return self.ops_seconds + self.dispatch_seconds + self.switch_seconds
 
+    def latency_with(self, parameters: costs.CostParameters) -> float:
+        """The latency with other per-partition costs (dispatch, switch); the ops' times are kept."""
+        return self.ops_seconds + sum(costs.partition_seconds(len(self.partitions), parameters))
+
     @property
     def ane_op_share(self) -> float:
         return sum(r.device == ANE for r in self.ops) / max(len(self.ops), 1)
