@@ -1,9 +1,10 @@
 """What each op type does to the axes of its tensor operands, stated once per op type.
 
-Three passes ask it. ``ane::bc1s_layout``: can the op run on a (B, S, C) tensor carried as
+Four passes ask it. ``ane::bc1s_layout``: can the op run on a (B, S, C) tensor carried as
 (B, C, 1, S), and with which axis parameters? ``ane::unmerge_leading_axes``: can it run on
 (A, B, ...) instead of the merged view (A*B, ...), and with which? The attention transport rules
-(``head_rules``): which inputs carry the heads, and which axes does the op work across? Which op
+(``head_rules``): which inputs carry the heads, and which axes does the op work across?
+``ane::split_wide_outputs``: where does the op take the channel axis, kept whole? Which op
 types a pass carries stays the pass's own choice; this module only says what each op does.
 """
 
