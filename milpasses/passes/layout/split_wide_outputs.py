@@ -34,7 +34,7 @@ CARRIED = (axis_rules.ELEMENTWISE | BINARY | axis_rules.ALL_REDUCTIONS
 class WideOutput:
     conv: object
     chain: tuple  # (op, the var of the chain it reads, the channel axis of that var), conv to output
-    output_axis: int  # the channel axis of the program output
+    output: object  # the program output the channels leave by
     parts: tuple  # (first channel, end) of each part, in order
 
 
@@ -97,7 +97,7 @@ def match_wide_output(conv, max_channels: int) -> WideOutput | NoMatch | None:
         var, axis = op.outputs[0], following
     if var.child_ops or list(var.op.enclosing_block.outputs).count(var) != 1:
         return NoMatch(f"'{var.name}' is read beside being the program output")
-    return WideOutput(conv, tuple(chain), axis, part_bounds(int(weight.shape[0]), max_channels))
+    return WideOutput(conv, tuple(chain), var, part_bounds(int(weight.shape[0]), max_channels))
 
 
 def _channel_slice(value, out_rank: int, channel_axis: int, first: int, end: int):
@@ -174,7 +174,7 @@ class split_wide_outputs(AnePass):
         self.rewrite_each(block, ("conv",), lambda conv: match_wide_output(conv, self.max_channels), self._rewrite)
 
     def _rewrite(self, block, site: WideOutput) -> None:
-        conv, output = site.conv, site.chain[-1][0].outputs[0] if site.chain else site.conv.outputs[0]
+        conv, output = site.conv, site.output
         weight, bias = constant_value(conv.inputs["weight"]), constant_value(conv.inputs.get("bias"))
         parts = []
         with mb.set_before_op(before_op=output.op):  # after every input of the chain
