@@ -97,6 +97,7 @@ def ane_pipeline(**options) -> AnePipeline:
       whose channels leave the program as one output ``<name>`` (an LM head) is split into
       convs of at most ``max_channels``, leaving as ``<name>_0 .. <name>_{k-1}`` in channel order,
       for the caller to join; it changes the program's outputs, so it is off unless asked;
+    - ``max_channels`` (16384): the widest part ``split_wide_outputs`` leaves (needs it on);
     - ``check`` (false): every ``ane::`` pass simulates the program before and after it runs, on
       seeded inputs, and raises ``TranslationError`` naming the pass, what it rewrote and the
       error when it changed what the program computes; each pass's report records the check.

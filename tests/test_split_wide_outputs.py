@@ -143,9 +143,10 @@ class SoftcappedHead(torch.nn.Module):
 
 def test_a_converted_head_in_parts_joins_to_torchs_logits():
     module, hidden = SoftcappedHead().eval(), torch.randn(1, 3, 8)
+    pipeline = ane_pipeline(split_wide_outputs=True, max_channels=4, check=True)
     mlmodel = convert_traced(torch.jit.trace(module, hidden), {"hidden": hidden.numpy()}, precision="fp32",
-                             pass_pipeline=ane_pipeline(split_wide_outputs=True, max_channels=4, check=True),
-                             output_name="logits")
+                             pass_pipeline=pipeline, output_name="logits")
+    assert pipeline.reports[PASS].check["passed"]  # the per-pass check joins the parts to compare
     outputs = simulate(mlmodel._mil_program, {"hidden": hidden.numpy()})
     assert sorted(outputs) == ["logits_0", "logits_1", "logits_2"]
     assert [op for op in op_types(mlmodel._mil_program) if op == "conv"] == ["conv"] * 3
