@@ -29,6 +29,9 @@ ANE_PASSES = ("ane::finite_masks", "ane::gather_to_reshape", "ane::key_padding_m
               "ane::unmerge_leading_axes", "ane::linear_to_conv",
               "ane::attention_to_einsum", "ane::bc1s_layout", "ane::gather_from_transposed_table",
               "ane::fold_unit_transposes")
+# split_wide_outputs changes the program's outputs, so it runs only when asked; after
+# fold_unit_transposes, so it sees a conv's exit as the layout passes leave it.
+SPLIT_WIDE_OUTPUTS = "ane::split_wide_outputs"
 
 #: ane_pipeline() keyword -> (pass id, the pass's option name). Each option is a pass option,
 #: so ``pipeline.set_options(pass_id, {option: value})`` sets the same thing.
@@ -45,6 +48,7 @@ OPTIONS = {
     "fold_unit_transposes": ("ane::fold_unit_transposes", "enabled"),
     "attention": ("ane::attention_to_einsum", "mode"),
     "query_chunk": ("ane::attention_to_einsum", "query_chunk"),
+    "max_channels": (SPLIT_WIDE_OUTPUTS, "max_channels"),
 }
 
 
@@ -89,22 +93,33 @@ def ane_pipeline(**options) -> AnePipeline:
       stored transposed, with no transpose;
     - ``fold_unit_transposes`` (true): a transpose that only moves size-1 axes joins the reshape
       (or expand_dims, squeeze) above it, through the elementwise ops between (keys-first masks);
+    - ``split_wide_outputs`` (false): a conv wider than ``max_channels`` (16384) output channels
+      whose channels leave the program as one output ``<name>`` (an LM head) is split into
+      convs of at most ``max_channels``, leaving as ``<name>_0 .. <name>_{k-1}`` in channel order,
+      for the caller to join; it changes the program's outputs, so it is off unless asked;
+    - ``max_channels`` (16384): the widest part ``split_wide_outputs`` leaves (needs it on);
     - ``check`` (false): every ``ane::`` pass simulates the program before and after it runs, on
       seeded inputs, and raises ``TranslationError`` naming the pass, what it rewrote and the
       error when it changed what the program computes; each pass's report records the check.
       The program needs fixed input shapes.
     """
-    unknown = sorted(set(options) - set(OPTIONS) - {"check"})
+    unknown = sorted(set(options) - set(OPTIONS) - {"check", "split_wide_outputs"})
     if unknown:
-        raise ValueError(f"unknown ane_pipeline option(s) {unknown}; the options are {sorted([*OPTIONS, 'check'])}")
+        raise ValueError(f"unknown ane_pipeline option(s) {unknown}; the options are "
+                         f"{sorted([*OPTIONS, 'check', 'split_wide_outputs'])}")
+    passes = ANE_PASSES
+    if parse_bool(options.pop("split_wide_outputs", False), "split_wide_outputs"):
+        passes += (SPLIT_WIDE_OUTPUTS,)
+    elif "max_channels" in options:
+        raise ValueError("option 'max_channels' needs split_wide_outputs=True")
     pipeline = AnePipeline(ct.PassPipeline.DEFAULT.passes)
     position = pipeline.passes.index(INSERT_BEFORE)
-    for pass_id in reversed(ANE_PASSES):
+    for pass_id in reversed(passes):
         pipeline.insert_pass(position, pass_id)
-    by_pass: dict[str, dict] = {pass_id: {"reports": pipeline.reports} for pass_id in ANE_PASSES}
+    by_pass: dict[str, dict] = {pass_id: {"reports": pipeline.reports} for pass_id in passes}
     check = options.pop("check", False)
     if parse_bool(check, "check"):
-        for pass_id in ANE_PASSES:
+        for pass_id in passes:
             by_pass[pass_id]["check"] = True
     for name, value in options.items():
         pass_id, option = OPTIONS[name]

@@ -70,6 +70,24 @@ def test_what_each_op_does_to_its_axes():
     assert axis_rules.axes(op("relu")) == [] and axis_rules.tensor_inputs("select") == ("cond", "a", "b")
 
 
+def test_where_each_op_takes_an_axis_of_its_operand():
+    def follow(op_type, operand_axis, /, **arguments):
+        found = _run(op_type, arguments, X)[0]
+        operand = found.inputs["values"][0] if op_type == "concat" else found.inputs["x"]
+        return axis_rules.follow(found, operand, operand_axis)
+
+    assert follow("transpose", 2, perm=[0, 2, 1]) == 1
+    assert follow("reshape", 2, shape=[12, 4]) == 1 and follow("reshape", 2, shape=[1, 2, 6, 1, 4]) == 4
+    assert follow("reshape", 1, shape=[2, 24]) is None  # S merged with C
+    assert follow("expand_dims", 2, axes=[0, 2]) == 4 and follow("squeeze", 2, axes=None) == 2
+    assert follow("reduce_sum", 2, axes=[1]) == 1 and follow("reduce_sum", 2, axes=[1], keep_dims=True) == 2
+    assert follow("reduce_sum", 2, axes=[2]) is None and follow("reduce_max", 2) is None
+    assert follow("softmax", 2, axis=1) == 2 and follow("softmax", 2, axis=-1) is None
+    assert follow("gather", 2, indices=np.array([[0, 1]], np.int32), axis=1) == 3
+    assert follow("concat", 2, axis=1) == 2 and follow("slice_by_size", 0, begin=[0, 0, 0], size=[1, 6, 4]) is None
+    assert follow("relu", 1) == 1 and follow("matmul", 0, y=np.ones((4, 3), np.float32)) is None
+
+
 def test_every_op_type_the_passes_carry_has_a_rule_with_their_tensor_inputs():
     carried = bc1s_layout.CARRIED | unmerge_leading_axes.CARRIED | set(head_rules.RULES)
     assert carried <= set(axis_rules.RULES)

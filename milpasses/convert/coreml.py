@@ -46,7 +46,7 @@ class Converted:
 def pipeline_for(options: Options):
     """``ane_pipeline()`` for the options, new for each conversion (it files that conversion's reports)."""
     try:
-        return ane_pipeline(check=options.check_passes,
+        return ane_pipeline(check=options.check_passes, split_wide_outputs=options.generation is not None,
                             **({} if options.attention is None else {"attention": options.attention}))
     except ValueError as error:
         raise ConversionError(f"this milpasses has no attention={options.attention!r}: {error}") from error

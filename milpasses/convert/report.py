@@ -209,6 +209,10 @@ def _generation_lines(generation: dict) -> list[str]:
         lines.append(f"{check['prompt'][:40]:<40} {check['matched']:>4}/{check['tokens']:<4} {diverges:>10} {worst:>8}")
     for name, ops in generation["functions"].items():
         lines.append(f"function {name}: {sum(ops.values())} ops ({', '.join(f'{k} {v}' for k, v in sorted(ops.items()))})")
+    parts = generation.get("logits", ["logits"])
+    if len(parts) > 1:
+        lines.append(f"logits in {len(parts)} parts ({', '.join(parts)}): the vocabulary is wider than the ANE's "
+                     f"16384, so the LM head is split; join them on the last axis, in order")
     return lines
 
 

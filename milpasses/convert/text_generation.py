@@ -51,15 +51,21 @@ class CausalLMSteps(Source):
         cache = list(cache_shape(self.loaded.model, state_slots(g.context) if g.kv_cache == "state"
                                  else g.context).array_shape())
         inputs = {"input_ids": [[1, g.prefill_chunk], [1, 1]], "position": [[1]]}
-        outputs = ["logits"]
+        decode = next(item.program for item in converted if item.function.name == "decode")
+        self.logits = logits_outputs(decode)
+        outputs = list(self.logits)
         if g.kv_cache == "io":
             inputs.update(key_cache=[cache], value_cache=[cache])
             outputs += ["new_keys", "new_values"]
         report = ConversionReport(model=self.description, task=self.task, inputs=inputs, outputs=outputs,
                                   options=self.options.recorded(), min_psnr_db=self.options.min_psnr_db)
         report.generation = {"functions": {item.function.name: histogram(item.program) for item in converted},
-                             "cache_shape": cache, "kv_cache": g.kv_cache, "prompts": []}
+                             "cache_shape": cache, "kv_cache": g.kv_cache, "logits": self.logits, "prompts": []}
         return report
+
+    def metadata(self) -> dict[str, str]:
+        """The logits' outputs: ``logits``, or its parts to join on the vocabulary axis in order."""
+        return {"milpasses.logits": ",".join(self.logits)}
 
     def verifying(self, mlmodel) -> tuple[str, None]:
         self.prompts = _verification_prompts(self.loaded, self.generation.context)
@@ -84,6 +90,12 @@ class CausalLMSteps(Source):
         report.samples = (f"{len(prompts)} prompts, {VERIFIED_TOKENS} greedy tokens each, per-step logits against the "
                           f"torch model fed the same tokens (worst step shown)")
         report.device_check = "skipped: Core ML runs only on macOS (verified by simulation)"
+
+
+def logits_outputs(program) -> list[str]:
+    """The names the logits leave ``program`` by: ``logits``, or ``logits_0 .. logits_{k-1}``
+    when ``ane::split_wide_outputs`` split a vocabulary wider than the ANE's largest dimension."""
+    return [v.name for v in program.functions["main"].outputs if v.name.startswith("logits")]
 
 
 def convert_step(model, context: int, query_length: int, pass_pipeline=None, precision: str = "fp16",

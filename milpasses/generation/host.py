@@ -101,12 +101,23 @@ def cache_bytes_per_token(layers: int, channels: int, context: int) -> dict[str,
     return {"io": entry * context + entry, "state": entry}
 
 
+def joined_logits(outputs: dict) -> np.ndarray:
+    """The step's ``logits``, or its parts ``logits_0, logits_1, ...`` joined on the vocabulary
+    axis in order (a vocabulary wider than the ANE's 16384 leaves the package in parts)."""
+    if "logits" in outputs:
+        return np.asarray(outputs["logits"], dtype=np.float32)
+    parts = [outputs[f"logits_{i}"] for i in range(len(outputs)) if f"logits_{i}" in outputs]
+    if not parts:
+        raise KeyError(f"the step returned no logits: its outputs are {sorted(outputs)}")
+    return np.concatenate([np.asarray(part, dtype=np.float32) for part in parts], axis=-1)
+
+
 def run_step(run, function: str, tokens: np.ndarray, position: int, cache, count: int | None = None) -> np.ndarray:
     """One step at ``position``, its first ``count`` tokens' K and V kept; its logits."""
     outputs = cache.run(run, function, {"input_ids": tokens.astype(np.int32)[None, :],
                                         "position": np.array([position], dtype=np.int32)})
     cache.write(position, outputs, len(tokens) if count is None else count)
-    return np.asarray(outputs["logits"], dtype=np.float32)
+    return joined_logits(outputs)
 
 
 def prefill(run, prompt: list[int], cache, chunk: int) -> np.ndarray:

@@ -7,6 +7,7 @@ from milpasses.passes.layout import (  # noqa: F401  (registration)
     gather_from_transposed_table,
     gather_to_reshape,
     linear_to_conv,
+    split_wide_outputs,
     unmerge_leading_axes,
 )
 from milpasses.passes.numerics import finite_masks, rms_norm_scale  # noqa: F401  (registration)

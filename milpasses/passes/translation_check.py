@@ -96,6 +96,16 @@ def _valid_positions(inputs: dict[str, np.ndarray], output: np.ndarray):
     return ...
 
 
+def _joined(outputs: dict[str, np.ndarray], name: str, shape: tuple) -> np.ndarray:
+    """Output ``name``, or its parts ``name_0, name_1, ...`` (ane::split_wide_outputs) joined
+    on the one axis where they are shorter than it."""
+    if name in outputs:
+        return outputs[name]
+    parts = [outputs[f"{name}_{i}"] for i in range(len(outputs)) if f"{name}_{i}" in outputs]
+    (axis,) = [a for a, (part, whole) in enumerate(zip(parts[0].shape, shape)) if part != whole]
+    return np.concatenate(parts, axis=axis)
+
+
 def difference(inputs: dict[str, np.ndarray], before: dict[str, np.ndarray],
                after: dict[str, np.ndarray]) -> dict:
     """The largest absolute and relative difference over the outputs, where ``before`` is
@@ -104,7 +114,7 @@ def difference(inputs: dict[str, np.ndarray], before: dict[str, np.ndarray],
     for name, expected in before.items():
         where = _valid_positions(inputs, expected)
         expected = np.asarray(expected[where], dtype=np.float64)
-        actual = np.asarray(after[name][where], dtype=np.float64)
+        actual = np.asarray(_joined(after, name, np.shape(before[name]))[where], dtype=np.float64)
         finite = np.isfinite(expected)
         if not np.all(np.isfinite(actual[finite])):
             abs_error = rel_error = math.inf

@@ -1,9 +1,10 @@
 """What each op type does to the axes of its tensor operands, stated once per op type.
 
-Three passes ask it. ``ane::bc1s_layout``: can the op run on a (B, S, C) tensor carried as
+Four passes ask it. ``ane::bc1s_layout``: can the op run on a (B, S, C) tensor carried as
 (B, C, 1, S), and with which axis parameters? ``ane::unmerge_leading_axes``: can it run on
 (A, B, ...) instead of the merged view (A*B, ...), and with which? The attention transport rules
-(``head_rules``): which inputs carry the heads, and which axes does the op work across? Which op
+(``head_rules``): which inputs carry the heads, and which axes does the op work across?
+``ane::split_wide_outputs``: where does the op take the channel axis, kept whole? Which op
 types a pass carries stays the pass's own choice; this module only says what each op does.
 """
 
@@ -78,6 +79,17 @@ class AxisRule:
         """The op interleaves its operands' elements along its axis instead of joining them."""
         return False
 
+    def follow(self, op, operand, axis: int) -> int | None:
+        """The output axis that axis ``axis`` of the tensor operand ``operand`` becomes, its
+        elements kept in order and apart from the other axes', or None when the op works across
+        it. Broadcasting aligns the operand's axes with the output's last ones."""
+        worked = self.axes(op)
+        if worked is None or axis in worked:
+            return None
+        if self.drops_axes(op):
+            return axis - sum(a < axis for a in worked)
+        return axis + rank(op.outputs[0]) - rank(operand)
+
 
 class Broadcast(AxisRule):
     tensors = ("x", "y")
@@ -136,6 +148,13 @@ class OneAxis(AxisRule):
     def parameters(self, op, axis_map):
         return {"axis": axis_map.axis(self.axes(op)[0])}
 
+    def follow(self, op, operand, axis):
+        (worked,) = self.axes(op)
+        if axis == worked:
+            return None
+        # A gather's index axes replace the gathered one: only the axes after it move.
+        return axis if axis < worked else axis + rank(op.outputs[0]) - rank(operand)
+
 
 class Concat(OneAxis):
     tensors = ("values",)
@@ -152,6 +171,9 @@ class Stack(AxisRule):
     def axes(self, op):
         return [int(constant_value(op.inputs["axis"])) % (self.operand_rank(op) + 1)]
 
+    def follow(self, op, operand, axis):
+        return axis if axis < self.axes(op)[0] else axis + 1
+
 
 class Transpose(AxisRule):
     verb = "moves"
@@ -164,6 +186,9 @@ class Transpose(AxisRule):
 
     def parameters(self, op, axis_map):
         return {"perm": axis_map.perm(self.perm(op))}
+
+    def follow(self, op, operand, axis):
+        return self.perm(op).index(axis)
 
 
 class PerAxis(AxisRule):
@@ -202,6 +227,18 @@ class Reshape(AxisRule):
     def axes(self, op):
         return None
 
+    def follow(self, op, operand, axis):
+        """The output axis of the same length with as many elements before it: in row-major
+        order every element of the axis keeps its neighbours. None for a symbolic shape."""
+        before, after = operand.shape, op.outputs[0].shape
+        if not all(isinstance(d, (int, np.integer)) for d in (*before, *after)):
+            return None
+        leading = int(np.prod(before[:axis]))
+        for candidate, length in enumerate(after):
+            if length == before[axis] and int(np.prod(after[:candidate])) == leading:
+                return candidate
+        return None
+
 
 class ExpandDims(AxisRule):
     """Inserts unit axes at ``axes``, counted in the output."""
@@ -209,6 +246,10 @@ class ExpandDims(AxisRule):
     def axes(self, op):
         out_rank = rank(op.outputs[0])
         return sorted(int(a) % out_rank for a in constant_value(op.inputs["axes"]))
+
+    def follow(self, op, operand, axis):
+        kept = [a for a in range(rank(op.outputs[0])) if a not in self.axes(op)]
+        return kept[axis]
 
 
 class Squeeze(AxisRule):
@@ -286,6 +327,10 @@ def drops_axes(op) -> bool:
 
 def interleaves(op) -> bool:
     return op_rule(op).interleaves(op)
+
+
+def follow(op, operand, axis: int) -> int | None:
+    return op_rule(op).follow(op, operand, axis)
 
 
 def perm(op) -> list:
