@@ -17,8 +17,8 @@ from milpasses.frontend.generation_step import cache_shape
 FUNCTIONS = ("prefill", "decode")
 #: A divergence where torch's top-2 logits are closer than this many fp16 spacings is a near tie.
 NEAR_TIE_SPACINGS = 4
-#: How far a package's worst step may fall below its DEFAULT twin's. The twin rounds the same
-#: fp16 weights in a different op order; on the fixture families the gap is 0.0 to 0.6 dB.
+#: How far a package's worst step may fall below its DEFAULT twin's (the same steps rounded in
+#: DEFAULT's op order): 11 of the 13 fixture families measure -0.5 to +2.2 dB against their twins.
 TWIN_ALLOWANCE_DB = 1.0
 
 
