@@ -1,6 +1,9 @@
-"""Text generation with a KV cache, per fixture family: greedy tokens from the simulated
+"""Text generation with a KV cache, per fixture family and three decoder families no test names
+(OLMo, Granite, SmolLM3, built tiny as the fixtures are): greedy tokens from the simulated
 prefill + decode package against Hugging Face ``generate`` on two prompts, the worst step's
-logits PSNR, each function's op counts and the package's size; then simulated decode ms/token
+logits PSNR beside its DEFAULT twin's (the same steps converted by coremltools' DEFAULT
+pipeline, fed the same tokens; a gap beyond 1 dB is flagged), each function's op counts and
+the package's size; then simulated decode ms/token
 against torch's own forward with its DynamicCache (CPU), as a ratio; and the analyze estimate
 of decode tokens/s with the bytes the cache costs per token in io and in state. Every family runs
 in each cache mode asked for (io and state by default: the tests run state on Llama and GPT-2
@@ -19,21 +22,32 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import coremltools as ct
 import numpy as np
 import torch
 import transformers as hf
 
-from fixtures.families import build_model, causal_lm_families
+from fixtures.families import _DECODER, SEED, build_model, causal_lm_families, perturb_parameters
 from milpasses.analyze import analyze
 from milpasses.generation.host import KVCache, StateCache, cache_bytes_per_token, run_step
 from milpasses.convert.text_generation import build_package
-from milpasses.generation.package import SimulatedPackage, check_prompt
+from milpasses.generation.package import TWIN_ALLOWANCE_DB, SimulatedPackage, check_prompt
 from milpasses.convert.text_generation import convert_step
 from milpasses.frontend.generation_step import cache_shape
 from milpasses.pipeline import ane_pipeline
 
-#: Every causal-LM fixture family, and a Mistral-like model with a window in every layer.
-CAUSAL_LM = {**causal_lm_families(), "mistral_like": hf.MistralForCausalLM}
+#: Decoder families no test names, as tiny as the fixtures' (config class, model class, fields).
+UNTESTED = {
+    "olmo": (hf.OlmoConfig, hf.OlmoForCausalLM, dict(num_key_value_heads=2)),
+    "granite": (hf.GraniteConfig, hf.GraniteForCausalLM,
+                dict(num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+                     attention_multiplier=0.125, logits_scaling=8.0)),
+    "smollm3": (hf.SmolLM3Config, hf.SmolLM3ForCausalLM,
+                dict(num_key_value_heads=2, no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+}
+#: Every causal-LM fixture family, a Mistral-like model with a window in every layer, and the untested ones.
+CAUSAL_LM = {**causal_lm_families(), "mistral_like": hf.MistralForCausalLM,
+             **{name: model_class for name, (_, model_class, _) in UNTESTED.items()}}
 CONTEXT, CHUNK = 64, 16
 PROMPTS = ([5, 17, 42, 8, 9, 33, 71, 12, 4, 60, 23, 19, 88, 41, 7, 30, 52, 11, 64],  # a chunk and a remainder
            [7, 3, 91, 26, 45])
@@ -49,6 +63,14 @@ def _model(family: str):
         config._attn_implementation = "eager"
         torch.manual_seed(0)
         return hf.MistralForCausalLM(config).eval()
+    if family in UNTESTED:
+        config_class, model_class, fields = UNTESTED[family]
+        config = config_class(**_DECODER, **fields)
+        config._attn_implementation = "eager"
+        torch.manual_seed(SEED)
+        model = model_class(config).eval()
+        perturb_parameters(model, torch.Generator().manual_seed(SEED), 0.2)
+        return model
     return build_model(family, CAUSAL_LM[family])
 
 
@@ -75,8 +97,11 @@ def family_row(family: str, directory: Path, kv_cache: str) -> dict:
     model = _model(family)
     path = directory / f"{family}-{kv_cache}.mlpackage"
     programs, _ = build_package(model, CONTEXT, CHUNK, ane_pipeline, path, kv_cache=kv_cache)
+    twin_path = directory / f"{family}-{kv_cache}-default.mlpackage"
+    build_package(model, CONTEXT, CHUNK, lambda: ct.PassPipeline.DEFAULT, twin_path, kv_cache=kv_cache)
     run = SimulatedPackage(path)
-    checks = [check_prompt(run, model, p, CONTEXT, CHUNK, 16, kv_cache=kv_cache) for p in PROMPTS]
+    checks = [check_prompt(run, model, p, CONTEXT, CHUNK, 16, kv_cache=kv_cache, twin=SimulatedPackage(twin_path))
+              for p in PROMPTS]
     ops = {name: Counter(op.op_type for op in p.functions["main"].operations if op.op_type != "const")
            for name, p in programs.items()}
     shape = cache_shape(model, CONTEXT)
@@ -87,6 +112,8 @@ def family_row(family: str, directory: Path, kv_cache: str) -> dict:
         "family": f"{family} {kv_cache}",
         "matched": " ".join(f"{c.matched}/{len(c.expected)}" + (" (tie)" if c.near_tie else "") for c in checks),
         "worst_db": min(c.worst_psnr_db for c in checks),
+        "against_twin": " ".join(f"{c.worst_psnr_db:.1f}/{c.default_worst_psnr_db:.1f}" + ("" if c.within_twin else "!")
+                                 for c in checks),
         "ops": {name: (sum(c.values()), c["matmul"] + c["linear"], c["reshape"], sum(c[k] for k in LAYOUT))
                 for name, c in ops.items()},
         "package_kib": _package_bytes(path) / 1024, "weights_kib": _weight_bytes(path) / 1024,
@@ -141,7 +168,9 @@ def main() -> None:
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp())
     print(f"context {CONTEXT}, prefill chunk {CHUNK}, fp16; ops: total, matmul+linear, reshape, layout")
-    print(f"{'family':<19} {'tokens':<18} {'worst dB':>8}  {'prefill ops':<20} {'decode ops':<20} "
+    print(f"worst dB: the package's worst step; per prompt, worst/DEFAULT: the package's worst step and its DEFAULT "
+          f"twin's on the same tokens (! more than {TWIN_ALLOWANCE_DB:g} dB below it)")
+    print(f"{'family':<19} {'tokens':<18} {'worst dB':>8} {'worst/DEFAULT':<22} {'prefill ops':<20} {'decode ops':<20} "
           f"{'pkg KiB':>8} {'wts KiB':>8} {'sim/torch':>9} {'est tok/s':>9}")
     for family in args.families.split(","):
         for kv_cache in args.kv_cache.split(","):
@@ -159,7 +188,7 @@ def main() -> None:
 
 def _print_row(row: dict) -> None:
     ops = {k: "/".join(str(n) for n in v) for k, v in row["ops"].items()}
-    print(f"{row['family']:<19} {row['matched']:<18} {row['worst_db']:>8.1f}  {ops['prefill']:<20} {ops['decode']:<20} "
+    print(f"{row['family']:<19} {row['matched']:<18} {row['worst_db']:>8.1f} {row['against_twin']:<22} {ops['prefill']:<20} {ops['decode']:<20} "
           f"{row['package_kib']:>8.0f} {row['weights_kib']:>8.0f} {row['ratio']:>9.1f} {row['tokens_per_s']:>9.0f}"
           f"   (decode {row['simulated_ms']:.1f} ms simulated vs {row['torch_ms']:.2f} ms torch; cache bytes/token "
           f"io {row['cache']['io']}, state {row['cache']['state']})")

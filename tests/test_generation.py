@@ -15,7 +15,7 @@ from milpasses.cli import main
 from milpasses.convert import ConversionError, convert
 from milpasses.generation.host import ContextFullError, KVCache, Sampling, generate_ids, prefill
 from milpasses.convert.text_generation import build_package
-from milpasses.generation.package import SimulatedPackage, check_prompt
+from milpasses.generation.package import TWIN_ALLOWANCE_DB, PromptCheck, SimulatedPackage, check_prompt
 from milpasses.convert.text_generation import convert_step
 from milpasses.frontend.generation_step import KVCacheStep
 from milpasses.pipeline import ane_pipeline
@@ -87,6 +87,13 @@ def test_the_check_stops_both_loops_at_the_end_of_sequence_token():
     check = check_prompt(_torch_runner(model), model, PROMPT, CONTEXT, CHUNK, 16)
     stop = greedy.index(greedy[5]) + 1
     assert check.produced == check.expected == greedy[:stop] and check.first_divergence is None
+
+
+def test_the_twin_rule_allows_the_allowance_below_the_default_twin_and_no_more():
+    tokens = [3, 4]
+    assert PromptCheck("p", tokens, tokens, [60.0, 50.2], default_psnr_db=[61.0, 51.0]).within_twin
+    assert not PromptCheck("p", tokens, tokens, [60.0, 49.8], default_psnr_db=[61.0, 51.0]).within_twin
+    assert PromptCheck("p", tokens, tokens, [60.0, 49.8]).within_twin  # no twin: no twin rule
 
 
 def test_decode_step_attends_over_the_cache_per_head():
@@ -180,6 +187,9 @@ def test_cli_writes_a_verified_two_function_package(tmp_path, capsys):
     assert all(sum(entry["rewritten"].values()) == 2 for entry in attention.values())
     for check in report["generation"]["prompts"]:
         assert check["first_divergence"] is None or check["near_tie"]
+        # held to the DEFAULT pipeline's package, converted beside it and fed the same tokens
+        assert len(check["default_psnr_db"]) == len(check["psnr_db"])
+        assert check["worst_psnr_db"] >= check["default_worst_psnr_db"] - TWIN_ALLOWANCE_DB
     assert report["verified"]
     bad = main(["convert", str(source), "--task", "text-generation", "--context", "8", "--prefill-chunk", "9",
                 "--offline", "--quiet", "-o", str(tmp_path / "bad.mlpackage")])

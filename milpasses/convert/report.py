@@ -47,6 +47,8 @@ class ConversionReport:
 
     def failure(self) -> str:
         """Why verification failed, in one line ("" when it passed)."""
+        if self.verification_error and self.generation:
+            return f"greedy generation: {self.verification_error}"
         if self.verification_error:
             return f"the converted program could not be simulated: {self.verification_error}"
         if not self.passed:
@@ -198,15 +200,18 @@ def _changed_ops(before: dict, after: dict) -> list[str]:
 
 
 def _generation_lines(generation: dict) -> list[str]:
-    """Per prompt: tokens matched, first divergence, worst step; per function: its op count."""
+    """Per prompt: tokens matched, first divergence, worst step, and the DEFAULT pipeline's
+    package's worst step on the same tokens; per function: its op count."""
     if not generation:
         return []
-    lines = ["", f"{'prompt':<40} {'matched':>9} {'diverges':>10} {'worst dB':>8}  (greedy vs HF generate)"]
+    lines = ["", f"{'prompt':<40} {'matched':>9} {'diverges':>10} {'worst dB':>8} {'DEFAULT':>8}  "
+                 f"(greedy vs HF generate; DEFAULT: the DEFAULT pipeline's package, same tokens)"]
     for check in generation["prompts"]:
         diverges = "-" if check["first_divergence"] is None else check["first_divergence"]
         diverges = f"{diverges} (tie)" if check.get("near_tie") else diverges
-        worst = "-" if check["worst_psnr_db"] is None else f"{check['worst_psnr_db']:.1f}"
-        lines.append(f"{check['prompt'][:40]:<40} {check['matched']:>4}/{check['tokens']:<4} {diverges:>10} {worst:>8}")
+        worst, twin = (_decibels(check.get(key)) for key in ("worst_psnr_db", "default_worst_psnr_db"))
+        lines.append(f"{check['prompt'][:40]:<40} {check['matched']:>4}/{check['tokens']:<4} {diverges:>10} "
+                     f"{worst:>8} {twin:>8}")
     for name, ops in generation["functions"].items():
         lines.append(f"function {name}: {sum(ops.values())} ops ({', '.join(f'{k} {v}' for k, v in sorted(ops.items()))})")
     parts = generation.get("logits", ["logits"])
@@ -214,6 +219,10 @@ def _generation_lines(generation: dict) -> list[str]:
         lines.append(f"logits in {len(parts)} parts ({', '.join(parts)}): the vocabulary is wider than the ANE's "
                      f"16384, so the LM head is split; join them on the last axis, in order")
     return lines
+
+
+def _decibels(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _function_lines(functions: dict) -> list[str]:

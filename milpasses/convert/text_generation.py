@@ -1,11 +1,13 @@
 """A causal LM as a KV-cache decoder on the route: ``prefill`` and ``decode`` functions in one
-package, verified by greedy decoding through the simulator against Hugging Face ``generate``.
+package, verified by greedy decoding through the simulator against Hugging Face ``generate``
+and held to its DEFAULT twin (the same steps converted by coremltools' DEFAULT pipeline).
 
 The steps are :mod:`milpasses.frontend.generation_step`'s; the stages are the route's.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -70,25 +72,38 @@ class CausalLMSteps(Source):
     def verifying(self, mlmodel) -> tuple[str, None]:
         self.prompts = _verification_prompts(self.loaded, self.generation.context)
         return (f"verifying: {VERIFIED_TOKENS} greedy tokens from {len(self.prompts)} prompts, simulated, against "
-                f"Hugging Face generate", None)
+                f"Hugging Face generate and the DEFAULT pipeline's package", None)
 
     def verify(self, mlmodel, converted: list[Converted], report: ConversionReport, step) -> None:
-        from milpasses.generation.package import SimulatedPackage, check_prompt
+        import coremltools as ct
+
+        from milpasses.generation.package import TWIN_ALLOWANCE_DB, SimulatedPackage, check_prompt
 
         g, prompts = self.generation, self.prompts
         run = SimulatedPackage(mlmodel.package_path)
-        for label, ids in prompts:
-            new_tokens = min(VERIFIED_TOKENS, g.context - len(ids))
-            check = check_prompt(run, self.loaded.model, ids, g.context, g.prefill_chunk, new_tokens, label,
-                                 g.kv_cache)
+        with tempfile.TemporaryDirectory(prefix="milpasses-default-") as directory:
+            twin_path = Path(directory) / "default.mlpackage"
+            build_package(self.loaded.model, g.context, g.prefill_chunk, lambda: ct.PassPipeline.DEFAULT, twin_path,
+                          g.kv_cache, g.all_logits, self.options.precision)
+            twin = SimulatedPackage(twin_path)
+            checks = [check_prompt(run, self.loaded.model, ids, g.context, g.prefill_chunk,
+                                   min(VERIFIED_TOKENS, g.context - len(ids)), label, g.kv_cache, twin)
+                      for label, ids in prompts]
+        for number, check in enumerate(checks, start=1):
             report.generation["prompts"].append(check.as_dict())
-            report.psnr.append({"output": f"logits, prompt {len(report.psnr) + 1}", "seq_len": None,
+            report.psnr.append({"output": f"logits, prompt {number}", "seq_len": None,
                                 "psnr_db": check.worst_psnr_db})
             if check.first_divergence is not None and not check.near_tie:
-                report.verification_error = (f"prompt {len(report.psnr)}: the tokens diverge from Hugging "
+                report.verification_error = (f"prompt {number}: the tokens diverge from Hugging "
                                              f"Face's at step {check.first_divergence}")
+            elif not check.within_twin:
+                report.verification_error = (f"prompt {number}: the worst step's logits PSNR, "
+                                             f"{check.worst_psnr_db:.1f} dB, is more than {TWIN_ALLOWANCE_DB:g} dB "
+                                             f"below the DEFAULT pipeline's package's, "
+                                             f"{check.default_worst_psnr_db:.1f} dB")
         report.samples = (f"{len(prompts)} prompts, {VERIFIED_TOKENS} greedy tokens each, per-step logits against the "
-                          f"torch model fed the same tokens (worst step shown)")
+                          f"torch model fed the same tokens (worst step shown), beside the DEFAULT pipeline's "
+                          f"package fed the same tokens")
         report.device_check = "skipped: Core ML runs only on macOS (verified by simulation)"
 
 
@@ -109,7 +124,7 @@ def convert_step(model, context: int, query_length: int, pass_pipeline=None, pre
 
 
 def build_package(model, context: int, prefill_chunk: int, pass_pipeline_factory, output: Path,
-                  kv_cache: str = "io", all_logits: bool = False) -> tuple[dict, dict]:
+                  kv_cache: str = "io", all_logits: bool = False, precision: str = "fp16") -> tuple[dict, dict]:
     """Convert the two steps and write them to ``output`` as one multifunction package (the
     default function is ``decode``); returns each function's MIL program, for op counts, and each
     function's pass reports (empty unless the factory makes ``ane_pipeline()``s). In a ``state``
@@ -117,7 +132,7 @@ def build_package(model, context: int, prefill_chunk: int, pass_pipeline_factory
     mlmodels, programs, reports = {}, {}, {}
     for function, length in (("prefill", prefill_chunk), ("decode", 1)):
         pipeline = pass_pipeline_factory()
-        mlmodels[function] = convert_step(model, context, length, pipeline, kv_cache=kv_cache, all_logits=all_logits)
+        mlmodels[function] = convert_step(model, context, length, pipeline, precision, kv_cache, all_logits)
         programs[function] = mlmodels[function]._mil_program
         reports[function] = getattr(pipeline, "reports", {})
     write_multifunction(mlmodels, Path(output), default="decode")
