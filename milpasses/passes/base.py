@@ -37,11 +37,11 @@ def parse_bool(value, option: str) -> bool:
     raise ValueError(f"option '{option}' must be true or false, got {value!r}")
 
 
-class BoolOption:
-    """A true/false pass option: set from Python, or as text through ``set_options``, which
-    coremltools applies with ``setattr``; either way the value is checked."""
+class PassOption:
+    """A pass option: set from Python, or as text through ``set_options``, which coremltools
+    applies with ``setattr``; either way ``parse`` checks the value."""
 
-    def __init__(self, default: bool = True):
+    def __init__(self, default):
         self.default = default
 
     def __set_name__(self, owner, name):
@@ -51,7 +51,25 @@ class BoolOption:
         return self if instance is None else instance.__dict__.get(self.name, self.default)
 
     def __set__(self, instance, value) -> None:
-        instance.__dict__[self.name] = parse_bool(value, self.name)
+        instance.__dict__[self.name] = self.parse(value)
+
+    def parse(self, value):
+        raise NotImplementedError
+
+
+class BoolOption(PassOption):
+    def __init__(self, default: bool = True):
+        super().__init__(default)
+
+    def parse(self, value) -> bool:
+        return parse_bool(value, self.name)
+
+
+class PositiveIntOption(PassOption):
+    def parse(self, value) -> int:
+        if isinstance(value, bool) or not str(value).strip().isdigit() or int(value) < 1:
+            raise ValueError(f"option '{self.name}' must be a positive integer, got {value!r}")
+        return int(value)
 
 
 def count_ops(block) -> int:

@@ -18,7 +18,7 @@ from milpasses.passes.attention.attention_match import (
     projection_rows,
 )
 from milpasses.passes.attention.head_form import BATCH, CHANNEL, SEQ, Build, HeadForm, Source, materialise
-from milpasses.passes.base import AnePass, logger, register
+from milpasses.passes.base import AnePass, PositiveIntOption, logger, register
 from milpasses.passes.shared import compressed
 from milpasses.passes.shared.bc1s import enter, leave, left_from
 from milpasses.passes.shared.matching import NoMatch, constant_value, is_static, rank
@@ -118,7 +118,6 @@ class attention_to_einsum(AnePass):
 
     def __init__(self):
         self._mode = "split_einsum"
-        self._query_chunk = 512
 
     @property
     def mode(self) -> str:
@@ -130,19 +129,7 @@ class attention_to_einsum(AnePass):
             raise ValueError(f"option 'mode' must be one of {list(MODES)}, got {value!r}")
         self._mode = value
 
-    @property
-    def query_chunk(self) -> int:
-        return self._query_chunk
-
-    @query_chunk.setter
-    def query_chunk(self, value) -> None:
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            number = 0
-        if number < 1 or str(number) != str(value).strip():
-            raise ValueError(f"option 'query_chunk' must be a positive integer, got {value!r}")
-        self._query_chunk = number
+    query_chunk = PositiveIntOption(512)
 
     def run(self, block) -> None:
         if self.mode == "off":

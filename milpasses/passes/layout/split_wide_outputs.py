@@ -10,7 +10,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.input_types import TensorType
 from coremltools.converters.mil.mil import Block
 
-from milpasses.passes.base import AnePass, register
+from milpasses.passes.base import AnePass, PositiveIntOption, register
 from milpasses.passes.shared import axis_rules
 from milpasses.passes.shared.matching import (
     BINARY,
@@ -156,19 +156,7 @@ class split_wide_outputs(AnePass):
     - ``max_channels`` (default 16384): the widest part.
     """
 
-    def __init__(self):
-        super().__init__()
-        self.max_channels = MAX_ANE_CHANNELS
-
-    @property
-    def max_channels(self) -> int:
-        return self._max_channels
-
-    @max_channels.setter
-    def max_channels(self, value) -> None:
-        if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
-            raise ValueError(f"option 'max_channels' must be a positive integer, got {value!r}")
-        self._max_channels = int(value)
+    max_channels = PositiveIntOption(MAX_ANE_CHANNELS)
 
     def run(self, block) -> None:
         self.rewrite_each(block, ("conv",), lambda conv: match_wide_output(conv, self.max_channels), self._rewrite)
