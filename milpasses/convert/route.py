@@ -78,7 +78,8 @@ def run(model, options: Options, console: Console, workdir: Path | None = None):
     report.passes = [entry for item in converted for entry in item.passes]
     default = source.default_function or converted[0].function.name
     report.ops_after = histogram(next(c for c in converted if c.function.name == default).program)
-    baseline_function = source.baseline()
+    with stages.guard("baseline"):
+        baseline_function = source.baseline()
     # DEFAULT's histogram is pure-Python pass work; verification is mostly torch or ONNX Runtime
     # arithmetic, which releases the GIL: run side by side, they share the cores.
     with stages.guard("verify"):
